@@ -1,0 +1,212 @@
+"""RealBasicVSR (Chan et al., "Investigating Tradeoffs in Real-World Video Super-Resolution", CVPR 2022).
+
+The generator is an image-cleaning module in front of BasicVSR; it is trained first with pixel and
+cleaning losses ("wogan"), then fine-tuned with a perceptual loss and a U-Net discriminator with
+spectral norm. Module and state_dict names follow mmagic, so the published checkpoints load with
+basicvsr.load_weights (prefix "generator_ema" for inference, "discriminator" for the critic).
+Tensors are RGB in [0, 1]; a video is (n, t, 3, h, w).
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# U-Net discriminator with spectral normalisation (Real-ESRGAN's critic, reused by RealBasicVSR)
+
+
+class UNetDiscriminatorSN(nn.Module):
+    """Per-pixel real/fake logits (N, 1, H, W) for frames (N, in_channels, H, W); H, W multiples of 8.
+
+    Spectral norm is torch.nn.utils.spectral_norm, so the state_dict holds weight_orig, weight_u and
+    weight_v as in the published checkpoints. In training mode every forward call does one power
+    iteration and updates u, v; in eval mode the stored u, v are used as they are.
+    """
+
+    def __init__(self, in_channels=3, mid_channels=64, skip_connection=True):
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        m = mid_channels
+        self.skip_connection = skip_connection
+
+        self.conv_0 = nn.Conv2d(in_channels, m, 3, 1, 1)
+        # encoder: three stride-2 4x4 convs, no bias (spectral norm)
+        self.conv_1 = sn(nn.Conv2d(m, m * 2, 4, 2, 1, bias=False))
+        self.conv_2 = sn(nn.Conv2d(m * 2, m * 4, 4, 2, 1, bias=False))
+        self.conv_3 = sn(nn.Conv2d(m * 4, m * 8, 4, 2, 1, bias=False))
+        # decoder: bilinear x2 then 3x3 conv, with skips from the encoder
+        self.conv_4 = sn(nn.Conv2d(m * 8, m * 4, 3, 1, 1, bias=False))
+        self.conv_5 = sn(nn.Conv2d(m * 4, m * 2, 3, 1, 1, bias=False))
+        self.conv_6 = sn(nn.Conv2d(m * 2, m, 3, 1, 1, bias=False))
+        # head
+        self.conv_7 = sn(nn.Conv2d(m, m, 3, 1, 1, bias=False))
+        self.conv_8 = sn(nn.Conv2d(m, m, 3, 1, 1, bias=False))
+        self.conv_9 = nn.Conv2d(m, 1, 3, 1, 1)
+
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2)
+
+    def forward(self, img):
+        if img.dim() != 4 or img.size(1) != self.conv_0.in_channels:
+            raise ValueError(f"UNetDiscriminatorSN expects (N, {self.conv_0.in_channels}, H, W), "
+                             f"got {tuple(img.shape)}")
+        if img.size(2) % 8 or img.size(3) % 8:
+            raise ValueError(f"UNetDiscriminatorSN needs H and W divisible by 8 (three stride-2 "
+                             f"levels with skips), got {tuple(img.shape[2:])}")
+        feat_0 = self.lrelu(self.conv_0(img))          # (N, m, H, W)
+        feat_1 = self.lrelu(self.conv_1(feat_0))       # (N, 2m, H/2, W/2)
+        feat_2 = self.lrelu(self.conv_2(feat_1))       # (N, 4m, H/4, W/4)
+        feat_3 = self.lrelu(self.conv_3(feat_2))       # (N, 8m, H/8, W/8)
+
+        feat_4 = self.lrelu(self.conv_4(self.upsample(feat_3)))   # (N, 4m, H/4, W/4)
+        if self.skip_connection:
+            feat_4 = feat_4 + feat_2
+        feat_5 = self.lrelu(self.conv_5(self.upsample(feat_4)))   # (N, 2m, H/2, W/2)
+        if self.skip_connection:
+            feat_5 = feat_5 + feat_1
+        feat_6 = self.lrelu(self.conv_6(self.upsample(feat_5)))   # (N, m, H, W)
+        if self.skip_connection:
+            feat_6 = feat_6 + feat_0
+
+        out = self.lrelu(self.conv_7(feat_6))
+        out = self.lrelu(self.conv_8(out))
+        return self.conv_9(out)                        # (N, 1, H, W) logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses. Stage 1 ("wogan"): l1(out, gt_usm) + cleaning_loss. Stage 2 adds PerceptualLoss and
+# 0.05 * gan_loss(D(out), True); the discriminator's real and fake losses are unweighted.
+
+
+def l1_loss(pred, target):
+    """Mean absolute error."""
+    return F.l1_loss(pred, target)
+
+
+def charbonnier_loss(pred, target, eps=1e-12):
+    """Mean of sqrt((pred - target)^2 + eps), a differentiable L1."""
+    return torch.sqrt((pred - target) ** 2 + eps).mean()
+
+
+def cleaning_loss(cleaned_lqs, gt_usm):
+    """L1 between the cleaned LQ (n, t, 3, h, w) and the area-downsampled x4 sharpened GT (n, t, 3, 4h, 4w)."""
+    if cleaned_lqs.dim() != 5 or gt_usm.dim() != 5:
+        raise ValueError(f"cleaning_loss expects (n, t, c, h, w) tensors, got {tuple(cleaned_lqs.shape)} "
+                         f"and {tuple(gt_usm.shape)}")
+    n, t, c, h, w = gt_usm.shape
+    if tuple(cleaned_lqs.shape) != (n, t, c, h // 4, w // 4) or h % 4 or w % 4:
+        raise ValueError(f"cleaning_loss: cleaned LQ {tuple(cleaned_lqs.shape)} is not the x4-down size "
+                         f"of the GT {tuple(gt_usm.shape)}")
+    gt_clean = F.interpolate(gt_usm.reshape(n * t, c, h, w), scale_factor=0.25, mode="area")
+    return F.l1_loss(cleaned_lqs, gt_clean.view(n, t, c, h // 4, w // 4))
+
+
+def gan_loss(logits, target_is_real, weight=1.0):
+    """Vanilla GAN loss: BCE-with-logits against a label map of ones (real) or zeros (fake), times weight."""
+    target = torch.full_like(logits, 1.0 if target_is_real else 0.0)
+    return F.binary_cross_entropy_with_logits(logits, target) * weight
+
+
+# VGG19 configuration "E" (torchvision): channels of each 3x3 conv, "M" = 2x2 max-pool.
+VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+             512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+VGG_MEAN = [0.485, 0.456, 0.406]  # ImageNet statistics, for inputs in [0, 1]
+VGG_STD = [0.229, 0.224, 0.225]
+
+
+class VGG19Features(nn.Module):
+    """torchvision's vgg19().features cut after `num_layers` modules; keys are features.N.weight/bias."""
+
+    def __init__(self, num_layers=35):
+        super().__init__()
+        layers, in_channels = [], 3
+        for v in VGG19_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(in_channels, v, 3, 1, 1), nn.ReLU()]
+                in_channels = v
+        self.features = nn.Sequential(*layers[:num_layers])
+
+    def forward(self, x, layer_ids):
+        """Outputs of the given module indices (conv indices give pre-ReLU features)."""
+        feats = {}
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in layer_ids:
+                feats[i] = x
+        return feats
+
+
+def load_vgg19_features(vgg, path):
+    """Load torchvision's vgg19-dcbb9e9d.pth (or a .safetensors copy) into VGG19Features, strictly.
+
+    The classifier.* entries of the torchvision file are not needed and are skipped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VGG19 weights not found: {path} (torchvision's vgg19-dcbb9e9d.pth)")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a torchvision VGG19 state dict, got {type(state).__name__}")
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    want = vgg.state_dict()
+    missing = sorted(set(want) - set(features))
+    other = sorted(k for k in state if k not in want and not k.startswith("classifier."))
+    if other or missing:
+        raise ValueError(f"{path} is not a torchvision VGG19 state dict: missing {missing[:4]}, "
+                         f"unexpected {other[:4]}")
+    for k, v in features.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"{path}: {k} has shape {list(v.shape)}, VGG19 needs {list(want[k].shape)}")
+    vgg.load_state_dict(features, strict=True)
+
+
+class PerceptualLoss(nn.Module):
+    """Weighted L1 between VGG19 pre-ReLU features of pred and gt (perceptual_weight 1, no style loss).
+
+    vgg_weights: path to torchvision's vgg19-dcbb9e9d.pth (required for training), or the string
+    "random" for a randomly initialised VGG (tests only). The VGG is frozen and stays in eval mode.
+    forward(pred, gt) takes (n, t, 3, H, W) or (N, 3, H, W) in [0, 1]; gt is detached.
+    """
+
+    # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 of torchvision's vgg19().features
+    layer_weights = {2: 0.1, 7: 0.1, 16: 1.0, 25: 1.0, 34: 1.0}
+
+    def __init__(self, vgg_weights=None):
+        super().__init__()
+        if vgg_weights is None:
+            raise ValueError("PerceptualLoss needs the ImageNet VGG19 weights: pass --vgg-weights "
+                             "pointing to torchvision's vgg19-dcbb9e9d.pth")
+        self.vgg = VGG19Features(num_layers=max(self.layer_weights) + 1)
+        if vgg_weights != "random":
+            load_vgg19_features(self.vgg, vgg_weights)
+        self.vgg.requires_grad_(False)
+        self.vgg.eval()
+        self.register_buffer("mean", torch.tensor(VGG_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(VGG_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vgg.eval()  # the feature extractor is fixed whatever the caller's mode
+        return self
+
+    def _features(self, x):
+        return self.vgg((x - self.mean) / self.std, self.layer_weights)
+
+    def forward(self, pred, gt):
+        if pred.shape != gt.shape or pred.dim() not in (4, 5) or pred.size(-3) != 3:
+            raise ValueError(f"PerceptualLoss expects pred and gt of the same shape (n, t, 3, H, W) or "
+                             f"(N, 3, H, W), got {tuple(pred.shape)} and {tuple(gt.shape)}")
+        pred = pred.reshape(-1, *pred.shape[-3:])
+        gt = gt.detach().reshape(-1, *gt.shape[-3:])
+        pred_feats, gt_feats = self._features(pred), self._features(gt)
+        loss = 0
+        for i, w in self.layer_weights.items():
+            loss = loss + F.l1_loss(pred_feats[i], gt_feats[i]) * w
+        return loss
