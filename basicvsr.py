@@ -454,3 +454,202 @@ class BasicVSRPlusPlus(nn.Module):
                 self.propagate(feats, flows, module_name, cpu_cache, device)
 
         return self.upsample(lqs, feats, cpu_cache, device)
+
+
+# ----------------------------------------------------------------------------------------
+# Weights. One reader for every published layout, strict loading, atomic safetensors saving.
+#   safetensors (ours)              flat {key: tensor}
+#   mmagic / mmediting .pth         {"meta": ..., "state_dict": {"generator.<key>": ...}} (also generator_ema.)
+#   BasicSR .pth                    {"params_ema" or "params": {...}}, SPyNet convs at basic_module.{0,2,4,6,8}
+#                                   and upsamplers upconv1/upconv2 (renamed here)
+#   plain .pth                      {key: tensor}
+#   standalone SPyNet checkpoints   no mean/std buffers: these constants are taken from the model
+
+
+def _is_safetensors(path):
+    # 8-byte little-endian header length, then the JSON header
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+class _Opaque:
+    """Stand-in for any non-tensor object in a checkpoint's metadata (mmengine's message hub, numpy, ...)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    # Resolves only tensor rebuilding and plain containers; every other global becomes _Opaque,
+    # so no code from the file ever runs.
+    def find_class(self, module, name):
+        if (module == "torch._utils" and name.startswith("_rebuild_")) or (module, name) in {
+                ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device")}:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return _Opaque
+
+
+class _TensorsOnlyPickle:
+    Unpickler = _TensorsOnlyUnpickler
+    load = staticmethod(lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load())
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Training checkpoints (mmagic 1.x) carry objects weights_only refuses in their metadata;
+        # read the tensors and leave those objects opaque.
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+
+
+_BASICSR_SPYNET = re.compile(r"^(.*\bbasic_module\.\d+\.basic_module\.)(\d+)\.(weight|bias)$")
+_BASICSR_UPCONV = re.compile(r"^(.*?)\bupconv([12])\.")
+
+
+def _from_basicsr_names(state):
+    """BasicSR's SPyNet (Sequential with ReLU modules: convs at 0,2,..,8) and upsampler names -> mmagic's."""
+    out = {}
+    for k, v in state.items():
+        m = _BASICSR_SPYNET.match(k)
+        if m and int(m.group(2)) % 2 == 0:
+            k = f"{m.group(1)}{int(m.group(2)) // 2}.conv.{m.group(3)}"
+        k = _BASICSR_UPCONV.sub(r"\1upsample\2.upsample_conv.", k)
+        out[k] = v
+    return out
+
+
+def _strip_prefix(state, prefix, path):
+    prefix = prefix.rstrip(".") + "."
+    selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not selected:
+        heads = sorted({k.split(".")[0] for k in state})
+        raise ValueError(f"{path}: no keys start with {prefix!r}; the top-level names are {heads}")
+    return selected
+
+
+def read_state_dict(path, prefix=None):
+    """Any supported checkpoint file -> {mmagic key: tensor} for one network.
+
+    prefix picks the network inside the file (with or without the trailing dot): for mmagic files it
+    defaults to "generator_ema." when present, else "generator."; "discriminator" etc. pick another part.
+    For BasicSR files "params" or "params_ema" picks the part (default params_ema when present)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if _is_safetensors(path):
+        import safetensors.torch
+        state = safetensors.torch.load_file(path)
+    else:
+        obj = _torch_load(path)
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
+        if isinstance(obj.get("state_dict"), dict):  # mmagic / mmediting
+            state = obj["state_dict"]
+            if prefix is None:
+                prefix = next((p for p in ("generator_ema.", "generator.") if any(k.startswith(p) for k in state)),
+                              None)
+        elif isinstance(obj.get("params_ema"), dict) or isinstance(obj.get("params"), dict):  # BasicSR
+            part = "params_ema" if isinstance(obj.get("params_ema"), dict) else "params"
+            if prefix is not None and prefix.rstrip(".") in ("params", "params_ema"):
+                part, prefix = prefix.rstrip("."), None
+                if not isinstance(obj.get(part), dict):
+                    raise ValueError(f"{path}: BasicSR checkpoint has no {part!r}")
+            state = obj[part]
+        else:
+            state = obj
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{path}: not a state dict; non-tensor entries {bad[:5]}"
+                             f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}")
+    if prefix is not None:
+        state = _strip_prefix(state, prefix, path)
+    return _from_basicsr_names(state)
+
+
+def _few(keys, n=5):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})")
+
+
+def load_weights(model, path, prefix=None):
+    """Load any supported checkpoint into `model`, strictly: a missing, unexpected or mis-shaped key
+    raises one ValueError naming the keys and the file. SPyNet's mean/std may be absent (they are
+    constants). Returns the model."""
+    state = read_state_dict(path, prefix)
+    own = model.state_dict()
+    constants = {f"{name}.{b}".lstrip(".") for name, m in model.named_modules() if isinstance(m, SPyNet)
+                 for b in ("mean", "std")}
+    missing = set(own) - set(state) - constants
+    unexpected = set(state) - set(own)
+    misshaped = [f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
+                 for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {_few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_few(unexpected)}")
+        if misshaped:
+            problems.append(f"mis-shaped {_few(misshaped, 3)}")
+        raise ValueError(f"{os.fspath(path)} does not fit {type(model).__name__}: " + "; ".join(problems))
+    for k in constants - set(state):
+        state[k] = own[k]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_weights(model_or_state_dict, path):
+    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically:
+    a temporary file in the same directory, fsync, then rename over `path`."""
+    import safetensors.torch
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    # safetensors wants contiguous CPU tensors that share no storage
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="BasicVSR / BasicVSR++ tools.",
+        epilog="convert: python basicvsr.py --convert SRC DST [--prefix P]")
+    convert = parser.add_argument_group("convert a checkpoint (mmagic/mmediting, BasicSR, plain .pth, safetensors) "
+                                        "to our safetensors")
+    convert.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help="checkpoint to read, safetensors to write")
+    convert.add_argument("--prefix", default=None,
+                         help="part of the file to take, e.g. generator, generator_ema, discriminator, params "
+                              "(default: generator_ema, else generator; BasicSR: params_ema, else params)")
+    args = parser.parse_args(argv)
+
+    if args.convert:
+        src, dst = args.convert
+        state = read_state_dict(src, args.prefix)
+        save_weights(state, dst)
+        print(f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
+        return
+    parser.error("nothing to do: pass --convert SRC DST")
+
+
+if __name__ == "__main__":
+    main()
