@@ -1,0 +1,600 @@
+"""Data for BasicVSR++ and RealBasicVSR: datasets, degradations, test-set preparation, video I/O.
+
+Every dataset item is a dict of float32 torch tensors in [0, 1], RGB, frames first:
+    {"lq": (t, 3, h, w), "gt": (t, 3, s*h, s*w), "key": str}
+    RealDegradationDataset adds "gt_usm" (the unsharp-masked GT the LQ is made from);
+    LQFolder items have no "gt"; Vimeo90K "test" items carry only the centre GT frame (1, 3, H, W).
+
+Public names, in file order:
+    read_image(path) -> RGB uint8 (h, w, 3)        write_image(path, rgb, compression=3)  (atomic)
+    atomic_path(path)                                context manager: tmp name, renamed on success
+    frames_to_tensor(frames) -> (t, 3, h, w) float32
+    matlab_imresize(img, scale)                      MATLAB imresize, bicubic, antialiased
+    bicubic_downsample(img, scale=4)                 BI test-set degradation (MATLAB bicubic, uint8)
+    bd_downsample(img, sigma=1.6, scale=4)           BD test-set degradation (uint8)
+    synthetic_clip(seed, num_frames, gt_size, ...)   one procedurally generated GT clip, uint8
+    SyntheticClips(num_clips, num_frames, gt_size, scale=4, seed=0)   the built-in default data
+    REDS(root, split, num_frames=30, gt_size=256, scale=4)            "train", "reds4", "redsval", "official_train"
+    REDSSub(root, num_frames=15, gt_size=256)        GT-only sub-image clips (train_sharp_sub)
+    Vimeo90K(root, split, degradation="BI", gt_size=256)              septuplets mirrored to 14 frames
+    PairedFolders(root, lq_dir, gt_dir, scale=4)     Vid4 / UDM10 style test sets, whole clips
+    LQFolder(root)                                   VideoLQ / user frames, LQ only
+    (degradations) unsharp_mask, blur kernels, random_* transforms, degrade_sequence
+    RealDegradationDataset(root=None, ...)           RealBasicVSR training data, LQ synthesised on the fly
+    read_video(path, fps=None) -> reader             VideoWriter(path, fps, ...)
+
+Randomness: a training sample is a pure function of (seed, rank, epoch, index) through an explicit
+np.random.Generator; call dataset.set_epoch(epoch) before each epoch. The DataLoader worker id
+does not enter, so samples do not change with num_workers.
+"""
+import argparse
+import contextlib
+import functools
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+
+import cv2
+import numpy as np
+import torch
+
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# ---------------------------------------------------------------------------------------------
+# Image I/O
+
+
+def read_image(path):
+    """RGB uint8 (h, w, 3). Grey images are expanded to three channels, 16-bit ones reduced to 8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode image (corrupt or unsupported): {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling name of `path`; rename it to `path` on success, delete it on error.
+    The temporary name keeps the extension so that encoders chosen by extension still work."""
+    path = os.fspath(path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_image(path, rgb, compression=3):
+    """Write an RGB uint8 image atomically (PNG compression level 0-9 for .png)."""
+    ext = os.path.splitext(path)[1].lower()
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)] if ext == ".png" else []
+    bgr = rgb[..., ::-1] if rgb.ndim == 3 else rgb
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(bgr), params)
+    if not ok:
+        raise ValueError(f"cannot encode image as {ext}: {path}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buf.tobytes())
+
+
+def frames_to_tensor(frames):
+    """List / array of (h, w, 3) frames, uint8 or float in [0, 1] -> (t, 3, h, w) float32 tensor."""
+    arr = np.stack(frames) if isinstance(frames, (list, tuple)) else frames
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+    return t.float().div_(255.0) if arr.dtype == np.uint8 else t.float()
+
+
+def _list_frames(folder):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMG_EXTS))
+    if not names:
+        raise ValueError(f"no image frames in folder: {folder}")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _list_clips(folder):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder not found: {folder}")
+    clips = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+    if not clips:
+        raise ValueError(f"no clip folders in: {folder}")
+    return clips
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-set degradations: MATLAB bicubic (BI) and Gaussian blur + subsampling (BD), spec §7.2
+
+
+def _cubic(x):
+    # Keys' cubic with a = -0.5, as MATLAB's imresize
+    ax = np.abs(x)
+    ax2, ax3 = ax * ax, ax * ax * ax
+    return np.where(ax <= 1, 1.5 * ax3 - 2.5 * ax2 + 1,
+                    np.where(ax <= 2, -0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _imresize_weights(in_len, out_len, scale):
+    """(out_len, in_len) matrix of MATLAB imresize's bicubic contributions along one axis."""
+    kernel_scale = min(scale, 1.0)  # downscaling widens the kernel: antialiasing
+    width = 4.0 / kernel_scale
+    u = np.arange(1, out_len + 1, dtype=np.float64) / scale + 0.5 * (1 - 1 / scale)
+    left = np.floor(u - width / 2)
+    taps = int(math.ceil(width)) + 2
+    idx = left[:, None] + np.arange(taps)[None, :]  # 1-based input positions
+    w = kernel_scale * _cubic(kernel_scale * (u[:, None] - idx))
+    w /= w.sum(axis=1, keepdims=True)
+    # out-of-range taps mirror with the edge pixel repeated (MATLAB's symmetric padding)
+    mirror = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
+    src = mirror[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
+    mat = np.zeros((out_len, in_len))
+    np.add.at(mat, (np.repeat(np.arange(out_len), taps), src.ravel()), w.ravel())
+    return mat
+
+
+def matlab_imresize(img, scale):
+    """MATLAB `imresize(img, scale)` with the default bicubic kernel and antialiasing.
+
+    img: (h, w) or (h, w, c), uint8 or float. uint8 returns uint8 (rounded half up, clipped);
+    float returns float64 unclipped. Rows are resized first, in float64 without intermediate
+    rounding (as the Python ports used by mmagic/BasicSR)."""
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    h, w = img.shape[:2]
+    out_h, out_w = int(math.ceil(h * scale)), int(math.ceil(w * scale))
+    c = img.shape[2] if img.ndim == 3 else 1
+    x = _imresize_weights(h, out_h, float(scale)) @ img.reshape(h, w * c).astype(np.float64)  # (oh, w*c)
+    x = x.reshape(out_h, w, c).transpose(1, 0, 2).reshape(w, out_h * c)
+    x = _imresize_weights(w, out_w, float(scale)) @ x  # (ow, oh*c)
+    x = x.reshape(out_w, out_h, c).transpose(1, 0, 2).reshape((out_h, out_w) + img.shape[2:])
+    if img.dtype == np.uint8:
+        return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+    return x
+
+
+def bicubic_downsample(img, scale=4):
+    """The BI degradation: MATLAB bicubic downsampling by an integer factor, uint8 out."""
+    h, w = img.shape[:2]
+    if h % scale or w % scale:
+        raise ValueError(f"image size {h}x{w} is not divisible by scale {scale}")
+    return matlab_imresize(img.astype(np.uint8) if img.dtype != np.uint8 else img, 1.0 / scale)
+
+
+def _bd_kernel(sigma):
+    size = int(math.ceil(3 * sigma)) * 2 + 2  # 12 for sigma 1.6: even, centred between pixels
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2  # -5.5 ... 5.5
+    g = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+def bd_downsample(img, sigma=1.6, scale=4):
+    """The BD degradation: Gaussian blur (MATLAB fspecial, size 12 for sigma 1.6, replicate border,
+    anchor (5, 5) as MATLAB's imfilter centre for an even kernel), then every 4th pixel from 1."""
+    k = _bd_kernel(sigma)
+    anchor = (k.shape[0] - 1) // 2
+    blurred = cv2.filter2D(img.astype(np.float64), -1, k, anchor=(anchor, anchor),
+                           borderType=cv2.BORDER_REPLICATE)
+    out = blurred[1:-1:scale, 1:-1:scale]
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in synthetic clips: textured world + camera path (pan, zoom, roll) + moving objects.
+# Rendered at 2x the GT size and area-downsampled, so edges are antialiased and motion is
+# sub-pixel. The LQ is the BI degradation (bicubic_downsample) of the uint8 GT.
+
+_SS = 2  # supersampling factor of the render
+
+
+def _low_freq(rng, h, w, cell):
+    """Smooth random field (zero mean, unit std), bilinear upsampling of a coarse grid."""
+    gh, gw = max(2, h // cell + 2), max(2, w // cell + 2)
+    g = rng.standard_normal((gh, gw)).astype(np.float32)
+    f = cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC)
+    return (f - f.mean()) / (f.std() + 1e-6)
+
+
+def _fractal_noise(rng, h, w, beta):
+    """Gaussian noise with a 1/f**beta amplitude spectrum, zero mean, unit std."""
+    spec = np.fft.rfft2(rng.standard_normal((h, w)).astype(np.float32))
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    f = np.sqrt(fx * fx + fy * fy)
+    f[0, 0] = 1.0
+    n = np.fft.irfft2(spec / f ** beta, s=(h, w)).astype(np.float32)
+    return (n - n.mean()) / (n.std() + 1e-6)
+
+
+def _grating(rng, h, w, min_period, max_period):
+    """Oriented sinusoid or soft square wave in [-1, 1]."""
+    period = math.exp(rng.uniform(math.log(min_period), math.log(max_period)))
+    a = rng.uniform(0, math.pi)
+    y = np.arange(h, dtype=np.float32)[:, None]
+    x = np.arange(w, dtype=np.float32)[None, :]
+    g = np.cos((x * math.cos(a) + y * math.sin(a)) * (2 * math.pi / period) + rng.uniform(0, 2 * math.pi))
+    if rng.random() < 0.5:  # square wave: sharp, regular edges
+        g = np.tanh(g * rng.uniform(3, 10))
+    return g
+
+
+def _colour(rng, lo=0.0, hi=1.0):
+    """A random RGB colour, mostly of moderate saturation as in natural scenes."""
+    grey = rng.uniform(lo, hi)
+    return np.clip(grey + rng.uniform(0.1, 0.6) * (rng.uniform(lo, hi, 3) - grey), 0, 1).astype(np.float32)
+
+
+def _draw_shape(rng, img, size):
+    """Blend one antialiased shape (rectangle, ellipse, polygon or stroke) into img in place."""
+    h, w = img.shape[:2]
+    r = size * math.exp(rng.uniform(-1.0, 1.0))
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    x0, y0 = int(max(0, cx - 1.5 * r - 2)), int(max(0, cy - 1.5 * r - 2))
+    x1, y1 = int(min(w, cx + 1.5 * r + 3)), int(min(h, cy + 1.5 * r + 3))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return
+    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    c = (cx - x0, cy - y0)
+    kind = rng.integers(4)
+    if kind == 0:  # rotated rectangle
+        box = cv2.boxPoints((c, (r * rng.uniform(0.3, 2), r * rng.uniform(0.3, 2)), rng.uniform(0, 180)))
+        cv2.fillPoly(mask, [np.round(box * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    elif kind == 1:
+        axes = (int(r * rng.uniform(0.3, 1) * 16), int(r * rng.uniform(0.3, 1) * 16))
+        cv2.ellipse(mask, (int(c[0] * 16), int(c[1] * 16)), axes, rng.uniform(0, 180), 0, 360, 255,
+                    -1, cv2.LINE_AA, shift=4)
+    elif kind == 2:  # star-like polygon
+        n = rng.integers(3, 9)
+        ang = np.sort(rng.uniform(0, 2 * math.pi, n))
+        rad = r * rng.uniform(0.3, 1.0, n)
+        pts = np.stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)], 1)
+        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    else:  # stroke
+        p = np.array([[c[0] - r * rng.uniform(-1, 1), c[1] - r * rng.uniform(-1, 1)],
+                      [c[0] + r * rng.uniform(-1, 1), c[1] + r * rng.uniform(-1, 1)]])
+        cv2.line(mask, tuple(np.round(p[0] * 16).astype(int)), tuple(np.round(p[1] * 16).astype(int)),
+                 255, max(1, int(rng.uniform(1, 0.3 * r + 2))), cv2.LINE_AA, shift=4)
+    m = (mask.astype(np.float32) / 255.0)[..., None]
+    patch = img[y0:y1, x0:x1]
+    if rng.random() < 0.3:  # textured fill
+        g = _grating(rng, y1 - y0, x1 - x0, 3, 12)[..., None]
+        fill = np.clip(_colour(rng, 0.2, 0.8) + 0.25 * g * _colour(rng, -1, 1), 0, 1)
+    else:
+        fill = _colour(rng)
+    patch *= 1 - m
+    patch += m * fill
+
+
+def _texture(rng, h, w, num_shapes):
+    """A multi-scale colour texture (h, w, 3) in [0, 1]: smooth colour field, oriented gratings in
+    random regions, antialiased shapes, and fine static detail."""
+    base = _colour(rng, 0.25, 0.75)
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = base
+    for _ in range(2):
+        img += 0.15 * _low_freq(rng, h, w, 64)[..., None] * _colour(rng, -1, 1)
+    for _ in range(int(rng.integers(2, 6))):
+        region = 1 / (1 + np.exp(-4 * (_low_freq(rng, h, w, 96) - rng.uniform(-0.5, 1.0))))
+        g = _grating(rng, h, w, 3 * _SS, 30 * _SS)
+        img += (rng.uniform(0.1, 0.3) * region * g)[..., None] * _colour(rng, -1, 1)
+    for _ in range(num_shapes):
+        _draw_shape(rng, img, size=rng.uniform(4, 24) * _SS)
+    detail = _fractal_noise(rng, h, w, beta=rng.uniform(0.8, 1.3))
+    img += rng.uniform(0.02, 0.06) * detail[..., None]
+    return np.clip(img, 0, 1)
+
+
+def _rot(a):
+    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+
+def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotation=True):
+    """Render one clip: GT frames uint8 (t, gt_size, gt_size, 3) and a dict of its motion.
+
+    Camera: canvas position c(t) = c0 + v t + a t^2 / 2 + shake, scale exp(z t), roll w t, sampled
+    with a cubic warp at 2x and area-downsampled. Objects: textured sprites moving in screen space
+    with their own velocity and spin. info["camera"] is the camera centre (t, 2) (x, y) in GT pixels.
+    A frame pixel p maps to canvas point c(t) + s(t) R(t) (p - centre)."""
+    rng = np.random.default_rng(seed)
+    ss, size = _SS, gt_size * _SS
+    t = np.arange(num_frames, dtype=np.float64)
+    # camera path in canvas pixels (2x); total travel bounded so long clips stay affordable
+    speed = rng.uniform(0.3, 3.0) * ss * min(1.0, 60.0 / max(num_frames, 1))
+    d = rng.uniform(0, 2 * math.pi)
+    vel = speed * np.array([math.cos(d), math.sin(d)])
+    acc = rng.normal(0, 0.02 * ss, 2) * min(1.0, 30.0 / max(num_frames, 1))
+    shake = rng.uniform(0, 0.6) * ss
+    ph = rng.uniform(0, 2 * math.pi, 2)
+    fr = rng.uniform(0.1, 0.5, 2)
+    pos = vel[None] * t[:, None] + 0.5 * acc[None] * t[:, None] ** 2
+    pos += shake * np.sin(fr[None] * t[:, None] + ph[None])
+    zrate = rng.uniform(-0.12, 0.12) / max(num_frames, 1) if zoom else 0.0
+    scl = np.exp(zrate * t)
+    wrate = rng.uniform(-0.05, 0.05) / max(num_frames, 1) if rotation else 0.0
+    ang = wrate * t
+    # canvas big enough for every frame footprint, plus a margin for the cubic taps
+    half = size / 2 * np.max(scl * (np.abs(np.cos(ang)) + np.abs(np.sin(ang))))
+    lo, hi = pos.min(0) - half - 8, pos.max(0) + half + 8
+    cw, ch = int(math.ceil(hi[0] - lo[0])), int(math.ceil(hi[1] - lo[1]))
+    canvas = _texture(rng, ch, cw, num_shapes=int(cw * ch / (40 * ss) ** 2) + 10)
+    centre_canvas = pos - lo  # camera centres in canvas coordinates
+    # objects: sprites with alpha, moving in frame coordinates
+    n_obj = int(rng.integers(2, 6)) if num_objects is None else num_objects
+    objects = []
+    for _ in range(n_obj):
+        sh, sw = (int(size * rng.uniform(0.15, 0.4)) for _ in range(2))
+        tex = _texture(rng, sh, sw, num_shapes=4)
+        alpha = np.zeros((sh, sw), np.uint8)
+        if rng.random() < 0.5:
+            cv2.ellipse(alpha, (((sw - 1) / 2, (sh - 1) / 2), (sw - 3, sh - 3), 0.0), 255, -1, cv2.LINE_AA)
+        else:
+            n = rng.integers(5, 9)
+            a = np.sort(rng.uniform(0, 2 * math.pi, n))
+            rr = rng.uniform(0.6, 1.0, n)
+            pts = np.stack([(sw - 1) / 2 * (1 + rr * np.cos(a)), (sh - 1) / 2 * (1 + rr * np.sin(a))], 1)
+            cv2.fillPoly(alpha, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        rgba = np.concatenate([tex, alpha[..., None].astype(np.float32) / 255], axis=2)
+        p0 = rng.uniform(0.1, 0.9, 2) * size
+        ov = rng.uniform(0.5, 4.0) * ss * min(1.0, 60.0 / max(num_frames, 1))
+        od = rng.uniform(0, 2 * math.pi)
+        objects.append((rgba, p0, ov * np.array([math.cos(od), math.sin(od)]),
+                        rng.uniform(0, 2 * math.pi), rng.uniform(-0.03, 0.03)))
+    # prefilter once at 2x (about the MTF of a 2x2 area average), then sample straight at GT size
+    canvas = cv2.GaussianBlur(canvas, (0, 0), 0.4 * ss)
+    objects = [(cv2.GaussianBlur(rgba, (0, 0), 0.4 * ss), p0, ov, a0, spin) for rgba, p0, ov, a0, spin in objects]
+    frames = np.empty((num_frames, gt_size, gt_size, 3), np.uint8)
+    c_frame = np.array([(gt_size - 1) / 2, (gt_size - 1) / 2])
+    for k in range(num_frames):
+        A = ss * scl[k] * _rot(ang[k])  # GT pixel -> canvas pixel
+        M = np.concatenate([A, (centre_canvas[k] - A @ c_frame)[:, None]], 1)
+        frame = cv2.warpAffine(canvas, M, (gt_size, gt_size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_REFLECT)
+        for rgba, p0, ov, a0, spin in objects:
+            _paste_sprite(frame, rgba, (p0 + ov * k) / ss, a0 + spin * k, 1.0 / ss)
+        frames[k] = np.clip(frame * 255 + 0.5, 0, 255).astype(np.uint8)
+    camera = pos / ss  # camera centre path in GT pixels
+    return frames, {"camera": camera - camera[0], "zoom": scl, "roll": ang}
+
+
+def _paste_sprite(frame, rgba, centre, angle, scale):
+    """Alpha-composite a sprite rotated by `angle`, resized by `scale` and centred at `centre`
+    (frame pixels), warping only its bounding box."""
+    sh, sw = rgba.shape[:2]
+    A = scale * _rot(angle)  # sprite pixel offset -> frame pixel offset
+    corners = (np.array([[0, 0], [sw, 0], [0, sh], [sw, sh]]) - [sw / 2, sh / 2]) @ A.T + centre
+    x0, y0 = np.floor(corners.min(0)).astype(int)
+    x1, y1 = np.ceil(corners.max(0)).astype(int) + 1
+    H, W = frame.shape[:2]
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    if x1 <= x0 or y1 <= y0:
+        return
+    # inverse map: window pixel q -> sprite pixel A^-1 (q + (x0, y0) - centre) + sprite centre
+    Ai = np.linalg.inv(A)
+    off = Ai @ (np.array([x0, y0]) - centre) + [(sw - 1) / 2, (sh - 1) / 2]
+    M = np.concatenate([Ai, off[:, None]], 1)
+    patch = cv2.warpAffine(rgba, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    a = patch[..., 3:4]
+    win = frame[y0:y1, x0:x1]
+    win *= 1 - a
+    win += a * patch[..., :3]
+
+
+class _SampledDataset(torch.utils.data.Dataset):
+    """Shared seeding: the random state of a sample depends only on (seed, rank, epoch, index)."""
+
+    def __init__(self, seed=0, rank=None):
+        if rank is None:
+            dist = torch.distributed
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.rank, self.epoch, int(index)])
+
+
+class SyntheticClips(torch.utils.data.Dataset):
+    """The built-in default data: clip i is synthetic_clip(seed=(seed, i)) with its BI x4 LQ.
+    Deterministic per (seed, i); use another seed (e.g. seed=1) for held-out validation clips."""
+
+    def __init__(self, num_clips, num_frames, gt_size, scale=4, seed=0):
+        if gt_size % scale:
+            raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+        if num_clips < 1 or num_frames < 1:
+            raise ValueError(f"num_clips and num_frames must be >= 1, got {num_clips}, {num_frames}")
+        self.num_clips, self.num_frames, self.gt_size = int(num_clips), int(num_frames), int(gt_size)
+        self.scale, self.seed = int(scale), int(seed)
+
+    def __len__(self):
+        return self.num_clips
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_clips:
+            raise IndexError(index)
+        gt, _ = synthetic_clip([self.seed, index], self.num_frames, self.gt_size)
+        lq = [bicubic_downsample(f, self.scale) for f in gt]
+        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt),
+                "key": f"synthetic_s{self.seed}_{index:05d}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame-clip datasets. Training samples: a random window of num_frames, a paired random crop
+# (GT gt_size, LQ gt_size/scale at the same place), and h-flip, v-flip, transpose decided once
+# per sequence with p = 0.5 each. Evaluation samples: whole clips.
+
+
+def _augment(rng, *seqs):
+    """Flip / transpose every frame of every sequence the same way; seqs are (t, h, w, 3) arrays."""
+    hflip, vflip, transpose = rng.random(3) < 0.5
+    out = []
+    for s in seqs:
+        if hflip:
+            s = s[:, :, ::-1]
+        if vflip:
+            s = s[:, ::-1]
+        if transpose:
+            s = s.transpose(0, 2, 1, 3)
+        out.append(np.ascontiguousarray(s))
+    return out
+
+
+def _read_clip(paths):
+    """Read frames that must all have one size; error names the first mismatching frame."""
+    frames = [read_image(p) for p in paths]
+    for p, f in zip(paths, frames):
+        if f.shape != frames[0].shape:
+            raise ValueError(f"frame size {f.shape[1]}x{f.shape[0]} differs from "
+                             f"{frames[0].shape[1]}x{frames[0].shape[0]} of {paths[0]}: {p}")
+    return np.stack(frames)
+
+
+def _check_pair(lq, gt, scale, lq_path, gt_path):
+    if gt.shape[1] != lq.shape[1] * scale or gt.shape[2] != lq.shape[2] * scale:
+        raise ValueError(f"GT size {gt.shape[2]}x{gt.shape[1]} is not {scale}x the LQ size "
+                         f"{lq.shape[2]}x{lq.shape[1]}: {gt_path} vs {lq_path}")
+
+
+def _pair_clip_paths(lq_folder, gt_folder):
+    lq, gt = _list_frames(lq_folder), _list_frames(gt_folder)
+    if len(lq) != len(gt):
+        raise ValueError(f"LQ clip has {len(lq)} frames but GT clip has {len(gt)}: {lq_folder} vs {gt_folder}")
+    return lq, gt
+
+
+def _random_window(rng, n, num_frames, folder):
+    if n < num_frames:
+        raise ValueError(f"clip has {n} frames, fewer than num_frames={num_frames}: {folder}")
+    return int(rng.integers(0, n - num_frames + 1))
+
+
+def _paired_crop(rng, lq, gt, gt_size, scale, path):
+    """lq (t, h, w, 3), gt (t, sh, sw, 3) -> the same random window of both, GT gt_size square."""
+    if gt_size is None:
+        return lq, gt
+    lq_size = gt_size // scale
+    h, w = lq.shape[1:3]
+    if h < lq_size or w < lq_size:
+        raise ValueError(f"LQ frames {w}x{h} are smaller than the crop {lq_size}x{lq_size}: {path}")
+    top, left = int(rng.integers(0, h - lq_size + 1)), int(rng.integers(0, w - lq_size + 1))
+    lq = lq[:, top:top + lq_size, left:left + lq_size]
+    gt = gt[:, top * scale:(top + lq_size) * scale, left * scale:(left + lq_size) * scale]
+    return lq, gt
+
+
+def _random_crop(rng, gt, gt_size, path):
+    h, w = gt.shape[1:3]
+    if h < gt_size or w < gt_size:
+        raise ValueError(f"frames {w}x{h} are smaller than the crop {gt_size}x{gt_size}: {path}")
+    top, left = int(rng.integers(0, h - gt_size + 1)), int(rng.integers(0, w - gt_size + 1))
+    return gt[:, top:top + gt_size, left:left + gt_size]
+
+
+REDS4_CLIPS = ("000", "011", "015", "020")
+REDSVAL_CLIPS = tuple(f"{i:03d}" for i in range(240, 270))
+
+
+class REDS(_SampledDataset):
+    """REDS with val merged in as clips 240-269 (root/train_sharp, root/train_sharp_bicubic/X{scale}).
+
+    split "train": every clip in the folder except REDS4; "official_train": clips 000-239 present;
+    "reds4": 000, 011, 015, 020; "redsval": 240-269. Training splits give one random window per
+    clip per epoch; "reds4"/"redsval" give whole clips (gt_size and num_frames are ignored)."""
+
+    def __init__(self, root, split, num_frames=30, gt_size=256, scale=4, seed=0, rank=None):
+        super().__init__(seed, rank)
+        if split not in ("train", "official_train", "reds4", "redsval"):
+            raise ValueError(f"unknown REDS split {split!r}: use train, official_train, reds4 or redsval")
+        if gt_size is not None and gt_size % scale:
+            raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+        self.gt_root = os.path.join(root, "train_sharp")
+        self.lq_root = os.path.join(root, "train_sharp_bicubic", f"X{scale}")
+        present = _list_clips(self.gt_root)
+        if not os.path.isdir(self.lq_root):
+            raise FileNotFoundError(f"folder not found: {self.lq_root}")
+        if split == "train":
+            clips = [c for c in present if c not in REDS4_CLIPS]
+        elif split == "official_train":
+            clips = [c for c in present if c.isdigit() and int(c) < 240]
+        else:  # benchmark splits must be complete, or the numbers silently change
+            clips = list(REDS4_CLIPS if split == "reds4" else REDSVAL_CLIPS)
+            for c in clips:
+                if c not in present:
+                    raise FileNotFoundError(f"REDS {split} clip missing: {os.path.join(self.gt_root, c)}")
+        if not clips:
+            raise ValueError(f"no clips for REDS split {split!r} in {self.gt_root}")
+        self.split, self.training = split, split in ("train", "official_train")
+        self.num_frames, self.gt_size, self.scale = num_frames, gt_size, scale
+        self.clips = clips
+        self.paths = [_pair_clip_paths(os.path.join(self.lq_root, c), os.path.join(self.gt_root, c))
+                      for c in clips]
+        if self.training:
+            for c, (lq, _) in zip(clips, self.paths):
+                if len(lq) < num_frames:
+                    raise ValueError(f"clip has {len(lq)} frames, fewer than num_frames={num_frames}: "
+                                     f"{os.path.join(self.gt_root, c)}")
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        clip, (lq_paths, gt_paths) = self.clips[index], self.paths[index]
+        if not self.training:
+            lq, gt = _read_clip(lq_paths), _read_clip(gt_paths)
+            _check_pair(lq, gt, self.scale, lq_paths[0], gt_paths[0])
+            return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": clip}
+        rng = self.rng(index)
+        start = _random_window(rng, len(lq_paths), self.num_frames, os.path.dirname(gt_paths[0]))
+        window = slice(start, start + self.num_frames)
+        lq, gt = _read_clip(lq_paths[window]), _read_clip(gt_paths[window])
+        _check_pair(lq, gt, self.scale, lq_paths[start], gt_paths[start])
+        lq, gt = _paired_crop(rng, lq, gt, self.gt_size, self.scale, lq_paths[start])
+        lq, gt = _augment(rng, lq, gt)
+        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": f"{clip}/{start:08d}"}
+
+
+class REDSSub(_SampledDataset):
+    """GT-only clips for RealBasicVSR: root/train_sharp_sub/{clip}_s{index:03d}/*.png (from
+    crop_sub_images.py; gt_dir picks another folder of clip folders). Item: {"gt", "key"} with a
+    random window of num_frames, a random gt_size crop and the flips/transpose."""
+
+    def __init__(self, root, num_frames=15, gt_size=256, gt_dir="train_sharp_sub", seed=0, rank=None):
+        super().__init__(seed, rank)
+        self.gt_root = os.path.join(root, gt_dir)
+        self.clips = _list_clips(self.gt_root)
+        self.paths = [_list_frames(os.path.join(self.gt_root, c)) for c in self.clips]
+        for c, p in zip(self.clips, self.paths):
+            if len(p) < num_frames:
+                raise ValueError(f"clip has {len(p)} frames, fewer than num_frames={num_frames}: "
+                                 f"{os.path.join(self.gt_root, c)}")
+        self.num_frames, self.gt_size = num_frames, gt_size
+
+    def __len__(self):
+        return len(self.clips)
+
+    def sample(self, index, rng):
+        """uint8 GT window (t, h, w, 3) and its key."""
+        paths = self.paths[index]
+        start = _random_window(rng, len(paths), self.num_frames, os.path.dirname(paths[0]))
+        gt = _read_clip(paths[start:start + self.num_frames])
+        if self.gt_size is not None:
+            gt = _random_crop(rng, gt, self.gt_size, paths[start])
+        (gt,) = _augment(rng, gt)
+        return gt, f"{self.clips[index]}/{start:08d}"
+
+    def __getitem__(self, index):
+        gt, key = self.sample(index, self.rng(index))
+        return {"gt": frames_to_tensor(gt), "key": key}

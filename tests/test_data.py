@@ -1,0 +1,253 @@
+"""data.py and crop_sub_images.py on tiny trees built in tmp_path."""
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def _write(path, img):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(path, np.ascontiguousarray(img[..., ::-1]))
+
+
+def _rand_img(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _make_clip(folder, n, h, w, rng, fmt="{:08d}.png"):
+    imgs = [_rand_img(rng, h, w) for _ in range(n)]
+    for i, img in enumerate(imgs):
+        _write(os.path.join(folder, fmt.format(i)), img)
+    return imgs
+
+
+# ---------------------------------------------------------------------------------------------
+# image I/O
+
+
+def test_read_write_image_roundtrip_and_errors(tmp_path):
+    img = _rand_img(np.random.default_rng(0), 5, 7)
+    p = str(tmp_path / "a.png")
+    data.write_image(p, img)
+    assert np.array_equal(data.read_image(p), img)
+    assert os.listdir(tmp_path) == ["a.png"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        data.read_image(str(tmp_path / "missing.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="bad.png"):
+        data.read_image(str(bad))
+
+
+def test_atomic_path_removes_tmp_on_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with data.atomic_path(str(target)) as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# MATLAB bicubic and BD
+
+
+def test_matlab_imresize_constant_and_ramp():
+    const = np.full((16, 24, 3), 77, np.uint8)
+    assert np.array_equal(data.matlab_imresize(const, 0.25), np.full((4, 6, 3), 77, np.uint8))
+    # a linear ramp along w stays linear: output j (1-based) sits at input u = 4j - 1.5, away from borders
+    ramp = np.tile(np.arange(64, dtype=np.float64), (8, 1))  # value = column index (0-based)
+    out = data.matlab_imresize(ramp, 0.25)
+    assert out.shape == (2, 16)
+    j = np.arange(1, 17)
+    interior = slice(2, 14)
+    np.testing.assert_allclose(out[0, interior], (4 * j - 1.5 - 1)[interior], atol=1e-9)
+
+
+def test_matlab_imresize_hand_weights():
+    # x1/4: every output sees 16 taps at distances +-0.5, +-1.5, ..., +-7.5 from u; weight cubic(d/4)/4
+    d = np.arange(-7.5, 8.0, 1.0)
+    ad = np.abs(d / 4)
+    k = np.where(ad <= 1, 1.5 * ad**3 - 2.5 * ad**2 + 1, -0.5 * ad**3 + 2.5 * ad**2 - 4 * ad + 2) / 4
+    k /= k.sum()
+    x = np.random.default_rng(1).random(64)
+    out = data.matlab_imresize(x[None, :], 0.25)[0]
+    # output 5 (1-based): u = 18.5, taps at input positions 11..26 (1-based)
+    np.testing.assert_allclose(out[4], (k * x[10:26]).sum(), rtol=1e-12)
+    # output 1 (u = 2.5) needs the mirrored border: taps 1-based -5..10, with -5..0 read as 6..1
+    idx = np.arange(-5, 11)
+    idx = np.where(idx < 1, 1 - idx, idx)
+    np.testing.assert_allclose(out[0], (k * x[idx - 1]).sum(), rtol=1e-12)
+    # the middle weights of the kernel, written out: cubic(0.125)/4 etc. before normalisation
+    assert abs(k[7] - k[8]) < 1e-15 and k[7] > k[6] > k[5]
+
+
+def test_matlab_imresize_uint8_rounds_half_up():
+    img = np.array([[10, 11]], np.uint8)
+    # upscaling x2 of two pixels: interior outputs are 10.x; check against the float path
+    f = data.matlab_imresize(img.astype(np.float64), 2.0)
+    u = data.matlab_imresize(img, 2.0)
+    np.testing.assert_array_equal(u, np.clip(np.floor(f + 0.5), 0, 255).astype(np.uint8))
+
+
+def test_bicubic_downsample_rejects_bad_size():
+    with pytest.raises(ValueError, match="divisible"):
+        data.bicubic_downsample(np.zeros((10, 12, 3), np.uint8), 4)
+
+
+def test_bd_downsample_matches_direct_formula():
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (32, 40, 3)).astype(np.uint8)
+    out = data.bd_downsample(img)
+    assert out.shape == (8, 10, 3) and out.dtype == np.uint8
+    sigma = 1.6
+    x = np.arange(12) - 5.5
+    k = np.exp(-(x[:, None] ** 2 + x[None] ** 2) / (2 * sigma**2))
+    k /= k.sum()
+    pad = np.pad(img.astype(np.float64), ((5, 6), (5, 6), (0, 0)), mode="edge")
+    for i, j in [(0, 0), (3, 4), (7, 9)]:
+        y0, x0 = 1 + 4 * i, 1 + 4 * j  # output (i, j) is blurred pixel (1+4i, 1+4j)
+        ref = (k[..., None] * pad[y0:y0 + 12, x0:x0 + 12]).sum((0, 1))
+        np.testing.assert_array_equal(out[i, j], np.floor(ref + 0.5).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic clips
+
+
+def test_synthetic_clips_deterministic_and_shapes():
+    a = data.SyntheticClips(2, 5, 64, seed=3)
+    b = data.SyntheticClips(2, 5, 64, seed=3)
+    x, y = a[1], b[1]
+    assert x["gt"].shape == (5, 3, 64, 64) and x["lq"].shape == (5, 3, 16, 16)
+    assert x["gt"].dtype == torch.float32 and 0 <= x["gt"].min() and x["gt"].max() <= 1
+    assert torch.equal(x["gt"], y["gt"]) and torch.equal(x["lq"], y["lq"])
+    assert not torch.equal(a[0]["gt"], x["gt"])
+    assert not torch.equal(data.SyntheticClips(2, 5, 64, seed=4)[1]["gt"], x["gt"])
+    # LQ is the BI degradation of the GT
+    gt8 = (x["gt"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    lq8 = (x["lq"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(lq8, data.bicubic_downsample(gt8))
+
+
+def test_synthetic_clip_has_texture_and_recoverable_pan():
+    for seed in range(3):
+        f, info = data.synthetic_clip(seed, 4, 96, num_objects=0, zoom=False, rotation=False)
+        g = f.astype(np.float64).mean(-1)
+        # high frequencies exist: a visible share of the energy is above half the Nyquist frequency
+        spec = np.abs(np.fft.fft2(g[0] - g[0].mean())) ** 2
+        fy, fx = np.meshgrid(np.fft.fftfreq(96), np.fft.fftfreq(96), indexing="ij")
+        assert spec[np.hypot(fx, fy) > 0.25].sum() / spec.sum() > 1e-3
+        for k in range(3):
+            d = info["camera"][k + 1] - info["camera"][k]  # camera moves by d: content by -d
+            assert np.abs(g[k + 1] - g[k]).mean() > 0.5
+            m = np.float64([[1, 0, -d[0]], [0, 1, -d[1]]])  # g[k](y) = g[k+1](y - d)
+            back = cv2.warpAffine(g[k + 1], m, (96, 96), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP)
+            c = slice(12, -12)
+            err_aligned = np.abs(back[c, c] - g[k][c, c]).mean()
+            err_raw = np.abs(g[k + 1][c, c] - g[k][c, c]).mean()
+            assert err_aligned < 0.35 * err_raw, (seed, k, err_aligned, err_raw)
+            # and recoverable from the frames alone (copies: OpenCV 5 windows its inputs in place)
+            win = cv2.createHanningWindow((96, 96), cv2.CV_64F)
+            (dx, dy), _ = cv2.phaseCorrelate(g[k].copy(), g[k + 1].copy(), win)
+            assert abs(dx + d[0]) < 0.4 and abs(dy + d[1]) < 0.4, (dx, dy, d)
+
+
+def test_synthetic_clip_objects_move_independently():
+    f0, info = data.synthetic_clip(7, 3, 96, num_objects=0, zoom=False, rotation=False)
+    f1, _ = data.synthetic_clip(7, 3, 96, num_objects=4, zoom=False, rotation=False)
+    assert not np.array_equal(f0, f1)
+
+
+# ---------------------------------------------------------------------------------------------
+# REDS
+
+
+def _reds_tree(root, clips, n=6, h=16, w=24, scale=4, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in clips:
+        gt = _make_clip(os.path.join(root, "train_sharp", c), n, h * scale, w * scale, rng)
+        for i, g in enumerate(gt):
+            _write(os.path.join(root, "train_sharp_bicubic", f"X{scale}", c, f"{i:08d}.png"),
+                   cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA))
+
+
+@pytest.fixture(scope="module")
+def reds_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("reds"))
+    _reds_tree(root, ["000", "001", "011", "015", "020", "239"] + list(data.REDSVAL_CLIPS), n=4, h=8, w=12)
+    return root
+
+
+def test_reds_splits(reds_root):
+    assert data.REDS(reds_root, "train", num_frames=3, gt_size=16).clips == \
+        ["001", "239"] + list(data.REDSVAL_CLIPS)
+    assert data.REDS(reds_root, "official_train", 3, 16).clips == ["000", "001", "011", "015", "020", "239"]
+    assert data.REDS(reds_root, "reds4").clips == ["000", "011", "015", "020"]
+    assert data.REDS(reds_root, "redsval").clips == list(data.REDSVAL_CLIPS)
+    with pytest.raises(ValueError, match="unknown REDS split"):
+        data.REDS(reds_root, "test")
+
+
+def test_reds_val_whole_clip(reds_root):
+    item = data.REDS(reds_root, "reds4")[1]
+    assert item["key"] == "011" and item["lq"].shape == (4, 3, 8, 12) and item["gt"].shape == (4, 3, 32, 48)
+    ref = data.read_image(os.path.join(reds_root, "train_sharp", "011", "00000002.png"))
+    assert torch.equal(item["gt"][2], torch.from_numpy(ref).permute(2, 0, 1).float() / 255)
+
+
+def test_reds_train_sample_is_paired_crop_and_deterministic(reds_root):
+    ds = data.REDS(reds_root, "train", num_frames=3, gt_size=16, scale=4, seed=5)
+    a, b = ds[0], ds[0]
+    assert a["lq"].shape == (3, 3, 4, 4) and a["gt"].shape == (3, 3, 16, 16)
+    assert torch.equal(a["gt"], b["gt"]) and a["key"] == b["key"]
+    keys = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        keys.add(s["key"])
+        # LQ was made by area x4 of GT, so the crops must still correspond after flips/transpose
+        down = torch.nn.functional.avg_pool2d(s["gt"], 4)
+        assert (down - s["lq"]).abs().max() < 1.5 / 255
+    assert len(keys) > 1  # the window moves between epochs
+    other = data.REDS(reds_root, "train", num_frames=3, gt_size=16, scale=4, seed=5, rank=1)[0]
+    ds.set_epoch(0)
+    assert not torch.equal(other["gt"], ds[0]["gt"])
+
+
+def test_reds_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_sharp"):
+        data.REDS(str(tmp_path / "nope"), "train")
+    root = str(tmp_path / "r")
+    _reds_tree(root, ["001", "002"], n=3, h=8, w=8)
+    with pytest.raises(FileNotFoundError, match="000"):
+        data.REDS(root, "reds4")
+    with pytest.raises(ValueError, match="fewer than num_frames.*001"):
+        data.REDS(root, "train", num_frames=5, gt_size=16)
+    os.remove(os.path.join(root, "train_sharp_bicubic", "X4", "002", "00000002.png"))
+    with pytest.raises(ValueError, match="frames.*002"):
+        data.REDS(root, "train", num_frames=2, gt_size=16)
+
+
+def test_reds_size_mismatch_and_corrupt_frame(tmp_path):
+    root = str(tmp_path / "r")
+    _reds_tree(root, ["001"], n=3, h=8, w=8)
+    _write(os.path.join(root, "train_sharp", "001", "00000001.png"), np.zeros((30, 32, 3), np.uint8))
+    ds = data.REDS(root, "train", num_frames=3, gt_size=16)
+    with pytest.raises(ValueError, match="00000001.png"):
+        ds[0]
+    _reds_tree(root, ["001"], n=3, h=8, w=8)
+    for i in range(3):
+        _write(os.path.join(root, "train_sharp", "001", f"{i:08d}.png"), np.zeros((24, 24, 3), np.uint8))
+    with pytest.raises(ValueError, match="not 4x the LQ size"):
+        data.REDS(root, "train", num_frames=3, gt_size=16)[0]
+    _reds_tree(root, ["001"], n=3, h=8, w=8)
+    with open(os.path.join(root, "train_sharp", "001", "00000000.png"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match="corrupt.*00000000.png"):
+        data.REDS(root, "train", num_frames=3, gt_size=16)[0]
