@@ -51,10 +51,12 @@ def flow_warp_reference(x, flow, padding_mode="zeros"):
 
 
 # ----------------------------------------------------------------------------------------
-# Triton kernels. One program owns a tile of BLOCK_P pixels of one image and loops over all
-# channels in blocks of BLOCK_C: the position, the corners and the four bilinear weights are
-# computed once per pixel in fp32 and broadcast over the channels, and grad_flow is a plain
-# in-program sum over channels (no atomics). Only grad_x scatters, into an fp32 buffer.
+# Triton kernels. A program works on a tile of BLOCK_P pixels of one image by BLOCK_C
+# channels: the position, the corners and the four bilinear weights are computed once per
+# pixel in fp32 and broadcast over the channels. The forward gives each channel block its own
+# program (more parallelism at batch 1; the flow re-read is 8 B/pixel, from L2). The backward
+# program loops over all channel blocks, so grad_flow is a plain in-program sum over channels
+# (no atomics, deterministic). Only grad_x scatters, into an fp32 buffer.
 
 @triton.jit
 def _sample_position(i, j, flow_base, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER: tl.constexpr):
@@ -109,7 +111,8 @@ def _flow_warp_fwd_kernel(
     BORDER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (P,)
     ok_p = p < h * w
     i = p // w
@@ -128,19 +131,16 @@ def _flow_warp_fwd_kernel(
     m11 = (ok_p & oky1 & okx1)[None, :]
     o_off = (i * soh + j * sow)[None, :]
 
-    x_base = x_ptr + n * sxn
-    o_base = out_ptr + n * son
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)  # (C_blk,)
-        ok_c = (cc < C)[:, None]
-        xc = x_base + (cc.to(tl.int64) * sxc)[:, None]  # (C_blk, 1) pointers
-        v00 = tl.load(xc + off00, mask=ok_c & m00, other=0.0).to(tl.float32)
-        v01 = tl.load(xc + off00 + sxw, mask=ok_c & m01, other=0.0).to(tl.float32)
-        v10 = tl.load(xc + off00 + sxh, mask=ok_c & m10, other=0.0).to(tl.float32)
-        v11 = tl.load(xc + off00 + sxh + sxw, mask=ok_c & m11, other=0.0).to(tl.float32)
-        val = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
-        oc = o_base + (cc.to(tl.int64) * soc)[:, None]
-        tl.store(oc + o_off, val.to(out_ptr.dtype.element_ty), mask=ok_c & ok_p[None, :])
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (C_blk,)
+    ok_c = (cc < C)[:, None]
+    xc = x_ptr + n * sxn + (cc.to(tl.int64) * sxc)[:, None]  # (C_blk, 1) pointers
+    v00 = tl.load(xc + off00, mask=ok_c & m00, other=0.0).to(tl.float32)
+    v01 = tl.load(xc + off00 + sxw, mask=ok_c & m01, other=0.0).to(tl.float32)
+    v10 = tl.load(xc + off00 + sxh, mask=ok_c & m10, other=0.0).to(tl.float32)
+    v11 = tl.load(xc + off00 + sxh + sxw, mask=ok_c & m11, other=0.0).to(tl.float32)
+    val = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+    oc = out_ptr + n * son + (cc.to(tl.int64) * soc)[:, None]
+    tl.store(oc + o_off, val.to(out_ptr.dtype.element_ty), mask=ok_c & ok_p[None, :])
 
 
 @triton.jit
@@ -218,10 +218,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _launch_check(x, flow, *more):
-    if isinstance(_flow_warp_fwd_kernel, InterpretedFunction):
-        if any(t.is_cuda for t in (x, flow, *more)):
-            raise RuntimeError("flow_warp: TRITON_INTERPRET=1 is set; the interpreter runs on CPU tensors only")
-    elif not x.is_cuda:
+    if not x.is_cuda and not isinstance(_flow_warp_fwd_kernel, InterpretedFunction):
         raise RuntimeError("flow_warp: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is first imported for CPU tensors")
     if any(t.device != x.device for t in (flow, *more)):
@@ -247,7 +244,7 @@ def _flow_warp_triton(x, flow, padding_mode):
     if out.numel() == 0:
         return out
     block_p, block_c = _blocks(C)
-    grid = (triton.cdiv(h * w, block_p), n)  # pixel tiles fastest: batch-major, one image hot in L2
+    grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), n)  # batch-major: one image hot in L2
     _flow_warp_fwd_kernel[grid](
         x, flow, out, C, h, w, float(w > 1), float(h > 1),
         *x.stride(), *flow.stride(), *out.stride(),
