@@ -598,3 +598,386 @@ class REDSSub(_SampledDataset):
     def __getitem__(self, index):
         gt, key = self.sample(index, self.rng(index))
         return {"gt": frames_to_tensor(gt), "key": key}
+
+
+# ---------------------------------------------------------------------------------------------
+# RealBasicVSR degradations (spec §6): the official MME recipe, on float32 frames in [0, 1].
+# Each transform takes a list of (h, w, 3) frames and a np.random.Generator, draws its discrete
+# choices once per sequence, and walks its continuous parameters per frame:
+#     p_{k+1} = clip(p_k + U(-step, step), range)
+# A transform with a "prob" skips itself when U(0, 1) > prob.
+
+
+def unsharp_mask(img, kernel_size=51, sigma=0, weight=0.5, threshold=10):
+    """Sharpen where the high-pass residue exceeds `threshold` grey levels; img float (h, w, 3) in [0, 1].
+    sigma 0 lets OpenCV derive it from the size: 0.3 * ((51 - 1) / 2 - 1) + 0.8 = 8.0."""
+    g = cv2.getGaussianKernel(kernel_size, sigma)  # the 2-D kernel is g g^T: filter separably
+    residue = img - cv2.sepFilter2D(img, -1, g, g)
+    mask = (np.abs(residue) * 255 > threshold).astype(np.float32)
+    soft = cv2.sepFilter2D(mask, -1, g, g)
+    sharp = np.clip(img + weight * residue, 0, 1)
+    return soft * sharp + (1 - soft) * img
+
+
+# Blur kernels (Real-ESRGAN formulation, spec §6.2), all on the grid -k//2+1 .. k//2, normalised to sum 1.
+
+def _quadratic_form(k, sigma_x, sigma_y, theta):
+    """Q = x^T Sigma^-1 x on the k x k grid, Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T."""
+    ax = np.arange(-k // 2 + 1.0, k // 2 + 1.0)
+    xx, yy = np.meshgrid(ax, ax)
+    R = _rot(theta)
+    inv = np.linalg.inv(R @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ R.T)
+    return inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
+
+
+def gaussian_kernel(k, sigma_x, sigma_y, theta):
+    q = np.exp(-0.5 * _quadratic_form(k, sigma_x, sigma_y, theta))
+    return q / q.sum()
+
+
+def generalized_gaussian_kernel(k, sigma_x, sigma_y, theta, beta):
+    q = np.exp(-0.5 * _quadratic_form(k, sigma_x, sigma_y, theta) ** beta)
+    return q / q.sum()
+
+
+def plateau_kernel(k, sigma_x, sigma_y, theta, beta):
+    q = 1 / (_quadratic_form(k, sigma_x, sigma_y, theta) ** beta + 1)
+    return q / q.sum()
+
+
+def _bessel_j1(x):
+    # J1(x) = 1/(2 pi) * integral over [0, 2 pi) of cos(t - x sin t); the trapezoid rule is
+    # spectrally accurate for this periodic integrand (128 nodes: exact to 1e-15 for x < 60)
+    t = np.linspace(0, 2 * math.pi, 128, endpoint=False)
+    return np.cos(t - np.asarray(x, np.float64)[..., None] * np.sin(t)).mean(-1)
+
+
+def sinc_kernel(k, omega):
+    """Circular low-pass with cutoff omega: omega J1(omega r) / (2 pi r), centre omega^2 / (4 pi)."""
+    ax = np.arange(k) - (k - 1) / 2
+    r = np.hypot(ax[:, None], ax[None, :])
+    r[(k - 1) // 2, (k - 1) // 2] = 1.0  # placeholder, replaced below
+    q = omega * _bessel_j1(omega * r) / (2 * math.pi * r)
+    q[(k - 1) // 2, (k - 1) // 2] = omega ** 2 / (4 * math.pi)
+    return q / q.sum()
+
+
+def _resampled_beta(rng, beta):
+    # Quirk kept from the reference (spec §6.2): the helper gets the degenerate range [beta, beta]
+    # and re-draws from [beta, 1] or [1, beta] with p = 0.5 each, i.e. uniform between beta and 1.
+    lo, hi = (beta, 1.0) if rng.random() < 0.5 else (1.0, beta)
+    return lo + (hi - lo) * rng.random()  # np.random.uniform's formula, which allows lo > hi
+
+
+def blur_kernel(kind, k, sigma_x, sigma_y, theta, beta_gaussian, beta_plateau, omega, rng):
+    if kind == "iso":
+        return gaussian_kernel(k, sigma_x, sigma_x, 0.0)
+    if kind == "aniso":
+        return gaussian_kernel(k, sigma_x, sigma_y, theta)
+    if kind == "generalized_iso":
+        return generalized_gaussian_kernel(k, sigma_x, sigma_x, 0.0, _resampled_beta(rng, beta_gaussian))
+    if kind == "generalized_aniso":
+        return generalized_gaussian_kernel(k, sigma_x, sigma_y, theta, _resampled_beta(rng, beta_gaussian))
+    if kind == "plateau_iso":
+        return plateau_kernel(k, sigma_x, sigma_x, 0.0, _resampled_beta(rng, beta_plateau))
+    if kind == "plateau_aniso":
+        return plateau_kernel(k, sigma_x, sigma_y, theta, _resampled_beta(rng, beta_plateau))
+    if kind == "sinc":
+        return sinc_kernel(k, omega)
+    raise ValueError(f"unknown blur kernel type {kind!r}")
+
+
+def _walk(rng, value, step, lo, hi):
+    return min(max(value + rng.uniform(-step, step), lo), hi)
+
+
+def _skip(rng, p):
+    return rng.random() > p.get("prob", 1.0)
+
+
+def random_blur(frames, rng, p):
+    if _skip(rng, p):
+        return frames
+    kind = p["kernel_list"][rng.choice(len(p["kernel_list"]), p=p["kernel_prob"])]
+    k = int(p["kernel_size"][rng.integers(len(p["kernel_size"]))])
+    ranges = {name: p.get(name, (0.0, 0.0)) for name in
+              ("sigma_x", "sigma_y", "rotate_angle", "beta_gaussian", "beta_plateau")}
+    # omega not given: the Real-ESRGAN rule, a wider range for large kernels
+    ranges["omega"] = p.get("omega") or ((math.pi / 3, math.pi) if k < 13 else (math.pi / 5, math.pi))
+    value = {name: rng.uniform(*r) for name, r in ranges.items()}
+    out = []
+    for img in frames:
+        kernel = blur_kernel(kind, k, value["sigma_x"], value["sigma_y"], value["rotate_angle"],
+                             value["beta_gaussian"], value["beta_plateau"], value["omega"], rng)
+        out.append(cv2.filter2D(img, -1, kernel.astype(np.float32)))  # correlation, REFLECT_101
+        for name, r in ranges.items():
+            value[name] = _walk(rng, value[name], p.get(name + "_step", 0.0), *r)
+    return out
+
+
+_RESIZE_OPT = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA, "bicubic": cv2.INTER_CUBIC}
+
+
+def _even_size(h, w, scale, even):
+    h_out, w_out = h * scale, w * scale
+    if even:  # yuv420p needs even sizes
+        h_out, w_out = 2 * (h_out // 2), 2 * (w_out // 2)
+    return max(int(h_out), 2), max(int(w_out), 2)
+
+
+def random_resize(frames, rng, p):
+    """Resize with one interpolation per sequence. Without target_size: up/down/keep mode, a scale
+    relative to frame 0's size that walks per frame by resize_step (so frame sizes may differ)."""
+    if _skip(rng, p):
+        return frames
+    opt = p["resize_opt"][rng.choice(len(p["resize_opt"]), p=p["resize_prob"])]
+    if opt not in _RESIZE_OPT:
+        raise ValueError(f"unknown resize_opt {opt!r}: use bilinear, area or bicubic")
+    interp = _RESIZE_OPT[opt]
+    if p.get("target_size") is not None:
+        th, tw = p["target_size"]
+        return [cv2.resize(img, (tw, th), interpolation=interp) for img in frames]
+    h, w = frames[0].shape[:2]
+    lo, hi = p["resize_scale"]
+    mode = rng.choice(3, p=p["resize_mode_prob"])  # up, down, keep
+    scale = rng.uniform(1, hi) if mode == 0 else rng.uniform(lo, 1) if mode == 1 else 1.0
+    even, step = p.get("is_size_even", False), p.get("resize_step", 0.0)
+    out = []
+    for img in frames:
+        th, tw = _even_size(h, w, scale, even)
+        out.append(cv2.resize(img, (tw, th), interpolation=interp))
+        if step:
+            scale = _walk(rng, scale, step, lo, hi)
+    return out
+
+
+def _to_uint8(img):
+    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+
+
+def random_noise(frames, rng, p):
+    """Gaussian noise (sigma on the 0-255 scale) or Poisson noise on [0, 1] as MME / Real-ESRGAN:
+    (poisson(x v) / v - x) * scale with x the 8-bit value and v = 2**ceil(log2(#distinct values)),
+    std scale * sqrt(x / v). Gray noise: one noise plane for all channels (from luma for Poisson)."""
+    if _skip(rng, p):
+        return frames
+    kind = p["noise_type"][rng.choice(len(p["noise_type"]), p=p["noise_prob"])]
+    out = []
+    if kind == "gaussian":
+        lo, hi = p["gaussian_sigma"]
+        sigma = rng.uniform(lo, hi)
+        gray = rng.random() < p["gaussian_gray_noise_prob"]
+        for img in frames:
+            shape = img.shape[:2] + ((1,) if gray else (3,))
+            out.append(img + rng.standard_normal(shape, dtype=np.float32) * np.float32(sigma / 255))
+            sigma = _walk(rng, sigma, p.get("gaussian_sigma_step", 0.0), lo, hi)
+    elif kind == "poisson":
+        lo, hi = p["poisson_scale"]
+        scale = rng.uniform(lo, hi)
+        gray = rng.random() < p["poisson_gray_noise_prob"]
+        for img in frames:
+            x = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None] if gray else img
+            x8 = _to_uint8(x)
+            vals = 2 ** math.ceil(math.log2(np.count_nonzero(np.bincount(x8.ravel(), minlength=256))))
+            x = x8 / 255.0
+            noise = (rng.poisson(x * vals) / vals - x).astype(np.float32)
+            out.append(img + noise * np.float32(scale))
+            scale = _walk(rng, scale, p.get("poisson_scale_step", 0.0), lo, hi)
+    else:
+        raise ValueError(f"unknown noise_type {kind!r}: use gaussian or poisson")
+    return out
+
+
+def random_jpeg(frames, rng, p):
+    """JPEG at quality round(U(lo, hi)), walking per frame. Unlike the reference (which hands RGB
+    to cv2 as if it were BGR), colours are passed in the order the encoder expects."""
+    if _skip(rng, p):
+        return frames
+    lo, hi = p["quality"]
+    quality = round(rng.uniform(lo, hi))
+    out = []
+    for img in frames:
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(_to_uint8(img), cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        out.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255)
+        quality = round(_walk(rng, quality, p.get("quality_step", 0.0), lo, hi))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def check_video_codec(name):
+    """Raise a clear error if this PyAV/FFmpeg build cannot encode with `name` (no silent fallback)."""
+    import av
+    try:
+        av.codec.Codec(name, "w")
+    except Exception as e:
+        raise RuntimeError(f"video codec {name!r} is not available in this PyAV/FFmpeg build "
+                           f"(needed by the RealBasicVSR video-compression degradation): {e}") from None
+    return name
+
+
+def random_video_compression(frames, rng, p):
+    """Encode the sequence into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, the size of
+    frame 0) and decode it back. One encoder thread per worker. Frames of another size are resized
+    to frame 0's here: PyAV would rescale them itself, but then libx264's output is not reproducible."""
+    import av
+    import io
+    if _skip(rng, p):
+        return frames
+    for c in p["codec"]:
+        check_video_codec(c)
+    codec = p["codec"][rng.choice(len(p["codec"]), p=p["codec_prob"])]
+    bitrate = int(rng.integers(int(p["bitrate"][0]), int(p["bitrate"][1]) + 1))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=1)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = bitrate
+        stream.codec_context.thread_count = 1
+        h, w = frames[0].shape[:2]
+        for i, img in enumerate(frames):
+            if img.shape[:2] != (h, w):
+                shrink = img.shape[0] * img.shape[1] > h * w
+                img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            frame = av.VideoFrame.from_ndarray(_to_uint8(img), format="rgb24")
+            frame.pict_type = av.video.frame.PictureType.NONE
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    buf.seek(0)
+    with av.open(buf, "r", format="mp4") as container:
+        out = [f.to_ndarray(format="rgb24").astype(np.float32) / 255 for f in container.decode(video=0)]
+    if len(out) != len(frames):
+        raise RuntimeError(f"video compression with {codec} returned {len(out)} frames for {len(frames)}")
+    return out
+
+
+def quantize(frames):
+    return [np.round(np.clip(img, 0, 1) * 255).astype(np.float32) / 255 for img in frames]
+
+
+# The official recipe (MME / RealBasicVSR configs), parameters on the 0-255 scale where they
+# are grey levels. Plain dicts; the second order differs only where listed.
+KERNEL_LIST = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso", "sinc")
+KERNEL_PROB = (0.405, 0.225, 0.108, 0.027, 0.108, 0.027, 0.1)
+KERNEL_SIZES = (7, 9, 11, 13, 15, 17, 19, 21)
+INTERPOLATIONS = dict(resize_opt=("bilinear", "area", "bicubic"), resize_prob=(1 / 3, 1 / 3, 1 / 3))
+
+BLUR_1 = dict(kernel_size=KERNEL_SIZES, kernel_list=KERNEL_LIST, kernel_prob=KERNEL_PROB,
+              sigma_x=(0.2, 3), sigma_y=(0.2, 3), rotate_angle=(-3.1416, 3.1416),
+              beta_gaussian=(0.5, 4), beta_plateau=(1, 2),
+              sigma_x_step=0.02, sigma_y_step=0.02, rotate_angle_step=0.31416,
+              beta_gaussian_step=0.05, beta_plateau_step=0.1, omega_step=0.0628)
+RESIZE_1 = dict(resize_mode_prob=(0.2, 0.7, 0.1), resize_scale=(0.15, 1.5), resize_step=0.015,
+                is_size_even=True, **INTERPOLATIONS)
+NOISE_1 = dict(noise_type=("gaussian", "poisson"), noise_prob=(0.5, 0.5),
+               gaussian_sigma=(1, 30), gaussian_gray_noise_prob=0.4, gaussian_sigma_step=0.1,
+               poisson_scale=(0.05, 3), poisson_gray_noise_prob=0.4, poisson_scale_step=0.005)
+JPEG = dict(quality=(30, 95), quality_step=3)
+VIDEO = dict(codec=("libx264", "h264", "mpeg4"), codec_prob=(1 / 3, 1 / 3, 1 / 3), bitrate=(1e4, 1e5))
+
+BLUR_2 = dict(BLUR_1, prob=0.8, sigma_x=(0.2, 1.5), sigma_y=(0.2, 1.5))
+RESIZE_2 = dict(RESIZE_1, resize_mode_prob=(0.3, 0.4, 0.3), resize_scale=(0.3, 1.2), resize_step=0.03)
+NOISE_2 = dict(NOISE_1, gaussian_sigma=(1, 25), poisson_scale=(0.05, 2.5))
+
+FINAL_RESIZE = dict(INTERPOLATIONS)  # target_size: the LQ size, 64 x 64 for a 256 crop
+FINAL_SINC = dict(prob=0.8, kernel_size=KERNEL_SIZES, kernel_list=("sinc",), kernel_prob=(1.0,),
+                  omega=(3.1416 / 3, 3.1416), omega_step=0.0628)
+
+
+def degrade_sequence(frames, rng, lq_size):
+    """The RealBasicVSR LQ synthesis: frames float32 (h, w, 3) in [0, 1] (the unsharp-masked GT)
+    -> a list of (lq_size, lq_size, 3) frames quantised to 8 bits."""
+    lq = list(frames)
+    # first order
+    lq = random_blur(lq, rng, BLUR_1)
+    lq = random_resize(lq, rng, RESIZE_1)
+    lq = random_noise(lq, rng, NOISE_1)
+    lq = random_jpeg(lq, rng, JPEG)
+    lq = random_video_compression(lq, rng, VIDEO)
+    # second order
+    lq = random_blur(lq, rng, BLUR_2)
+    lq = random_resize(lq, rng, RESIZE_2)
+    lq = random_noise(lq, rng, NOISE_2)
+    lq = random_jpeg(lq, rng, JPEG)
+    # the last pair in random order: video compression vs. resize to the LQ size + sinc blur
+    final = [lambda x: random_video_compression(x, rng, VIDEO),
+             lambda x: random_blur(random_resize(x, rng, dict(FINAL_RESIZE, target_size=(lq_size, lq_size))),
+                                   rng, FINAL_SINC)]
+    for i in rng.permutation(2):
+        lq = final[i](lq)
+    return quantize(lq)
+
+
+class RealDegradationDataset(_SampledDataset):
+    """RealBasicVSR training data (spec §6.1). GT-only clips: root/gt_dir (REDSSub layout), or the
+    built-in synthetic clips when root is None. A sample: a num_frames window, a gt_size crop,
+    flips/transpose, mirrored to 2 * num_frames; gt_usm = unsharp_mask(gt); lq = degrade_sequence(gt_usm).
+    Item: {"lq" (2n, 3, gt_size/scale, .), "gt" (2n, 3, gt_size, gt_size), "gt_usm", "key"}."""
+
+    def __init__(self, root=None, num_frames=15, gt_size=256, scale=4, gt_dir="train_sharp_sub",
+                 num_synthetic_clips=1000, seed=0, rank=None):
+        super().__init__(seed, rank)
+        if gt_size % scale:
+            raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+        for c in VIDEO["codec"]:  # fail at construction, not in a worker mid-training
+            check_video_codec(c)
+        self.clips = None if root is None else REDSSub(root, num_frames, gt_size, gt_dir, seed, rank)
+        self.num_frames, self.gt_size, self.scale = num_frames, gt_size, scale
+        self.num_synthetic_clips = num_synthetic_clips
+
+    def __len__(self):
+        return self.num_synthetic_clips if self.clips is None else len(self.clips)
+
+    def __getitem__(self, index):
+        rng = self.rng(index)
+        if self.clips is None:
+            gt, _ = synthetic_clip([self.seed, index], self.num_frames, self.gt_size)
+            (gt,) = _augment(rng, gt)
+            key = f"synthetic_s{self.seed}_{index:05d}"
+        else:
+            gt, key = self.clips.sample(index, rng)
+        gt = gt.astype(np.float32) / 255
+        gt_usm = np.stack([unsharp_mask(f) for f in gt])
+        gt, gt_usm = (np.concatenate([x, x[::-1]]) for x in (gt, gt_usm))  # mirror: x1..xn, xn..x1
+        lq = degrade_sequence(gt_usm, rng, self.gt_size // self.scale)
+        return {"lq": frames_to_tensor(np.stack(lq)), "gt": frames_to_tensor(gt),
+                "gt_usm": frames_to_tensor(gt_usm), "key": key}
+
+
+# ---------------------------------------------------------------------------------------------
+# Script: `python data.py --bench-degradation [--root data/REDS]` measures RealBasicVSR samples/s
+# for one worker (one process); `python data.py --prepare-bi/--prepare-bd SRC DST` makes test sets.
+
+
+def _bench_degradation(args):
+    cv2.setNumThreads(1)  # one DataLoader worker = one core
+    torch.set_num_threads(1)
+    ds = RealDegradationDataset(args.root, num_frames=15, gt_size=256)
+    ds[0]  # warm-up (codec init, caches)
+    t0 = time.perf_counter()
+    for i in range(1, args.samples + 1):
+        item = ds[i % len(ds)]
+    dt = time.perf_counter() - t0
+    src = "synthetic GT" if args.root is None else args.root
+    print(f"RealBasicVSR pipeline ({src}, 15 frames mirrored to 30, 256 crop, lq {tuple(item['lq'].shape)}): "
+          f"{args.samples / dt:.2f} samples/s per worker ({dt / args.samples:.2f} s/sample)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bench-degradation", action="store_true", help="time the RealBasicVSR pipeline")
+    ap.add_argument("--root", default=None, help="REDS root with train_sharp_sub (default: synthetic GT)")
+    ap.add_argument("--samples", type=int, default=10, help="samples to time")
+    args = ap.parse_args(argv)
+    if args.bench_degradation:
+        _bench_degradation(args)
+    else:
+        ap.print_help()
+
+
+if __name__ == "__main__":
+    main()

@@ -251,3 +251,206 @@ def test_reds_size_mismatch_and_corrupt_frame(tmp_path):
         f.write(b"garbage")
     with pytest.raises(ValueError, match="corrupt.*00000000.png"):
         data.REDS(root, "train", num_frames=3, gt_size=16)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# RealBasicVSR degradations
+
+
+def _centre_ratio(k, dy, dx):
+    c = k.shape[0] // 2
+    return k[c + dy, c + dx] / k[c, c]
+
+
+def test_blur_kernels_sum_to_one_and_match_closed_forms():
+    sx, sy, th, beta = 2.0, 1.2, 0.7, 1.6
+    R = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    inv = np.linalg.inv(R @ np.diag([sx**2, sy**2]) @ R.T)
+    for dx, dy in [(3, -2), (-1, 4), (0, 1)]:
+        v = np.array([dx, dy], float)  # x is the column offset, y the row offset
+        q = v @ inv @ v
+        k = data.gaussian_kernel(21, sx, sy, th)
+        assert abs(k.sum() - 1) < 1e-12 and k.shape == (21, 21)
+        np.testing.assert_allclose(_centre_ratio(k, dy, dx), math.exp(-0.5 * q), rtol=1e-10)
+        k = data.generalized_gaussian_kernel(15, sx, sy, th, beta)
+        np.testing.assert_allclose(_centre_ratio(k, dy, dx), math.exp(-0.5 * q**beta), rtol=1e-10)
+        k = data.plateau_kernel(15, sx, sy, th, beta)
+        assert abs(k.sum() - 1) < 1e-12
+        np.testing.assert_allclose(_centre_ratio(k, dy, dx), 1 / (q**beta + 1), rtol=1e-10)
+    iso = data.gaussian_kernel(7, 1.0, 1.0, 0.0)
+    np.testing.assert_allclose(_centre_ratio(iso, 2, 1), math.exp(-0.5 * 5), rtol=1e-10)
+
+
+def test_sinc_kernel_and_bessel():
+    # J1 against torch's independent implementation, over the whole argument range a kernel uses
+    x = np.linspace(0.0, 47.0, 200)
+    ref = torch.special.bessel_j1(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(data._bessel_j1(x), ref, atol=1e-6)  # torch is ~1e-7 off near x = 5
+    np.testing.assert_allclose(data._bessel_j1(np.array([1.0, 5.0, 10.0])),  # tabulated values
+                               [0.4400505857449335, -0.3275791375914652, 0.04347274616886144], atol=1e-14)
+    omega, k = 2.0, 13
+    ker = data.sinc_kernel(k, omega)
+    assert abs(ker.sum() - 1) < 1e-12
+    r = math.hypot(3, 4)
+    expected = (omega * data._bessel_j1(omega * r) / (2 * math.pi * r)) / (omega**2 / (4 * math.pi))
+    np.testing.assert_allclose(_centre_ratio(ker, 3, 4), expected, rtol=1e-10)
+    np.testing.assert_allclose(ker, ker.T, atol=1e-15)
+
+
+def test_beta_resampling_quirk():
+    rng = np.random.default_rng(0)
+    b = np.array([data._resampled_beta(rng, 4.0) for _ in range(2000)])
+    assert b.min() >= 1 and b.max() <= 4 and abs(b.mean() - 2.5) < 0.1  # uniform on [1, 4]
+    b = np.array([data._resampled_beta(rng, 0.5) for _ in range(2000)])
+    assert b.min() >= 0.5 and b.max() <= 1 and abs(b.mean() - 0.75) < 0.03
+
+
+def test_random_blur_applies_the_kernel_by_correlation():
+    img = np.zeros((31, 31, 3), np.float32)
+    img[15, 15] = 1
+    p = dict(kernel_size=(9,), kernel_list=("aniso",), kernel_prob=(1.0,), sigma_x=(1.5, 1.5),
+             sigma_y=(0.8, 0.8), rotate_angle=(0.4, 0.4))
+    out = data.random_blur([img], np.random.default_rng(0), p)[0]
+    k = data.gaussian_kernel(9, 1.5, 0.8, 0.4)
+    # correlation of an impulse gives the kernel flipped in both axes
+    np.testing.assert_allclose(out[11:20, 11:20, 0], k[::-1, ::-1], atol=1e-7)
+    assert data.random_blur([img], np.random.default_rng(0), dict(p, prob=0.0))[0] is img
+
+
+def test_random_blur_walk_stays_in_range():
+    img = np.zeros((41, 41, 3), np.float32)
+    img[20, 20] = 1
+    p = dict(data.BLUR_1, kernel_list=("iso",), kernel_prob=(1.0,), kernel_size=(21,), sigma_x_step=0.5)
+    out = data.random_blur([img] * 20, np.random.default_rng(3), p)
+    sig = []
+    for o in out:
+        w = o[..., 0]
+        y = np.arange(41) - 20
+        sig.append(math.sqrt((w.sum(0) * y * y).sum() / w.sum()))
+    sig = np.array(sig)
+    assert np.all(sig > 0.19) and np.all(sig < 3.05) and np.ptp(sig) > 0.1
+    assert np.all(np.abs(np.diff(sig)) < 0.6)
+
+
+def test_unsharp_mask_matches_direct_formula():
+    rng = np.random.default_rng(4)
+    img = cv2.GaussianBlur(rng.random((40, 48, 3)).astype(np.float32), (0, 0), 1.5)
+    img[10:30, 20] = 0.95  # a sharp line, so the threshold mask is partly on
+    g = cv2.getGaussianKernel(51, 8.0)
+    K = (g @ g.T).astype(np.float64)
+    x = img.astype(np.float64)
+    residue = x - cv2.filter2D(x, -1, K)
+    mask = (np.abs(residue) * 255 > 10).astype(np.float64)
+    soft = cv2.filter2D(mask, -1, K)
+    ref = soft * np.clip(x + 0.5 * residue, 0, 1) + (1 - soft) * x
+    out = data.unsharp_mask(img)
+    assert 0.01 < mask.mean() < 0.99
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def _noise_p(**kw):
+    return dict(data.NOISE_1, gaussian_sigma_step=0.0, poisson_scale_step=0.0, **kw)
+
+
+def test_gaussian_noise_std_and_gray():
+    img = np.full((128, 128, 3), 0.5, np.float32)
+    p = _noise_p(noise_prob=(1.0, 0.0), gaussian_sigma=(10, 10), gaussian_gray_noise_prob=0.0)
+    n = data.random_noise([img], np.random.default_rng(0), p)[0] - img
+    assert abs(n.std() * 255 / 10 - 1) < 0.03 and abs(n.mean()) < 1e-3
+    assert np.abs(n[..., 0] - n[..., 1]).mean() > 1e-3
+    n = data.random_noise([img], np.random.default_rng(0), dict(p, gaussian_gray_noise_prob=1.0))[0] - img
+    assert np.array_equal(n[..., 0], n[..., 2]) and abs(n.std() * 255 / 10 - 1) < 0.05
+
+
+def test_poisson_noise_level_on_unit_scale():
+    # left half: a ramp with all 256 grey levels (so v = 256); right half: constant x = 128/255
+    img = np.empty((256, 512, 3), np.float32)
+    img[:, :256] = (np.arange(256) / 255.0)[None, :, None]
+    img[:, 256:] = 128 / 255
+    for scale in (0.5, 2.0):
+        p = _noise_p(noise_prob=(0.0, 1.0), poisson_scale=(scale, scale), poisson_gray_noise_prob=0.0)
+        n = data.random_noise([img], np.random.default_rng(1), p)[0] - img
+        expected = scale * math.sqrt((128 / 255) / 256)  # std = scale * sqrt(x / v) on [0, 1]
+        assert abs(n[:, 256:].std() / expected - 1) < 0.05, (n[:, 256:].std(), expected)
+        # about sqrt(255) times stronger than mmagic 1.x's 0-255 variant (spec §12.1)
+        assert n[:, 256:].std() * 255 > 10 * scale * math.sqrt(128 / 256)
+    p = _noise_p(noise_prob=(0.0, 1.0), poisson_scale=(1, 1), poisson_gray_noise_prob=1.0)
+    n = data.random_noise([img], np.random.default_rng(1), p)[0] - img
+    assert np.array_equal(n[..., 0], n[..., 1])
+
+
+def _jpeg(img, q):
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(data._to_uint8(img), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, q])
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+
+
+def test_jpeg_quality_range_and_walk():
+    rng = np.random.default_rng(5)
+    frames = [cv2.GaussianBlur(rng.random((24, 24, 3)).astype(np.float32), (0, 0), 1) for _ in range(6)]
+    for seed in range(3):
+        out = data.random_jpeg(frames, np.random.default_rng(seed), data.JPEG)
+        qs = []
+        for f, o in zip(frames, out):
+            match = [q for q in range(1, 101) if np.array_equal(_jpeg(f, q), o)]
+            assert match and all(30 <= q <= 95 for q in match), match
+            qs.append(match)
+        for a, b in zip(qs, qs[1:]):  # the walk moves by at most the step 3 (after rounding)
+            assert min(abs(x - y) for x in a for y in b) <= 3
+    out = data.random_jpeg(frames[:1], np.random.default_rng(0), dict(quality=(95, 95)))
+    assert np.array_equal(out[0], _jpeg(frames[0], 95))
+
+
+def test_random_resize_even_sizes_and_range():
+    img = np.random.default_rng(0).random((37, 53, 3)).astype(np.float32)
+    for seed in range(20):
+        out = data.random_resize([img] * 8, np.random.default_rng(seed), data.RESIZE_1)
+        for o in out:
+            h, w = o.shape[:2]
+            assert h % 2 == 0 and w % 2 == 0
+            assert 2 * (37 * 0.15 // 2) <= h <= 37 * 1.5 and 2 * (53 * 0.15 // 2) <= w <= 53 * 1.5
+    out = data.random_resize([img] * 3, np.random.default_rng(0), dict(data.FINAL_RESIZE, target_size=(16, 12)))
+    assert all(o.shape == (16, 12, 3) for o in out)
+    with pytest.raises(ValueError, match="resize_opt"):
+        data.random_resize([img], np.random.default_rng(0), dict(resize_opt=("nearest",), resize_prob=(1.0,)))
+
+
+@pytest.mark.parametrize("codec", ["libx264", "h264", "mpeg4"])
+def test_video_compression_each_codec(codec):
+    rng = np.random.default_rng(0)
+    frames = [cv2.GaussianBlur(rng.random((32, 48, 3)).astype(np.float32), (0, 0), 2) for _ in range(5)]
+    p = dict(data.VIDEO, codec=(codec,), codec_prob=(1.0,))
+    out = data.random_video_compression(frames, np.random.default_rng(1), p)
+    assert len(out) == 5 and all(o.shape == (32, 48, 3) and o.dtype == np.float32 for o in out)
+    err = np.mean([np.abs(o - f).mean() for o, f in zip(out, frames)])
+    assert 1e-3 < err < 0.2
+    # frames of different sizes (the resize walk) come back at frame 0's size, reproducibly
+    frames[1], frames[3] = cv2.resize(frames[1], (50, 34)), cv2.resize(frames[3], (44, 30))
+    runs = [data.random_video_compression(frames, np.random.default_rng(1), p) for _ in range(3)]
+    assert all(o.shape == (32, 48, 3) for o in runs[0])
+    assert all(np.array_equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))
+
+
+def test_video_codec_missing_is_an_error():
+    with pytest.raises(RuntimeError, match="no_such_codec"):
+        data.check_video_codec("no_such_codec")
+    p = dict(data.VIDEO, codec=("libx264", "no_such_codec"), codec_prob=(1.0, 0.0))
+    with pytest.raises(RuntimeError, match="no_such_codec"):
+        data.random_video_compression([np.zeros((16, 16, 3), np.float32)], np.random.default_rng(0), p)
+
+
+def test_real_degradation_dataset_synthetic_determinism():
+    ds = data.RealDegradationDataset(None, num_frames=3, gt_size=64, num_synthetic_clips=4, seed=2)
+    a, b = ds[1], ds[1]
+    assert a["lq"].shape == (6, 3, 16, 16) and a["gt"].shape == (6, 3, 64, 64) and a["gt_usm"].shape == (6, 3, 64, 64)
+    for k in a:
+        assert a[k] == b[k] if k == "key" else torch.equal(a[k], b[k])
+    assert not torch.equal(ds[2]["lq"], a["lq"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["lq"], a["lq"])
+    # mirrored sequence, USM of the GT, 8-bit LQ
+    assert torch.equal(a["gt"], a["gt"].flip(0)) and torch.equal(a["gt_usm"], a["gt_usm"].flip(0))
+    usm = data.unsharp_mask(a["gt"][0].permute(1, 2, 0).numpy())
+    np.testing.assert_allclose(a["gt_usm"][0].permute(1, 2, 0).numpy(), usm, atol=1e-6)
+    q = a["lq"] * 255
+    assert torch.allclose(q, q.round(), atol=1e-3) and a["lq"].min() >= 0 and a["lq"].max() <= 1
