@@ -19,9 +19,16 @@ Public names, in file order:
     Vimeo90K(root, split, degradation="BI", gt_size=256)              septuplets mirrored to 14 frames
     PairedFolders(root, lq_dir, gt_dir, scale=4)     Vid4 / UDM10 style test sets, whole clips
     LQFolder(root)                                   VideoLQ / user frames, LQ only
-    (degradations) unsharp_mask, blur kernels, random_* transforms, degrade_sequence
-    RealDegradationDataset(root=None, ...)           RealBasicVSR training data, LQ synthesised on the fly
-    read_video(path, fps=None) -> reader             VideoWriter(path, fps, ...)
+    (degradations) unsharp_mask, gaussian/generalized_gaussian/plateau/sinc_kernel, random_blur,
+        random_resize, random_noise, random_jpeg, random_video_compression, quantize,
+        degrade_sequence(frames, rng, lq_size), check_video_codec(name); recipe dicts BLUR_1 ... FINAL_SINC
+    RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data
+    read_video(path, fps=None) -> VideoReader      iterate RGB uint8 frames; .fps .num_frames .width .height
+    VideoWriter(path, fps, crf=18, overwrite=False)  .write(frame), atomic close(); context manager
+    prepare_test_set(src, dst, "bi"|"bd", scale=4)
+
+Command line: `python data.py --bench-degradation` (RealBasicVSR samples/s, one worker) and
+`python data.py --prepare bi|bd --src data/Vid4/GT --dst data/Vid4/BIx4` (test-set preparation).
 
 Randomness: a training sample is a pure function of (seed, rank, epoch, index) through an explicit
 np.random.Generator; call dataset.set_epoch(epoch) before each epoch. The DataLoader worker id
@@ -600,6 +607,102 @@ class REDSSub(_SampledDataset):
         return {"gt": frames_to_tensor(gt), "key": key}
 
 
+def _mirror(x):
+    """(t, ...) -> (2t, ...): x1..xt, xt..x1 (the middle frame appears twice)."""
+    return np.concatenate([x, x[::-1]])
+
+
+class Vimeo90K(_SampledDataset):
+    """Vimeo-90K septuplets in the mmagic layout (spec §7.2):
+        root/GT/{xxxxx}/{yyyy}/im1..im7.png, root/{BD|BI}x4/{xxxxx}/{yyyy}/im1..im7.png,
+        root/meta_info_Vimeo90K_{train|test}_GT.txt (one "xxxxx/yyyy ..." line per septuplet).
+    "train": paired crop + flips/transpose, then LQ and GT mirrored to 14 frames.
+    "test": the 7 LQ frames mirrored to 14, GT only im4 as (1, 3, H, W). Reduce the model's
+    14 outputs to the centre frame as 0.5 * (out[3] + out[10])."""
+
+    def __init__(self, root, split, degradation="BI", gt_size=256, scale=4, seed=0, rank=None):
+        super().__init__(seed, rank)
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown Vimeo90K split {split!r}: use train or test")
+        if degradation not in ("BI", "BD"):
+            raise ValueError(f"unknown Vimeo90K degradation {degradation!r}: use BI or BD")
+        meta = os.path.join(root, f"meta_info_Vimeo90K_{split}_GT.txt")
+        if not os.path.isfile(meta):
+            raise FileNotFoundError(f"Vimeo-90K annotation file not found: {meta}")
+        with open(meta) as f:
+            self.keys = [line.split()[0] for line in f if line.strip()]
+        if not self.keys:
+            raise ValueError(f"no septuplets listed in {meta}")
+        self.gt_root = os.path.join(root, "GT")
+        self.lq_root = os.path.join(root, f"{degradation}x{scale}")
+        for folder in (self.gt_root, self.lq_root):
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"folder not found: {folder}")
+        self.training, self.gt_size, self.scale = split == "train", gt_size, scale
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        key = self.keys[index]
+        lq_paths = [os.path.join(self.lq_root, key, f"im{i}.png") for i in range(1, 8)]
+        gt_paths = [os.path.join(self.gt_root, key, f"im{i}.png") for i in range(1, 8)]
+        lq = _read_clip(lq_paths)
+        if not self.training:
+            gt = read_image(gt_paths[3])[None]
+            _check_pair(lq, gt, self.scale, lq_paths[3], gt_paths[3])
+            return {"lq": frames_to_tensor(_mirror(lq)), "gt": frames_to_tensor(gt), "key": key}
+        rng = self.rng(index)
+        gt = _read_clip(gt_paths)
+        _check_pair(lq, gt, self.scale, lq_paths[0], gt_paths[0])
+        lq, gt = _paired_crop(rng, lq, gt, self.gt_size, self.scale, lq_paths[0])
+        lq, gt = _augment(rng, lq, gt)
+        return {"lq": frames_to_tensor(_mirror(lq)), "gt": frames_to_tensor(_mirror(gt)), "key": key}
+
+
+class PairedFolders(torch.utils.data.Dataset):
+    """Whole-clip test sets: root/lq_dir/{clip}/*.png with root/gt_dir/{clip}/*.png, frames paired
+    in sorted order (Vid4: lq_dir "BIx4" or "BDx4", gt_dir "GT"; UDM10 likewise)."""
+
+    def __init__(self, root, lq_dir, gt_dir, scale=4):
+        self.lq_root, self.gt_root = os.path.join(root, lq_dir), os.path.join(root, gt_dir)
+        self.clips = _list_clips(self.gt_root)
+        if not os.path.isdir(self.lq_root):
+            raise FileNotFoundError(f"folder not found: {self.lq_root}")
+        self.paths = [_pair_clip_paths(os.path.join(self.lq_root, c), os.path.join(self.gt_root, c))
+                      for c in self.clips]
+        self.scale = scale
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        lq_paths, gt_paths = self.paths[index]
+        lq, gt = _read_clip(lq_paths), _read_clip(gt_paths)
+        _check_pair(lq, gt, self.scale, lq_paths[0], gt_paths[0])
+        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": self.clips[index]}
+
+
+class LQFolder(torch.utils.data.Dataset):
+    """LQ-only clips (VideoLQ, user frames): root/{clip}/*.png, or root/*.png as a single clip.
+    Items {"lq", "key"}."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"folder not found: {root}")
+        if any(n.lower().endswith(IMG_EXTS) for n in os.listdir(root)):
+            self.clips, self.paths = [os.path.basename(os.path.normpath(root))], [_list_frames(root)]
+        else:
+            self.clips = _list_clips(root)
+            self.paths = [_list_frames(os.path.join(root, c)) for c in self.clips]
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        return {"lq": frames_to_tensor(_read_clip(self.paths[index])), "key": self.clips[index]}
+
+
 # ---------------------------------------------------------------------------------------------
 # RealBasicVSR degradations (spec §6): the official MME recipe, on float32 frames in [0, 1].
 # Each transform takes a list of (h, w, 3) frames and a np.random.Generator, draws its discrete
@@ -949,8 +1052,164 @@ class RealDegradationDataset(_SampledDataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Video and frame I/O for inference: stream frames in, write H.264 or PNG frames out atomically.
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+
+
+class VideoReader:
+    """Frames of a video file (PyAV, decoded one at a time) or of a frame folder (sorted), as RGB
+    uint8 (h, w, 3). Attributes: fps (frame folders: `fps` or 25), num_frames (None if the
+    container does not say), width, height. Iterating again restarts from the first frame."""
+
+    def __init__(self, path, fps=None):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            self.frame_paths = _list_frames(self.path)
+            first = read_image(self.frame_paths[0])
+            self.height, self.width = first.shape[:2]
+            self.num_frames, self.fps = len(self.frame_paths), float(fps or 25.0)
+            return
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"video or frame folder not found: {self.path}")
+        import av
+        self.frame_paths = None
+        try:
+            with av.open(self.path) as container:
+                if not container.streams.video:
+                    raise ValueError(f"no video stream in: {self.path}")
+                stream = container.streams.video[0]
+                rate = stream.average_rate or stream.guessed_rate
+                self.width, self.height = stream.codec_context.width, stream.codec_context.height
+                self.num_frames = int(stream.frames) or None
+        except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read video ({e.__class__.__name__}): {self.path}") from None
+        if fps is None and not rate:
+            raise ValueError(f"video has no frame rate, pass fps: {self.path}")
+        self.fps = float(fps or rate)
+
+    def __len__(self):
+        if self.num_frames is None:
+            raise TypeError(f"frame count unknown for {self.path}")
+        return self.num_frames
+
+    def __iter__(self):
+        if self.frame_paths is not None:
+            for p in self.frame_paths:
+                frame = read_image(p)
+                if frame.shape[:2] != (self.height, self.width):
+                    raise ValueError(f"frame size {frame.shape[1]}x{frame.shape[0]} differs from "
+                                     f"{self.width}x{self.height} of the first frame: {p}")
+                yield frame
+            return
+        import av
+        try:
+            with av.open(self.path) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for frame in container.decode(stream):
+                    yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise ValueError(f"cannot decode video ({e.__class__.__name__}): {self.path}") from None
+
+
+def read_video(path, fps=None):
+    """A VideoReader over a video file or a frame folder; see VideoReader."""
+    return VideoReader(path, fps)
+
+
+class VideoWriter:
+    """Write RGB uint8 frames to a video (by extension: .mp4/.mov/.mkv/...; H.264 via libx264,
+    crf 18, yuv420p) or, for any other path, to a folder of {index:08d}.png frames.
+
+    Everything goes to a temporary sibling, renamed to `path` by close(); used as a context
+    manager, an exception removes the temporary instead. An existing `path` is an error unless
+    overwrite=True. Odd frame sizes are padded by one replicated row/column for yuv420p."""
+
+    def __init__(self, path, fps, crf=18, overwrite=False, compression=3):
+        self.path = os.fspath(path)
+        if os.path.exists(self.path) and not overwrite:
+            raise FileExistsError(f"output exists (pass overwrite to replace it): {self.path}")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"output folder not found: {parent}")
+        if not fps or fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}: {self.path}")
+        self.is_video = self.path.lower().endswith(VIDEO_EXTS)
+        root, ext = os.path.splitext(self.path)
+        self.tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}{ext if self.is_video else ''}"
+        self.fps, self.crf, self.compression = fps, crf, compression
+        self.size, self.count, self._container = None, 0, None
+        if not self.is_video:
+            os.makedirs(self.tmp)
+
+    def write(self, frame):
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"frames must be RGB uint8 (h, w, 3), got {frame.dtype} {frame.shape}: {self.path}")
+        if self.size is None:
+            self.size = frame.shape[:2]
+            if self.is_video:
+                self._open_video()
+        elif frame.shape[:2] != self.size:
+            raise ValueError(f"frame {self.count} is {frame.shape[1]}x{frame.shape[0]}, the video is "
+                             f"{self.size[1]}x{self.size[0]}: {self.path}")
+        if self.is_video:
+            import av
+            pad = ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0))
+            vf = av.VideoFrame.from_ndarray(np.pad(frame, pad, mode="edge"), format="rgb24")
+            vf.pts = self.count
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+        else:
+            write_image(os.path.join(self.tmp, f"{self.count:08d}.png"), frame, self.compression)
+        self.count += 1
+
+    def _open_video(self):
+        import av
+        from fractions import Fraction
+        check_video_codec("libx264")
+        self._container = av.open(self.tmp, "w")
+        rate = self.fps if isinstance(self.fps, Fraction) else Fraction(self.fps).limit_denominator(1001)
+        self._stream = self._container.add_stream("libx264", rate=rate)
+        self._stream.height, self._stream.width = self.size[0] + self.size[0] % 2, self.size[1] + self.size[1] % 2
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(self.crf)}
+
+    def close(self):
+        """Finish the file and move it into place."""
+        if self.count == 0:
+            self.abort()
+            raise ValueError(f"no frames were written: {self.path}")
+        if self.is_video:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+        if os.path.isdir(self.path) and not os.path.islink(self.path):
+            shutil.rmtree(self.path)  # only reached with overwrite=True
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        """Drop everything written so far."""
+        if self._container is not None:
+            self._container.close()
+        if os.path.isdir(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ---------------------------------------------------------------------------------------------
 # Script: `python data.py --bench-degradation [--root data/REDS]` measures RealBasicVSR samples/s
-# for one worker (one process); `python data.py --prepare-bi/--prepare-bd SRC DST` makes test sets.
+# for one worker (one process); `python data.py --prepare bi|bd --src GT --dst OUT` makes test sets.
 
 
 def _bench_degradation(args):
@@ -967,16 +1226,54 @@ def _bench_degradation(args):
           f"{args.samples / dt:.2f} samples/s per worker ({dt / args.samples:.2f} s/sample)")
 
 
+def prepare_test_set(src, dst, degradation="bi", scale=4):
+    """Degrade every image under `src` (any depth, e.g. {clip}/*.png) into the same tree under
+    `dst` as PNG: "bi" = bicubic_downsample, "bd" = bd_downsample. dst must not exist; it is
+    built under a temporary name and renamed when complete."""
+    fn = {"bi": bicubic_downsample, "bd": lambda img, s: bd_downsample(img, 1.6, s)}.get(degradation)
+    if fn is None:
+        raise ValueError(f"unknown degradation {degradation!r}: use bi or bd")
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"folder not found: {src}")
+    if os.path.exists(dst):
+        raise FileExistsError(f"output exists, not overwriting: {dst}")
+    files = sorted(os.path.relpath(os.path.join(d, n), src) for d, _, names in os.walk(src)
+                   for n in names if n.lower().endswith(IMG_EXTS))
+    if not files:
+        raise ValueError(f"no images under: {src}")
+    from tqdm import tqdm
+    with atomic_path(dst) as tmp:
+        for rel in tqdm(files, desc=f"{degradation.upper()}x{scale}", unit="img"):
+            out = os.path.join(tmp, os.path.splitext(rel)[0] + ".png")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            write_image(out, fn(read_image(os.path.join(src, rel)), scale))
+    return len(files)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bench-degradation", action="store_true", help="time the RealBasicVSR pipeline")
-    ap.add_argument("--root", default=None, help="REDS root with train_sharp_sub (default: synthetic GT)")
-    ap.add_argument("--samples", type=int, default=10, help="samples to time")
+    ap = argparse.ArgumentParser(description="Data tools: RealBasicVSR pipeline benchmark, BI/BD test-set preparation.")
+    g = ap.add_argument_group("benchmark")
+    g.add_argument("--bench-degradation", action="store_true", help="time the RealBasicVSR pipeline, one worker")
+    g.add_argument("--root", default=None, help="REDS root with train_sharp_sub (default: synthetic GT)")
+    g.add_argument("--samples", type=int, default=10, help="samples to time")
+    g = ap.add_argument_group("test-set preparation")
+    g.add_argument("--prepare", choices=["bi", "bd"], help="degrade --src into --dst (MATLAB bicubic or BD)")
+    g.add_argument("--src", help="GT folder, e.g. data/Vid4/GT")
+    g.add_argument("--dst", help="output folder, e.g. data/Vid4/BIx4 (must not exist)")
+    g.add_argument("--scale", type=int, default=4, help="downsampling factor")
     args = ap.parse_args(argv)
-    if args.bench_degradation:
-        _bench_degradation(args)
-    else:
-        ap.print_help()
+    try:
+        if args.bench_degradation:
+            _bench_degradation(args)
+        elif args.prepare:
+            if not args.src or not args.dst:
+                ap.error("--prepare needs --src and --dst")
+            n = prepare_test_set(args.src, args.dst, args.prepare, args.scale)
+            print(f"wrote {n} images to {args.dst}")
+        else:
+            ap.print_help()
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -454,3 +454,244 @@ def test_real_degradation_dataset_synthetic_determinism():
     np.testing.assert_allclose(a["gt_usm"][0].permute(1, 2, 0).numpy(), usm, atol=1e-6)
     q = a["lq"] * 255
     assert torch.allclose(q, q.round(), atol=1e-3) and a["lq"].min() >= 0 and a["lq"].max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# GT-only sub-image clips with the degradation pipeline
+
+
+def test_redssub_and_real_degradation_from_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ["000_s001", "000_s002"]:
+        _make_clip(str(tmp_path / "train_sharp_sub" / c), 4, 40, 48, rng)
+    sub = data.REDSSub(str(tmp_path), num_frames=3, gt_size=32, seed=1)
+    item = sub[1]
+    assert item["gt"].shape == (3, 3, 32, 32) and item["key"].startswith("000_s002/")
+    ds = data.RealDegradationDataset(str(tmp_path), num_frames=3, gt_size=32, seed=1)
+    s = ds[1]
+    assert len(ds) == 2 and s["lq"].shape == (6, 3, 8, 8) and s["gt"].shape == (6, 3, 32, 32)
+    assert torch.equal(s["gt"][:3], item["gt"])  # same window, crop and flips for the same seed/index
+    with pytest.raises(ValueError, match="fewer than num_frames.*000_s001"):
+        data.REDSSub(str(tmp_path), num_frames=5)
+    with pytest.raises(FileNotFoundError, match="train_sharp_sub"):
+        data.RealDegradationDataset(str(tmp_path / "none"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vimeo-90K, paired folders, LQ folders
+
+
+def _vimeo_tree(root, keys, split, h=8, w=12):
+    rng = np.random.default_rng(1)
+    for key in keys:
+        for i in range(1, 8):
+            gt = _rand_img(rng, 4 * h, 4 * w)
+            _write(os.path.join(root, "GT", key, f"im{i}.png"), gt)
+            _write(os.path.join(root, "BIx4", key, f"im{i}.png"), data.bicubic_downsample(gt))
+            _write(os.path.join(root, "BDx4", key, f"im{i}.png"), data.bd_downsample(gt))
+    with open(os.path.join(root, f"meta_info_Vimeo90K_{split}_GT.txt"), "w") as f:
+        f.write("\n".join(f"{k} (32,48,3)" for k in keys))
+
+
+def test_vimeo90k_train_and_test(tmp_path):
+    root = str(tmp_path)
+    _vimeo_tree(root, ["00001/0001", "00001/0002"], "train")
+    _vimeo_tree(root, ["00002/0001"], "test")
+    tr = data.Vimeo90K(root, "train", "BD", gt_size=16)
+    item = tr[1]
+    assert len(tr) == 2 and item["key"] == "00001/0002"
+    assert item["lq"].shape == (14, 3, 4, 4) and item["gt"].shape == (14, 3, 16, 16)
+    assert torch.equal(item["lq"], item["lq"].flip(0)) and torch.equal(item["gt"], item["gt"].flip(0))
+    te = data.Vimeo90K(root, "test", "BI")[0]
+    assert te["lq"].shape == (14, 3, 8, 12) and te["gt"].shape == (1, 3, 32, 48)
+    gt4 = data.read_image(os.path.join(root, "GT", "00002/0001", "im4.png"))
+    assert torch.equal(te["gt"][0], data.frames_to_tensor([gt4])[0])
+    lq1 = data.read_image(os.path.join(root, "BIx4", "00002/0001", "im1.png"))
+    assert torch.equal(te["lq"][0], te["lq"][13]) and torch.equal(te["lq"][0], data.frames_to_tensor([lq1])[0])
+    with pytest.raises(FileNotFoundError, match="meta_info_Vimeo90K_test_GT.txt"):
+        data.Vimeo90K(str(tmp_path / "x"), "test")
+    os.remove(os.path.join(root, "BIx4", "00002/0001", "im5.png"))
+    with pytest.raises(FileNotFoundError, match="im5.png"):
+        data.Vimeo90K(root, "test")[0]
+
+
+def test_paired_folders_and_lq_folder(tmp_path):
+    rng = np.random.default_rng(2)
+    for clip, n in [("calendar", 3), ("city", 2)]:
+        gts = _make_clip(str(tmp_path / "GT" / clip), n, 16, 20, rng)
+        for i, g in enumerate(gts):
+            _write(str(tmp_path / "BIx4" / clip / f"{i:08d}.png"), data.bicubic_downsample(g))
+    ds = data.PairedFolders(str(tmp_path), "BIx4", "GT")
+    assert [ds[i]["key"] for i in range(2)] == ["calendar", "city"]
+    assert ds[0]["lq"].shape == (3, 3, 4, 5) and ds[0]["gt"].shape == (3, 3, 16, 20)
+    lq = data.LQFolder(str(tmp_path / "BIx4"))
+    assert len(lq) == 2 and lq[1]["lq"].shape == (2, 3, 4, 5) and "gt" not in lq[1]
+    single = data.LQFolder(str(tmp_path / "BIx4" / "city"))
+    assert len(single) == 1 and single[0]["key"] == "city"
+    # errors: sizes not matching the scale, frame counts, empty clip, missing root, empty folder
+    with pytest.raises(ValueError, match="not 3x"):
+        data.PairedFolders(str(tmp_path), "BIx4", "GT", scale=3)[0]
+    os.remove(str(tmp_path / "BIx4" / "city" / "00000001.png"))
+    with pytest.raises(ValueError, match="1 frames but GT clip has 2.*city"):
+        data.PairedFolders(str(tmp_path), "BIx4", "GT")
+    os.remove(str(tmp_path / "BIx4" / "city" / "00000000.png"))
+    with pytest.raises(ValueError, match="no image frames.*city"):
+        data.PairedFolders(str(tmp_path), "BIx4", "GT")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        data.LQFolder(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="empty"):
+        data.LQFolder(str(tmp_path / "empty"))
+
+
+def test_prepare_test_set_cli(tmp_path):
+    rng = np.random.default_rng(3)
+    gts = _make_clip(str(tmp_path / "GT" / "walk"), 2, 16, 24, rng)
+    data.main(["--prepare", "bd", "--src", str(tmp_path / "GT"), "--dst", str(tmp_path / "BDx4")])
+    out = data.read_image(str(tmp_path / "BDx4" / "walk" / "00000001.png"))
+    assert np.array_equal(out, data.bd_downsample(gts[1]))
+    assert sorted(os.listdir(tmp_path)) == ["BDx4", "GT"]
+    with pytest.raises(SystemExit, match="exists"):
+        data.main(["--prepare", "bi", "--src", str(tmp_path / "GT"), "--dst", str(tmp_path / "BDx4")])
+
+
+# ---------------------------------------------------------------------------------------------
+# video and frame I/O
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.mkv", "frames"])
+def test_video_roundtrip(tmp_path, name):
+    rng = np.random.default_rng(4)
+    frames = [cv2.GaussianBlur(_rand_img(rng, 32, 48), (0, 0), 2) for _ in range(9)]
+    path = str(tmp_path / name)
+    with data.VideoWriter(path, fps=12.5) as w:
+        for f in frames:
+            w.write(f)
+    assert os.listdir(tmp_path) == [name]  # the temporary was renamed
+    r = data.read_video(path, fps=12.5 if name == "frames" else None)
+    assert r.fps == 12.5 and (r.width, r.height) == (48, 32)
+    if name != "clip.mkv":  # mkv does not store a frame count
+        assert r.num_frames == 9
+    out = list(r)
+    assert len(out) == 9 and all(o.shape == (32, 48, 3) and o.dtype == np.uint8 for o in out)
+    err = np.mean([np.abs(o.astype(float) - f).mean() for o, f in zip(out, frames)])
+    assert err == 0 if name == "frames" else err < 3  # crf 18: close to the input
+    assert data.read_video(str(tmp_path / "frames") if name == "frames" else path).fps == (25.0 if name == "frames" else 12.5)
+
+
+def test_video_writer_odd_size_and_atomicity(tmp_path):
+    path = str(tmp_path / "odd.mp4")
+    with data.VideoWriter(path, 25) as w:
+        for _ in range(3):
+            w.write(np.full((33, 45, 3), 100, np.uint8))
+    r = data.read_video(path)
+    assert (r.height, r.width) == (34, 46) and len(list(r)) == 3
+    with pytest.raises(FileExistsError, match="odd.mp4"):
+        data.VideoWriter(path, 25)
+    with pytest.raises(RuntimeError):
+        with data.VideoWriter(str(tmp_path / "fail.mp4"), 25) as w:
+            w.write(np.zeros((16, 16, 3), np.uint8))
+            raise RuntimeError("interrupted")
+    with pytest.raises(ValueError, match="16x16"):
+        with data.VideoWriter(str(tmp_path / "fail"), 25) as w:
+            w.write(np.zeros((16, 16, 3), np.uint8))
+            w.write(np.zeros((8, 8, 3), np.uint8))
+    assert sorted(os.listdir(tmp_path)) == ["odd.mp4"]  # nothing half-written left behind
+
+
+def test_read_video_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        data.read_video(str(tmp_path / "missing.mp4"))
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(ValueError, match="bad.mp4"):
+        data.read_video(str(bad))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="empty"):
+        data.read_video(str(tmp_path / "empty"))
+    _write(str(tmp_path / "mixed" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    _write(str(tmp_path / "mixed" / "1.png"), np.zeros((8, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="1.png"):
+        list(data.read_video(str(tmp_path / "mixed")))
+
+
+# ---------------------------------------------------------------------------------------------
+# crop_sub_images.py (spec §8.2)
+
+
+def test_crop_positions_spec_examples():
+    import crop_sub_images as csi
+    assert csi.crop_positions(720, 480, 240, 0) == [0, 240]
+    assert csi.crop_positions(1280, 480, 240, 0) == [0, 240, 480, 720, 800]
+    assert csi.crop_positions(180, 120, 60, 0) == [0, 60]
+    assert csi.crop_positions(320, 120, 60, 0) == [0, 60, 120, 180, 200]
+    assert csi.crop_positions(1280, 480, 240, 100) == [0, 240, 480, 720]  # 80 left over <= thresh
+
+
+def test_crop_sub_images_layout_resume_and_refusal(tmp_path, capsys):
+    import crop_sub_images as csi
+    root = str(tmp_path / "REDS")
+    _reds_tree(root, ["000", "011"], n=2, h=18, w=32)  # 72x128 GT: the 720x1280 example at 1/10
+    args = ["--data-root", root, "--scales", "4", "--crop-size", "48", "--step", "24", "--n-thread", "1"]
+    csi.main(args)
+    sub = os.path.join(root, "train_sharp_sub")
+    expected = [STATE] + [f"{c}_s{i:03d}" for c in ("000", "011") for i in range(1, 11)]
+    assert sorted(os.listdir(sub)) == sorted(expected)
+    gt = data.read_image(os.path.join(root, "train_sharp", "011", "00000001.png"))
+    crop = data.read_image(os.path.join(sub, "011_s007", "00000001.png"))  # row 2, column 2: (24, 24)
+    assert np.array_equal(crop, gt[24:72, 24:72])
+    crop = data.read_image(os.path.join(sub, "011_s010", "00000001.png"))  # row 2, column 5: (24, 80)
+    assert np.array_equal(crop, gt[24:72, 80:128])
+    lq = data.read_image(os.path.join(root, "train_sharp_bicubic", "X4", "011", "00000001.png"))
+    crop = data.read_image(os.path.join(root, "train_sharp_bicubic", "X4_sub", "011_s010", "00000001.png"))
+    assert crop.shape == (12, 12, 3) and np.array_equal(crop, lq[6:18, 20:32])
+    # a complete folder is reported, not rewritten
+    mtime = os.path.getmtime(os.path.join(sub, "000_s001", "00000000.png"))
+    csi.main(args)
+    assert "already complete" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(sub, "000_s001", "00000000.png")) == mtime
+    # an interrupted run resumes: only missing files are written, stale temporaries removed
+    os.remove(os.path.join(sub, "000_s003", "00000001.png"))
+    open(os.path.join(sub, "000_s003", "00000001.tmp-deadbeef.png"), "wb").write(b"half")
+    state = os.path.join(sub, STATE)
+    import json
+    st = json.load(open(state))
+    st.pop("complete")
+    json.dump(st, open(state, "w"))
+    assert csi.crop_folder(os.path.join(root, "train_sharp"), sub, 48, 24, 0, 3, 1) == 1
+    assert sorted(os.listdir(os.path.join(sub, "000_s003"))) == ["00000000.png", "00000001.png"]
+    # other arguments on a started folder are refused; a foreign existing folder is not touched
+    st["complete"] = False
+    json.dump(st, open(state, "w"))
+    with pytest.raises(ValueError, match="other arguments"):
+        csi.crop_folder(os.path.join(root, "train_sharp"), sub, 40, 20, 0, 3, 1)
+    os.makedirs(os.path.join(root, "other_out"))
+    with pytest.raises(FileExistsError, match="other_out"):
+        csi.crop_folder(os.path.join(root, "train_sharp"), os.path.join(root, "other_out"), 48, 24, 0, 3, 1)
+
+
+def test_crop_sub_images_errors(tmp_path):
+    import crop_sub_images as csi
+    with pytest.raises(SystemExit, match="train_sharp"):
+        csi.main(["--data-root", str(tmp_path / "none"), "--n-thread", "1"])
+    root = str(tmp_path / "REDS")
+    _reds_tree(root, ["000"], n=1, h=18, w=32)
+    with pytest.raises(SystemExit, match="divisible by scale 4"):
+        csi.main(["--data-root", root, "--scales", "4", "--crop-size", "50", "--n-thread", "1"])
+    with open(os.path.join(root, "train_sharp", "000", "00000000.png"), "wb") as f:
+        f.write(b"corrupt")
+    with pytest.raises(SystemExit, match="00000000.png"):
+        csi.main(["--data-root", root, "--crop-size", "48", "--step", "24", "--n-thread", "1"])
+    sub = os.path.join(root, "train_sharp_sub")
+    assert os.listdir(sub) == [STATE]  # nothing half-written; the run can be resumed
+
+
+def test_crop_sub_images_parallel(tmp_path):
+    import crop_sub_images as csi
+    root = str(tmp_path / "REDS")
+    _reds_tree(root, ["000"], n=3, h=18, w=32)
+    csi.main(["--data-root", root, "--crop-size", "48", "--step", "24", "--n-thread", "2"])
+    assert len(os.listdir(os.path.join(root, "train_sharp_sub", "000_s010"))) == 3
+
+
+STATE = ".crop_sub_images.json"
