@@ -6,7 +6,11 @@ mask    (n, G*K, ho, wo),   channel g*K + k
 weight  (c_out, c_in, kh, kw); input channels split evenly over the G deform groups.
 A sample not strictly inside (-1, h) x (-1, w) contributes 0 and gets no offset/mask gradient.
 """
+from typing import List, Optional, Tuple
+
 import torch
+import triton
+import triton.language as tl
 from torch.nn.modules.utils import _pair
 
 
@@ -57,6 +61,9 @@ def deform_conv2d_reference(x, offset, mask, weight, bias=None, stride=1, paddin
     px = base_x.view(1, 1, 1, 1, wo) + tap_x.view(1, 1, K, 1, 1) + off[:, :, :, 1]
 
     inside = (py > -1) & (px > -1) & (py < h) & (px < w)
+    # Park the rest (NaN, inf, huge) at -2, where every corner is outside: floor() and long()
+    # stay defined and their gradients are 0 rather than NaN.
+    py, px = torch.where(inside, py, -2.0), torch.where(inside, px, -2.0)
     y0, x0 = torch.floor(py), torch.floor(px)
     ly, lx = py - y0, px - x0
     y0, x0 = y0.long(), x0.long()
@@ -81,12 +88,416 @@ def deform_conv2d_reference(x, offset, mask, weight, bias=None, stride=1, paddin
 
 
 # ----------------------------------------------------------------------------------------
+# Triton kernels. Layouts inside: x channels-last (n, h, w, c_in) so that one corner of one
+# deform group is a contiguous channel vector; weight reordered once to (K, c_in, c_out);
+# offset, mask and out stay NCHW, where a tile of output pixels reads contiguous rows.
+# A channel chunk is a [GPB groups, CPB channels] block, flattened to GPB*CPB columns for
+# tl.dot; CPB is the group width padded to a power of two, so groups narrower than 16
+# channels share a chunk and padded columns are masked to zero on both sides of the dot.
+
+
+# INTERP_BF16 works around two bf16 gaps of Triton's CPU interpreter, so that the CPU tests see
+# GPU numerics: it multiplies bf16 tiles as their raw uint16 bits (converting to fp32 first is
+# exact), and it truncates fp32 -> bf16 where a GPU rounds to nearest even.
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:
+        if dtype == tl.bfloat16:
+            u = v.to(tl.uint32, bitcast=True)
+            u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16           # round to nearest even
+            v = u.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _taps(off_ptr, msk_ptr, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
+          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr):
+    """Sampling position of tap k for a tile of pixels [BP] and a block of groups [GPB]:
+    floor corner (y0, x0), fractions (ly, lx), mask m (0 outside the guard), inside.
+    Computed once per (pixel, group, tap) and broadcast over the group's channels."""
+    K: tl.constexpr = KH * KW
+    hw_o = HO.to(tl.int64) * WO
+    pix = (oy * WO + ox).to(tl.int64)
+    ok = p_ok[:, None] & g_ok[None, :]
+    bg = b.to(tl.int64) * G + g                                        # [GPB]
+    off_at = off_ptr + ((bg * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+    dy = tl.load(off_at, mask=ok, other=0.0).to(tl.float32)
+    dx = tl.load(off_at + hw_o, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(msk_ptr + ((bg * K + k) * hw_o)[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
+    # Positions in fp32 whatever the data dtype.
+    py = (oy * SH - PH + (k // KW) * DH).to(tl.float32)[:, None] + dy
+    px = (ox * SW - PW + (k % KW) * DW).to(tl.float32)[:, None] + dx
+    # mmcv's guard; NaN fails every comparison, so non-finite positions are outside too.
+    inside = ok & (py > -1.0) & (px > -1.0) & (py < H) & (px < W)
+    # Park outside positions at -2 so the float->int conversion below is always defined.
+    py = tl.where(inside, py, -2.0)
+    px = tl.where(inside, px, -2.0)
+    y0f = tl.floor(py)
+    x0f = tl.floor(px)
+    m = tl.where(inside, m, 0.0)
+    return y0f.to(tl.int32), x0f.to(tl.int32), py - y0f, px - x0f, m, inside
+
+
+@triton.jit
+def _corner(y, x, ok, H, W, C_IN):
+    """Offset (int64, before adding the channel) of pixel (y, x) in a channels-last image, and
+    whether it lies inside; indices are clamped so even masked-off lanes point in bounds."""
+    valid = ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    yc = tl.minimum(tl.maximum(y, 0), H - 1)
+    xc = tl.minimum(tl.maximum(x, 0), W - 1)
+    return (yc * W + xc).to(tl.int64) * C_IN, valid
+
+
+@triton.jit
+def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, bias_ptr, out_ptr,
+                    H, W, HO, WO, C_IN, C_OUT, G, CG, TILES_W,
+                    SH, SW, PH, PW, DH, DW,
+                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    TILE_H: tl.constexpr, TILE_W: tl.constexpr, GPB: tl.constexpr, CPB: tl.constexpr,
+                    BLOCK_CO: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One program: a TILE_H x TILE_W tile of output pixels x BLOCK_CO output channels of one image.
+    out[p, co] = sum over taps k and channels c of sample[p, k, c] * w[k, c, co] (implicit GEMM)."""
+    BP: tl.constexpr = TILE_H * TILE_W
+    CHUNK: tl.constexpr = GPB * CPB
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    co = tl.program_id(2) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < C_OUT
+    r = tl.arange(0, BP)
+    oy = (pid_t // TILES_W) * TILE_H + r // TILE_W
+    ox = (pid_t % TILES_W) * TILE_W + r % TILE_W
+    p_ok = (oy < HO) & (ox < WO)
+    xb = x_ptr + b.to(tl.int64) * H * W * C_IN
+    gi = tl.arange(0, GPB)
+    ci = tl.arange(0, CPB)
+
+    acc = tl.zeros((BP, BLOCK_CO), dtype=tl.float32)
+    for g0 in range(0, G, GPB):
+        g = g0 + gi
+        g_ok = g < G
+        for k in range(KH * KW):
+            y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
+                                              SH, SW, PH, PW, DH, DW, KH, KW)
+            a00, v00 = _corner(y0, x0, inside, H, W, C_IN)
+            a01, v01 = _corner(y0, x0 + 1, inside, H, W, C_IN)
+            a10, v10 = _corner(y0 + 1, x0, inside, H, W, C_IN)
+            a11, v11 = _corner(y0 + 1, x0 + 1, inside, H, W, C_IN)
+            # Bilinear weights with the mask folded in: [BP, GPB, 1].
+            w00 = ((1.0 - ly) * (1.0 - lx) * m)[:, :, None]
+            w01 = ((1.0 - ly) * lx * m)[:, :, None]
+            w10 = (ly * (1.0 - lx) * m)[:, :, None]
+            w11 = (ly * lx * m)[:, :, None]
+            for c0 in range(0, CG, CPB):
+                c = c0 + ci
+                chan = (g * CG)[:, None] + c[None, :]                  # [GPB, CPB]
+                ch_ok = g_ok[:, None] & (c < CG)[None, :]
+                ch3 = chan[None, :, :]
+                ok3 = ch_ok[None, :, :]
+                s = w00 * tl.load(xb + a00[:, :, None] + ch3, mask=v00[:, :, None] & ok3, other=0.0).to(tl.float32)
+                s += w01 * tl.load(xb + a01[:, :, None] + ch3, mask=v01[:, :, None] & ok3, other=0.0).to(tl.float32)
+                s += w10 * tl.load(xb + a10[:, :, None] + ch3, mask=v10[:, :, None] & ok3, other=0.0).to(tl.float32)
+                s += w11 * tl.load(xb + a11[:, :, None] + ch3, mask=v11[:, :, None] & ok3, other=0.0).to(tl.float32)
+                cols = _cast(tl.reshape(s, (BP, CHUNK)), out_ptr.dtype.element_ty, INTERP_BF16)
+                rows = tl.reshape(chan, (CHUNK,))
+                rows_ok = tl.reshape(ch_ok, (CHUNK,))
+                w_at = w_ptr + (k * C_IN + rows).to(tl.int64)[:, None] * C_OUT + co[None, :]
+                wk = tl.load(w_at, mask=rows_ok[:, None] & co_ok[None, :], other=0.0)
+                acc = _mma(cols, wk, acc, PREC, INTERP_BF16)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    hw_o = HO.to(tl.int64) * WO
+    out_at = out_ptr + ((b.to(tl.int64) * C_OUT + co) * hw_o)[None, :] + (oy * WO + ox)[:, None]
+    tl.store(out_at, _cast(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=p_ok[:, None] & co_ok[None, :])
+
+
+# One backward kernel. A program owns one tap k and one chunk of whole deform groups, and walks
+# a strided share of all (image, pixel tile) pairs. Owning (k, group) makes grad_offset and
+# grad_mask plain writes, reduced over the group's channels inside the program; walking many
+# tiles lets grad_weight[k, chunk, :] stay in fp32 registers and be written once per program
+# as a partial (summed over the few SPLITS afterwards: deterministic, no atomics on 70k hot
+# addresses). Only grad_x, whose destinations depend on the offsets, is scattered with atomics
+# into an fp32 buffer. The columns are recomputed from x, never stored.
+@triton.jit
+def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmsk_ptr, gw_ptr,
+                    N, H, W, HO, WO, C_IN, C_OUT, G, CG, TILES_W, TILES, N_CHUNK, SPLITS,
+                    SH, SW, PH, PW, DH, DW,
+                    KH: tl.constexpr, KW: tl.constexpr,
+                    TILE_H: tl.constexpr, TILE_W: tl.constexpr, GPB: tl.constexpr, CPB: tl.constexpr,
+                    BLOCK_CO: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    K: tl.constexpr = KH * KW
+    BP: tl.constexpr = TILE_H * TILE_W
+    CHUNK: tl.constexpr = GPB * CPB
+    k = tl.program_id(0) // N_CHUNK
+    g = (tl.program_id(0) % N_CHUNK) * GPB + tl.arange(0, GPB)
+    split = tl.program_id(1)
+    g_ok = g < G
+    c = tl.arange(0, CPB)
+    chan = (g * CG)[:, None] + c[None, :]                              # [GPB, CPB]
+    ch_ok = g_ok[:, None] & (c < CG)[None, :]
+    ch3 = chan[None, :, :]
+    ok3 = ch_ok[None, :, :]
+    rows = tl.reshape(chan, (CHUNK,))
+    rows_ok = tl.reshape(ch_ok, (CHUNK,))
+    co = tl.arange(0, BLOCK_CO)
+    co_ok = co < C_OUT
+    # w[k, rows, :] transposed: [BLOCK_CO, CHUNK].
+    wk_t = tl.load(w_ptr + (k * C_IN + rows).to(tl.int64)[None, :] * C_OUT + co[:, None],
+                   mask=rows_ok[None, :] & co_ok[:, None], other=0.0)
+    hw_o = HO.to(tl.int64) * WO
+    r = tl.arange(0, BP)
+
+    gw = tl.zeros((CHUNK, BLOCK_CO), dtype=tl.float32)
+    for t in range(split, N * TILES, SPLITS):
+        b = t // TILES
+        oy = ((t % TILES) // TILES_W) * TILE_H + r // TILE_W
+        ox = ((t % TILES) % TILES_W) * TILE_W + r % TILE_W
+        p_ok = (oy < HO) & (ox < WO)
+        pix = (oy * WO + ox).to(tl.int64)
+        gout = tl.load(gout_ptr + ((b.to(tl.int64) * C_OUT + co) * hw_o)[None, :] + pix[:, None],
+                       mask=p_ok[:, None] & co_ok[None, :], other=0.0)  # [BP, BLOCK_CO]
+        # Gradient of the sampled columns, gcol[p, c] = sum_co gout[p, co] w[k, c, co].
+        gcol = _mma(gout, wk_t, tl.zeros((BP, CHUNK), dtype=tl.float32), PREC, INTERP_BF16)
+        gcol = tl.reshape(gcol, (BP, GPB, CPB))
+
+        y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
+                                          SH, SW, PH, PW, DH, DW, KH, KW)
+        a00, v00 = _corner(y0, x0, inside, H, W, C_IN)
+        a01, v01 = _corner(y0, x0 + 1, inside, H, W, C_IN)
+        a10, v10 = _corner(y0 + 1, x0, inside, H, W, C_IN)
+        a11, v11 = _corner(y0 + 1, x0 + 1, inside, H, W, C_IN)
+        xb = x_ptr + b.to(tl.int64) * H * W * C_IN
+        q00 = tl.load(xb + a00[:, :, None] + ch3, mask=v00[:, :, None] & ok3, other=0.0).to(tl.float32)
+        q01 = tl.load(xb + a01[:, :, None] + ch3, mask=v01[:, :, None] & ok3, other=0.0).to(tl.float32)
+        q10 = tl.load(xb + a10[:, :, None] + ch3, mask=v10[:, :, None] & ok3, other=0.0).to(tl.float32)
+        q11 = tl.load(xb + a11[:, :, None] + ch3, mask=v11[:, :, None] & ok3, other=0.0).to(tl.float32)
+        ly3 = ly[:, :, None]
+        lx3 = lx[:, :, None]
+        # Unmasked sample and its derivatives along y and x (outside corners read as 0, as in mmcv).
+        s = (1.0 - ly3) * ((1.0 - lx3) * q00 + lx3 * q01) + ly3 * ((1.0 - lx3) * q10 + lx3 * q11)
+        ds_dy = (1.0 - lx3) * (q10 - q00) + lx3 * (q11 - q01)
+        ds_dx = (1.0 - ly3) * (q01 - q00) + ly3 * (q11 - q10)
+
+        # Segmented reductions over each group's channels: owned writes, 0 outside the guard.
+        ok2 = p_ok[:, None] & g_ok[None, :]
+        bg = b.to(tl.int64) * G + g
+        g_mask = tl.where(inside, tl.sum(gcol * s, axis=2), 0.0)
+        g_dy = tl.where(inside, m * tl.sum(gcol * ds_dy, axis=2), 0.0)
+        g_dx = tl.where(inside, m * tl.sum(gcol * ds_dx, axis=2), 0.0)
+        tl.store(gmsk_ptr + ((bg * K + k) * hw_o)[None, :] + pix[:, None],
+                 _cast(g_mask, gmsk_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
+        goff_at = goff_ptr + ((bg * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+        tl.store(goff_at, _cast(g_dy, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
+        tl.store(goff_at + hw_o, _cast(g_dx, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
+
+        # grad_x: scatter gcol * mask * bilinear weight to the four corners.
+        gm = gcol * m[:, :, None]
+        gxb = gx_ptr + b.to(tl.int64) * H * W * C_IN
+        tl.atomic_add(gxb + a00[:, :, None] + ch3, gm * (1.0 - ly3) * (1.0 - lx3), mask=v00[:, :, None] & ok3, sem="relaxed")
+        tl.atomic_add(gxb + a01[:, :, None] + ch3, gm * (1.0 - ly3) * lx3, mask=v01[:, :, None] & ok3, sem="relaxed")
+        tl.atomic_add(gxb + a10[:, :, None] + ch3, gm * ly3 * (1.0 - lx3), mask=v10[:, :, None] & ok3, sem="relaxed")
+        tl.atomic_add(gxb + a11[:, :, None] + ch3, gm * ly3 * lx3, mask=v11[:, :, None] & ok3, sem="relaxed")
+
+        # grad_w[k, c, co] += sum_p cols[p, c] gout[p, co], with the same rounded columns as the forward.
+        cols = _cast(tl.reshape(s * m[:, :, None], (BP, CHUNK)), gout_ptr.dtype.element_ty, INTERP_BF16)
+        gw = _mma(tl.trans(cols), gout, gw, PREC, INTERP_BF16)
+
+    gw_at = gw_ptr + ((split * K + k) * C_IN + rows).to(tl.int64)[:, None] * C_OUT + co[None, :]
+    tl.store(gw_at, gw, mask=rows_ok[:, None] & co_ok[None, :])
+
+
+_INTERPRET = bool(triton.knobs.runtime.interpret)  # read when the kernels above were decorated
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers: plain tensors in, plain tensors out. Inputs are only read; non-contiguous ones
+# are copied into the layouts the kernels expect.
+
+def _next_pow2(v):
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _chunking(G, cg, chunk, whole_groups):
+    """(GPB, CPB): groups per chunk and channels per group in a chunk of about `chunk` columns,
+    at least 16 (tl.dot's minimum). whole_groups keeps each group in one chunk (backward)."""
+    cpb = _next_pow2(cg)
+    if cpb > chunk and not whole_groups:
+        return 1, chunk
+    gpb = max(1, chunk // cpb)
+    gpb = min(gpb, max(_next_pow2(G), 16 // cpb if cpb < 16 else 1))
+    return gpb, cpb
+
+
+def _dot_settings(x):
+    # fp32 follows torch's matmul setting: exact ("ieee") unless the user allowed TF32.
+    prec = "ieee" if x.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return prec, _INTERPRET and x.dtype == torch.bfloat16
+
+
+def _tiles(ho, wo):
+    # 8x16 pixels on a GPU (rows of 16 keep offset/mask/out loads coalesced); bigger tiles on
+    # the interpreter, where the cost is per program.
+    th, tw = (16, 16) if _INTERPRET else (8, 16)
+    return th, tw, triton.cdiv(ho, th), triton.cdiv(wo, tw)
+
+
+def _launch_checks(x, offset, mask, weight, bias):
+    for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"deform_conv2d: {name} is on {t.device}, x on {x.device}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"deform_conv2d: the Triton backend takes float32, bfloat16 or float16, got {x.dtype}")
+    for name, t in (("mask", mask), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"deform_conv2d: {name} is {t.dtype} but x is {x.dtype}")
+    if not offset.is_floating_point():
+        raise ValueError(f"deform_conv2d: offset must be floating point, got {offset.dtype}")
+
+
+def _forward(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
+    ho, wo = _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+    _launch_checks(x, offset, mask, weight, bias)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    G = deform_groups
+    x_cl = x.contiguous(memory_format=torch.channels_last)             # (n, h, w, c_in) in memory
+    w_kcc = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
+    out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
+    th, tw, tiles_h, tiles_w = _tiles(ho, wo)
+    gpb, cpb = _chunking(G, c_in // G, 32, whole_groups=False)
+    block_co = min(64, max(16, _next_pow2(c_out)))
+    prec, interp_bf16 = _dot_settings(x)
+    grid = (tiles_h * tiles_w, n, triton.cdiv(c_out, block_co))
+    _dcn_fwd_kernel[grid](
+        x_cl, offset.contiguous(), mask.contiguous(), w_kcc, bias if bias is not None else w_kcc, out,
+        h, w, ho, wo, c_in, c_out, G, c_in // G, tiles_w,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb,
+        BLOCK_CO=block_co, PREC=prec, INTERP_BF16=interp_bf16, num_warps=8)
+    return out
+
+
+def _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups):
+    """grad_x, grad_offset, grad_mask, grad_weight (grad_bias is grad_out summed, done by autograd)."""
+    ho, wo = _check(x, offset, mask, weight, None, stride, padding, dilation, deform_groups)
+    _launch_checks(x, offset, mask, weight, None)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    G, K = deform_groups, kh * kw
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w_kcc = weight.permute(2, 3, 1, 0).reshape(K, c_in, c_out).contiguous()
+    grad_out = grad_out.to(x.dtype).contiguous()                      # e.g. the stride-0 grad of a sum()
+    th, tw, tiles_h, tiles_w = _tiles(ho, wo)
+    gpb, cpb = _chunking(G, c_in // G, 32, whole_groups=True)
+    n_chunk = triton.cdiv(G, gpb)
+    tiles = tiles_h * tiles_w
+    if x.is_cuda:  # enough programs for ~4 waves; each extra split costs one partial grad_weight
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(n * tiles, triton.cdiv(4 * sms, K * n_chunk)))
+    else:          # interpreter: few programs, but keep the split path exercised
+        splits = min(2, n * tiles)
+    gx = torch.zeros((n, h, w, c_in), device=x.device, dtype=torch.float32)
+    g_off = torch.empty(offset.shape, device=x.device, dtype=offset.dtype)
+    g_msk = torch.empty(mask.shape, device=x.device, dtype=mask.dtype)
+    gw = torch.empty((splits, K, c_in, c_out), device=x.device, dtype=torch.float32)
+    prec, interp_bf16 = _dot_settings(x)
+    _dcn_bwd_kernel[(K * n_chunk, splits)](
+        x_cl, offset.contiguous(), mask.contiguous(), w_kcc, grad_out, gx, g_off, g_msk, gw,
+        n, h, w, ho, wo, c_in, c_out, G, c_in // G, tiles_w, tiles, n_chunk, splits,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb,
+        BLOCK_CO=max(16, _next_pow2(c_out)), PREC=prec, INTERP_BF16=interp_bf16, num_warps=8)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype).copy_(gx.permute(0, 3, 1, 2))  # one cast+transpose pass
+    grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype).copy_(gw.sum(0).permute(2, 1, 0).view(c_out, c_in, kh, kw))
+    return grad_x, g_off, g_msk, grad_w
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library custom ops, so torch.compile traces through the kernels without graph breaks.
+
+@torch.library.custom_op("vsr::deform_conv2d", mutates_args=())
+def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                      dilation: List[int], deform_groups: int) -> torch.Tensor:
+    return _forward(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+
+
+@_deform_conv2d_op.register_fake
+def _(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
+    ho, wo = _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.custom_op("vsr::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
+                               weight: torch.Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                               deform_groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups)
+
+
+@_deform_conv2d_backward_op.register_fake
+def _(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(offset, memory_format=torch.contiguous_format),
+            torch.empty_like(mask, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    x, offset, mask, weight, bias, stride, padding, dilation, deform_groups = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.conv = (stride, padding, dilation, deform_groups)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _autograd_backward(ctx, grad_out):
+    x, offset, mask, weight = ctx.saved_tensors
+    grad_x, grad_offset, grad_mask, grad_w = torch.ops.vsr.deform_conv2d_backward(grad_out, x, offset, mask, weight, *ctx.conv)
+    grad_bias = None
+    if ctx.bias_dtype is not None:
+        grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, grad_offset, grad_mask, grad_w, grad_bias, None, None, None, None
+
+
+_deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
 # Public function.
 
 def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, deform_groups=1, backend=None):
-    """Modulated deformable convolution; see the module docstring for layouts."""
+    """Modulated deformable convolution; see the module docstring for layouts.
+
+    backend: None (Triton for CUDA tensors, the reference otherwise), "triton" or "torch".
+    Under torch.autocast, x, mask, weight and bias run in the autocast dtype and the offsets in
+    fp32. Otherwise mask, weight and bias follow x's dtype.
+    """
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"deform_conv2d: backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" or (backend is None and x.is_cuda):
-        raise NotImplementedError("deform_conv2d: Triton kernel not landed yet")
-    return deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+    stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+    use_triton = backend == "triton" or (backend is None and x.is_cuda)
+    if use_triton and not x.is_cuda and not _INTERPRET:
+        raise RuntimeError("deform_conv2d: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                           "before triton is imported to run on the CPU")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        offset = offset.to(torch.float32)  # positions stay fp32
+    else:
+        dtype = x.dtype
+    x, mask, weight = x.to(dtype), mask.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if use_triton:
+            return torch.ops.vsr.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+        return deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)

@@ -1,0 +1,304 @@
+"""kernels/deform_conv.py: the reference against known values, then the Triton kernel against
+the reference on the output and on every gradient (x, offset, mask, weight, bias).
+
+On a machine without a GPU, conftest.py sets TRITON_INTERPRET=1 and the kernel runs on CPU
+tensors in Triton's interpreter, so shapes stay tiny.
+
+Relative error: rel(a, b) = max|a - b| / max|b| over the whole tensor, where b is the oracle:
+the reference run in float64 on the same (already rounded) inputs.
+- fp32: rel <= 1e-5.
+- bf16/fp16: rel(triton) <= 2 * rel(reference run in that dtype) + a floor of eps(dtype) / 8.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+import kernels.deform_conv as dc
+from kernels import deform_conv2d, deform_conv2d_reference
+
+CUDA = torch.cuda.is_available()
+NAMES = ("out", "x", "offset", "mask", "weight", "bias")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def make_inputs(n, c_in, c_out, h, w, groups, kernel=(3, 3), stride=1, padding=1, dilation=1,
+                offset_scale=2.0, seed=0):
+    """Random DCN inputs (fp32, CPU) and the conv keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = kernel
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    ho, wo = out_size(h, kh, s[0], p[0], d[0]), out_size(w, kw, s[1], p[1], d[1])
+    K = kh * kw
+    inputs = {
+        "x": torch.randn(n, c_in, h, w, generator=gen),
+        "offset": torch.randn(n, groups * 2 * K, ho, wo, generator=gen) * offset_scale,
+        "mask": torch.rand(n, groups * K, ho, wo, generator=gen),
+        "weight": torch.randn(c_out, c_in, kh, kw, generator=gen) / math.sqrt(c_in * K),
+        "bias": torch.randn(c_out, generator=gen),
+    }
+    conv = {"stride": stride, "padding": padding, "dilation": dilation, "deform_groups": groups}
+    return inputs, conv
+
+
+def run(inputs, conv, backend, grad_out_seed=1):
+    """Output and the gradients of (output * fixed random weights).sum() for every input."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}  # detach keeps strides
+    out = deform_conv2d(**leaves, **conv, backend=backend)
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    grad_out = torch.randn(out.shape, generator=gen).to(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    return [out, *grads]
+
+
+def oracle(inputs, conv):
+    return run({k: v.detach().double() for k, v in inputs.items()}, conv, "torch")
+
+
+def check_triton(inputs, conv, dtype=torch.float32):
+    """Triton vs the float64 reference in `dtype` (offsets stay fp32); inputs must stay untouched."""
+    low = {k: (v if k == "offset" else v.to(dtype)) for k, v in inputs.items()}
+    before = {k: v.clone() for k, v in low.items()}
+    truth = oracle(low, conv)
+    got = run(low, conv, "triton")
+    for k in low:
+        torch.testing.assert_close(low[k], before[k], rtol=0, atol=0, equal_nan=True, msg=f"{k} was mutated")
+    for name, a, b in zip(NAMES, got, truth):
+        assert a.dtype == (torch.float32 if name == "offset" else dtype), name
+        assert torch.isfinite(a).all(), name
+    if dtype == torch.float32:
+        for name, a, b in zip(NAMES, got, truth):
+            assert rel_err(a, b) <= 1e-5, f"{name}: rel {rel_err(a, b):.2e}"
+    else:
+        ref = run(low, conv, "torch")
+        floor = torch.finfo(dtype).eps / 8
+        for name, a, r, b in zip(NAMES, got, ref, truth):
+            e, e_ref = rel_err(a, b), rel_err(r, b)
+            assert e <= 2 * e_ref + floor, f"{name}: triton rel {e:.2e}, reference rel {e_ref:.2e}"
+
+
+# ----------------------------------------------------------------------------------------
+# The reference against known values.
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, (1, 0), (2, 1))])
+def test_reference_zero_offsets_unit_mask_is_conv2d(stride, padding, dilation):
+    inputs, conv = make_inputs(2, 4, 3, 7, 9, 2, stride=stride, padding=padding, dilation=dilation)
+    x, w, b = inputs["x"].double(), inputs["weight"].double(), inputs["bias"].double()
+    offset = torch.zeros_like(inputs["offset"], dtype=torch.float64)
+    mask = torch.ones_like(inputs["mask"], dtype=torch.float64)
+    out = deform_conv2d_reference(x, offset, mask, w, b, **conv)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, stride, padding, dilation), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_integer_offsets_are_shifted_conv():
+    # Group g moves every tap by the integer (dy, dx) = shifts[g]; a per-(group, tap) constant
+    # mask scales the matching weights. Checks the (dy, dx) channel order and the g*K + k layout.
+    n, c_in, c_out, h, w, G, K = 1, 4, 3, 6, 7, 2, 9
+    inputs, conv = make_inputs(n, c_in, c_out, h, w, G)
+    x, weight, bias = inputs["x"].double(), inputs["weight"].double(), inputs["bias"].double()
+    shifts = [(1, -2), (0, 3)]
+    scale = torch.rand(G, K, dtype=torch.float64) + 0.5
+    offset = torch.zeros(n, G, K, 2, h, w, dtype=torch.float64)
+    for g, (dy, dx) in enumerate(shifts):
+        offset[:, g, :, 0], offset[:, g, :, 1] = dy, dx
+    mask = scale.view(1, G * K, 1, 1).expand(n, G * K, h, w)
+    out = deform_conv2d_reference(x, offset.view(n, -1, h, w), mask, weight, bias, **conv)
+
+    # Per group: a plain conv over x padded wide enough, read at the window moved by (dy, dx).
+    cg, P = c_in // G, 4
+    expected = bias.view(1, c_out, 1, 1).expand(n, c_out, h, w).clone()
+    for g, (dy, dx) in enumerate(shifts):
+        w_g = weight[:, g * cg:(g + 1) * cg] * scale[g].view(1, 1, 3, 3)
+        full = F.conv2d(F.pad(x[:, g * cg:(g + 1) * cg], (P, P, P, P)), w_g)
+        expected += full[..., P - 1 + dy:P - 1 + dy + h, P - 1 + dx:P - 1 + dx + w]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_boundary_positions_known_values(backend):
+    # 1x1 kernel, one channel, unit weight: out = m * bilinear(x, p + offset), h=3, w=4.
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    x = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    m = 0.7
+    offset = torch.zeros(1, 2, 3, 4, dtype=dtype)
+    offset[0, 0, 0, 1] = -1.0   # y = -1: outside (mmcv), value and grads 0
+    offset[0, 0, 0, 2] = -0.5   # y = -0.5: inside, half of row 0
+    offset[0, 1, 1, 0] = -1.0   # x = -1: outside
+    offset[0, 0, 2, 3] = 1.0    # y = 3 = h: outside
+    mask = torch.full((1, 1, 3, 4), m, dtype=dtype)
+    weight = torch.ones(1, 1, 1, 1, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
+    out = deform_conv2d(*leaves, backend=backend)
+    g_x, g_off, g_mask, _ = torch.autograd.grad(out.sum(), leaves)
+    v = x[0, 0].double()
+    o, go, gm = out[0, 0].detach().double(), g_off[0].double(), g_mask[0, 0].double()
+    close = lambda a, b: abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    for (i, j) in ((0, 1), (1, 0), (2, 3)):
+        assert o[i, j] == 0 and go[0, i, j] == 0 and go[1, i, j] == 0 and gm[i, j] == 0, (i, j)
+    assert close(o[0, 2], m * 0.5 * v[0, 2])
+    assert close(gm[0, 2], 0.5 * v[0, 2])
+    assert close(go[0, 0, 2], m * v[0, 2])                            # row -1 reads 0
+    assert close(go[1, 0, 2], m * 0.5 * (v[0, 3] - v[0, 2]))
+    # y = h - 1 exactly is inside; the row below reads 0.
+    assert close(o[2, 0], m * v[2, 0]) and close(gm[2, 0], v[2, 0])
+    assert close(go[0, 2, 0], -m * v[2, 0]) and close(go[1, 2, 0], m * (v[2, 1] - v[2, 0]))
+    # Every other sample sits on its own pixel with weight 1; (0, 2) gives half of m to row 0.
+    expected_gx = torch.full((3, 4), m, dtype=torch.float64)
+    expected_gx[0, 1] = expected_gx[1, 0] = expected_gx[2, 3] = 0.0
+    expected_gx[0, 2] = 0.5 * m
+    torch.testing.assert_close(g_x[0, 0].double(), expected_gx, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 2, 2)])
+def test_reference_gradcheck_float64(stride, padding, dilation):
+    inputs, conv = make_inputs(1, 4, 2, 4, 5, 2, stride=stride, padding=padding, dilation=dilation, seed=5)
+    # Fractional parts in [0.1, 0.9]: every position stays away from the floor() kinks and from -1.
+    off = inputs["offset"]
+    gen = torch.Generator().manual_seed(6)
+    inputs["offset"] = torch.randint(-2, 3, off.shape, generator=gen) + 0.1 + 0.8 * torch.rand(off.shape, generator=gen)
+    leaves = [inputs[k].double().requires_grad_() for k in ("x", "offset", "mask", "weight", "bias")]
+    assert torch.autograd.gradcheck(lambda *a: deform_conv2d_reference(*a, **conv), leaves)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton against the reference.
+
+SHAPES = {  # n, c_in, c_out, h, w, groups, kernel, stride, padding, dilation
+    "batch2_g1_prime": (2, 8, 16, 13, 7, 1, (3, 3), 1, 1, 1),
+    "g2_tiny_channels_stride2_dil2": (1, 6, 3, 11, 13, 2, (3, 3), 2, 2, 2),
+    "g16": (1, 32, 16, 7, 5, 16, (3, 3), 1, 1, 1),
+    "1x1_map": (2, 2, 2, 1, 1, 1, (3, 3), 1, 1, 1),
+    "wide_group_multi_tile_2x3": (1, 48, 20, 19, 17, 1, (2, 3), 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_triton_fp32_shapes(name):
+    n, c_in, c_out, h, w, G, kernel, s, p, d = SHAPES[name]
+    check_triton(*make_inputs(n, c_in, c_out, h, w, G, kernel, s, p, d))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["g16", "g2_tiny_channels_stride2_dil2"])
+def test_triton_low_precision(name, dtype):
+    n, c_in, c_out, h, w, G, kernel, s, p, d = SHAPES[name]
+    check_triton(*make_inputs(n, c_in, c_out, h, w, G, kernel, s, p, d), dtype=dtype)
+
+
+def test_triton_integer_positions_including_minus_one():
+    inputs, conv = make_inputs(1, 4, 16, 6, 5, 2)
+    gen = torch.Generator().manual_seed(7)
+    # Taps sit at p - 1 .. p + 1, so integers in [-3, 3] land exactly on -1, 0, h - 1 and h.
+    inputs["offset"] = torch.randint(-3, 4, inputs["offset"].shape, generator=gen).float()
+    check_triton(inputs, conv)
+
+
+def test_triton_far_and_nonfinite_offsets():
+    inputs, conv = make_inputs(1, 4, 16, 6, 5, 2)
+    gen = torch.Generator().manual_seed(8)
+    off = inputs["offset"].flatten()
+    wild = torch.tensor([1e4, -1e4, 3e9, 1e30, -1e30, float("inf"), float("-inf"), float("nan")])
+    pick = torch.randperm(off.numel(), generator=gen)[: off.numel() // 3]
+    off[pick] = wild[torch.randint(0, len(wild), (len(pick),), generator=gen)]
+    check_triton(inputs, conv)
+
+
+def test_triton_noncontiguous_inputs():
+    inputs, conv = make_inputs(2, 4, 16, 5, 6, 2)
+    lqs = torch.stack([torch.zeros_like(inputs["x"]), inputs["x"], torch.ones_like(inputs["x"])], 1)
+    inputs["x"] = lqs[:, 1]                                           # a frame slice, (n, c, h, w)
+    inputs["offset"] = inputs["offset"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    inputs["mask"] = inputs["mask"].transpose(2, 3).contiguous().transpose(2, 3)
+    inputs["weight"] = inputs["weight"].permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    assert not any(inputs[k].is_contiguous() for k in ("x", "offset", "mask", "weight"))
+    check_triton(inputs, conv)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_all_but_offsets(backend):
+    inputs, conv = make_inputs(1, 4, 16, 5, 4, 2)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d(**leaves, **conv, backend=backend)
+    explicit = {k: (v if k == "offset" else v.to(torch.bfloat16)) for k, v in inputs.items()}
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, deform_conv2d(**explicit, **conv, backend=backend), rtol=0, atol=0)
+    grads = torch.autograd.grad(out.float().sum(), list(leaves.values()))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------------------
+# The public function and the custom op.
+
+def test_backend_none_on_cpu_is_the_reference():
+    inputs, conv = make_inputs(1, 4, 3, 5, 4, 2)
+    torch.testing.assert_close(deform_conv2d(**inputs, **conv), deform_conv2d_reference(**inputs, **conv), rtol=0, atol=0)
+
+
+def test_clear_errors(monkeypatch):
+    inputs, conv = make_inputs(1, 4, 3, 5, 4, 2)
+    with pytest.raises(ValueError, match="backend"):
+        deform_conv2d(**inputs, **conv, backend="cuda")
+    with pytest.raises(ValueError, match="offset must be"):
+        deform_conv2d(inputs["x"], inputs["offset"][:, :-2], inputs["mask"], inputs["weight"], **conv)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        deform_conv2d(**{k: v.double() for k, v in inputs.items()}, **conv, backend="triton")
+    monkeypatch.setattr(dc, "_INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        deform_conv2d(**inputs, **conv, backend="triton")
+
+
+class TinyAlign(nn.Module):
+    """conv -> (offset, mask) -> DCN, the shape of BasicVSR++'s deformable alignment."""
+
+    def __init__(self, backend, channels=4, groups=2):
+        super().__init__()
+        self.backend, self.groups = backend, groups
+        self.conv_offset = nn.Conv2d(channels, groups * 27, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(16, channels, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
+        offset = 3 * torch.tanh(torch.cat((o1, o2), 1))
+        return deform_conv2d(x, offset, torch.sigmoid(mask), self.weight, self.bias, padding=1,
+                             deform_groups=self.groups, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_matches_eager(backend):
+    torch.manual_seed(0)
+    model = TinyAlign(backend)
+    x = torch.randn(1, 4, 6, 7)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+
+    def out_and_grads(fn):
+        xx = x.clone().requires_grad_()
+        out = fn(xx)
+        grads = torch.autograd.grad(out.square().sum(), [xx, *model.parameters()])
+        return [out, *grads]
+
+    for a, b in zip(out_and_grads(compiled), out_and_grads(model)):
+        assert rel_err(a, b) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA: the same comparison at a BasicVSR++-like shape (skipped without a GPU).
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups,c_in", [(16, 128), (1, 24)])
+def test_cuda_matches_reference(dtype, groups, c_in):
+    inputs, conv = make_inputs(2, c_in, 64, 23, 37, groups, offset_scale=4.0)
+    check_triton({k: v.cuda() for k, v in inputs.items()}, conv, dtype)
