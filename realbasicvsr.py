@@ -12,6 +12,74 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from basicvsr import BasicVSR, ResidualBlocksWithInputConv, check_video
+
+# ----------------------------------------------------------------------------------------------
+# Generator: clean each LQ frame (up to three passes), then BasicVSR on the cleaned clip.
+
+
+class RealBasicVSR(nn.Module):
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, 4h, 4w), or (outputs, cleaned_lqs) with return_lqs.
+
+    image_cleaning predicts a residue that is added to the frames. The cleaning is repeated while
+    mean |residue| over the whole batch is >= dynamic_refine_thres / 255, at most 3 passes; the
+    default 255 (threshold 1.0) means one pass, as in training and the official inference.
+    is_sequential_cleaning cleans frame by frame to save memory; the result is the same and, unlike
+    the reference, the caller's tensor is never modified.
+
+    SPyNet is frozen (its flow weights are the pretrained ones, never trained here) and so is
+    image_cleaning when is_fix_cleaning. requires_grad_() on this module keeps them frozen; an
+    optimizer should take only the parameters with requires_grad.
+    """
+
+    def __init__(self, mid_channels=64, num_propagation_blocks=20, num_cleaning_blocks=20,
+                 dynamic_refine_thres=255, is_fix_cleaning=False, is_sequential_cleaning=False):
+        super().__init__()
+        self.is_fix_cleaning = is_fix_cleaning
+        self.is_sequential_cleaning = is_sequential_cleaning
+        self.dynamic_refine_thres = dynamic_refine_thres / 255.
+
+        # no activation before the last conv: the output is a signed residue
+        self.image_cleaning = nn.Sequential(
+            ResidualBlocksWithInputConv(3, mid_channels, num_cleaning_blocks),
+            nn.Conv2d(mid_channels, 3, 3, 1, 1, bias=True),
+        )
+        self.basicvsr = BasicVSR(mid_channels, num_propagation_blocks)
+        self.requires_grad_(True)  # applies the freezing rules below
+
+    def requires_grad_(self, requires_grad=True):
+        super().requires_grad_(requires_grad)
+        self.basicvsr.spynet.requires_grad_(False)
+        if self.is_fix_cleaning:
+            self.image_cleaning.requires_grad_(False)
+        return self
+
+    def clean(self, lqs):
+        """One cleaning pass: (cleaned lqs, mean |residue|), both over the whole batch."""
+        n, t, c, h, w = lqs.shape
+        if self.is_sequential_cleaning:
+            cleaned, residue_sum = [], 0
+            for i in range(t):
+                residue = self.image_cleaning(lqs[:, i])           # (n, 3, h, w)
+                cleaned.append(lqs[:, i] + residue)
+                residue_sum = residue_sum + residue.abs().sum()
+            return torch.stack(cleaned, dim=1), residue_sum / lqs.numel()
+        residues = self.image_cleaning(lqs.reshape(n * t, c, h, w)).view(n, t, c, h, w)
+        return lqs + residues, residues.abs().mean()
+
+    def forward(self, lqs, return_lqs=False):
+        check_video(lqs, "RealBasicVSR")
+        for _ in range(3):
+            lqs, residue_mean = self.clean(lqs)
+            if residue_mean < self.dynamic_refine_thres:
+                break
+        # the bilinear skip inside BasicVSR adds the cleaned frames
+        outputs = self.basicvsr(lqs)
+        if return_lqs:
+            return outputs, lqs
+        return outputs
+
+
 
 # ----------------------------------------------------------------------------------------------
 # U-Net discriminator with spectral normalisation (Real-ESRGAN's critic, reused by RealBasicVSR)

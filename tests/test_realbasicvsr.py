@@ -159,3 +159,124 @@ def test_perceptual_loss_errors(tmp_path):
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, bad)
     with pytest.raises(ValueError, match="bad.pth"):
         rbv.PerceptualLoss(vgg_weights=str(bad))
+
+
+# ============================================================================ generator
+
+import basicvsr  # noqa: E402
+
+
+def tiny_generator(mid_channels=8, seed=0, **kwargs):
+    """RealBasicVSR(mid, 1, 1) whose cleaning roughly halves the frames each pass, so mean |residue|
+    shrinks from pass to pass (about 0.26, 0.12, 0.06 on uniform noise) and the threshold picks
+    1, 2 or 3 passes; the random weights on top keep every part of the module in play."""
+    torch.manual_seed(seed)
+    model = rbv.RealBasicVSR(mid_channels, 1, 1, **kwargs)
+    with torch.no_grad():
+        for c in range(3):
+            model.image_cleaning[0].main[0].weight[c, c, 1, 1] += 1
+            model.image_cleaning[1].weight[c, c, 1, 1] -= 0.5
+    return model
+
+
+def reference_outputs(model, lqs, thres, sequential):
+    sd = model.state_dict()
+    net = basicvsr.BasicVSR(model.basicvsr.mid_channels, len(model.basicvsr.forward_resblocks.main[2]))
+    net.load_state_dict({k[len("basicvsr."):]: v for k, v in sd.items() if k.startswith("basicvsr.")})
+    with torch.no_grad():
+        return ref.real_basicvsr_ref(lqs, sd, net, thres, sequential)
+
+
+def test_generator_keys_and_params():
+    model = rbv.RealBasicVSR()
+    assert list(model.state_dict()) == list(read_keys("keys_realbasicvsr_net.tsv"))
+    assert shapes(model) == read_keys("keys_realbasicvsr_net.tsv")
+    assert sum(p.numel() for p in model.parameters()) == 6294834
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4854534
+    assert model.dynamic_refine_thres == 1.0
+
+
+@pytest.mark.parametrize("passes, thres, sequential", [
+    (1, 255, True), (2, 0.18 * 255, False), (2, 0.18 * 255, True), (3, 0.08 * 255, False), (3, 0.0, True)])
+def test_generator_matches_reference(passes, thres, sequential):
+    """Batched or sequential cleaning vs the reference loop: outputs, cleaned LQs, number of passes."""
+    torch.manual_seed(1)
+    lqs = torch.rand(2, 2, 3, 16, 16)  # n=2: the stopping test is one mean over the whole batch
+    lqs_copy = lqs.clone()
+    model = tiny_generator(dynamic_refine_thres=thres, is_sequential_cleaning=sequential)
+    calls = []
+    model.image_cleaning.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        out, cleaned = model(lqs, return_lqs=True)
+    ref_out, ref_cleaned, ref_passes = reference_outputs(model, lqs, thres, sequential)
+    assert ref_passes == passes
+    assert len(calls) == passes * (lqs.size(1) if sequential else 1)
+    assert out.shape == (2, 2, 3, 64, 64) and cleaned.shape == lqs.shape
+    assert (cleaned - ref_cleaned).abs().max() < 1e-4
+    assert (out - ref_out).abs().max() < 1e-4
+    assert torch.equal(lqs, lqs_copy), "the caller's tensor was modified"
+    assert (cleaned - lqs).abs().mean() > 0.1  # the cleaning did something
+
+
+def test_generator_default_shapes():
+    """spec §11.4 with the default (64, 20, 20) network, in one forward call; 3 frames, not 5, to
+    save CPU time (the frame count does not change the shapes)."""
+    torch.manual_seed(0)
+    model = rbv.RealBasicVSR(is_fix_cleaning=True, is_sequential_cleaning=True)
+    assert not any(p.requires_grad for p in model.image_cleaning.parameters())
+    with torch.no_grad():
+        out, cleaned = model(torch.rand(1, 3, 3, 64, 64), return_lqs=True)
+    assert out.shape == (1, 3, 3, 256, 256) and cleaned.shape == (1, 3, 3, 64, 64)
+    assert torch.isfinite(out).all()
+
+
+def test_generator_bad_input():
+    model = tiny_generator()
+    with pytest.raises(ValueError, match="RealBasicVSR"):
+        model(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="RealBasicVSR"):
+        model(torch.rand(1, 2, 1, 32, 32))
+
+
+def test_gradients_flow_but_not_into_spynet():
+    model = tiny_generator()
+    model.requires_grad_(True)  # must not unfreeze SPyNet
+    assert not any(p.requires_grad for p in model.basicvsr.spynet.parameters())
+    lqs = torch.rand(1, 2, 3, 16, 16)
+    gt = torch.rand(1, 2, 3, 64, 64)
+    out, cleaned = model(lqs, return_lqs=True)
+    (rbv.l1_loss(out, gt) + rbv.cleaning_loss(cleaned, gt)).backward()
+    for name in ("image_cleaning", "basicvsr.backward_resblocks", "basicvsr.forward_resblocks",
+                 "basicvsr.fusion", "basicvsr.conv_last"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
+        assert grads and all(g is not None for g in grads), name
+        assert sum(g.abs().sum() for g in grads) > 0, name
+    assert all(p.grad is None for p in model.basicvsr.spynet.parameters())
+
+    fixed = tiny_generator(is_fix_cleaning=True).requires_grad_(True)
+    assert not any(p.requires_grad for p in fixed.image_cleaning.parameters())
+    fixed(lqs).abs().mean().backward()
+    assert all(p.grad is None for p in fixed.image_cleaning.parameters())
+    assert fixed.basicvsr.conv_last.weight.grad is not None
+
+
+def test_training_losses_finite():
+    """spec §11.6: tiny net (mid 4, 1 block, thres 5) and D (mid 4); all four G losses and both D losses."""
+    torch.manual_seed(0)
+    net = rbv.RealBasicVSR(4, 1, 1, dynamic_refine_thres=5)
+    disc = rbv.UNetDiscriminatorSN(3, 4)
+    perceptual = rbv.PerceptualLoss(vgg_weights="random")
+    lq, gt, gt_usm = torch.rand(1, 2, 3, 16, 16), torch.rand(1, 2, 3, 64, 64), torch.rand(1, 2, 3, 64, 64)
+    out, cleaned = net(lq, return_lqs=True)
+    losses = {
+        "loss_pix": rbv.l1_loss(out, gt_usm),
+        "loss_clean": rbv.cleaning_loss(cleaned, gt_usm),
+        "loss_perceptual": perceptual(out, gt_usm),
+        "loss_gan": rbv.gan_loss(disc(out.flatten(0, 1)), True, weight=0.05),
+        "loss_d_real": rbv.gan_loss(disc(gt.flatten(0, 1)), True),
+        "loss_d_fake": rbv.gan_loss(disc(out.detach().flatten(0, 1)), False),
+    }
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    sum(losses.values()).backward()
+    assert net.image_cleaning[1].weight.grad is not None and disc.conv_0.weight.grad is not None
