@@ -27,9 +27,9 @@ class RealBasicVSR(nn.Module):
     is_sequential_cleaning cleans frame by frame to save memory; the result is the same and, unlike
     the reference, the caller's tensor is never modified.
 
-    SPyNet is frozen (its flow weights are the pretrained ones, never trained here) and so is
-    image_cleaning when is_fix_cleaning. requires_grad_() on this module keeps them frozen; an
-    optimizer should take only the parameters with requires_grad.
+    SPyNet is frozen for the whole of training (requires_grad False), and so is image_cleaning when
+    is_fix_cleaning. requires_grad_() called on this module keeps them frozen (a parent module's
+    requires_grad_ would bypass that). An optimizer must take only the parameters with requires_grad.
     """
 
     def __init__(self, mid_channels=64, num_propagation_blocks=20, num_cleaning_blocks=20,
@@ -78,7 +78,6 @@ class RealBasicVSR(nn.Module):
         if return_lqs:
             return outputs, lqs
         return outputs
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,11 +214,14 @@ def load_vgg19_features(vgg, path):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VGG19 weights not found: {path} (torchvision's vgg19-dcbb9e9d.pth)")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read VGG19 weights {path}: {e}") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a torchvision VGG19 state dict, got {type(state).__name__}")
     features = {k: v for k, v in state.items() if k.startswith("features.")}

@@ -159,6 +159,10 @@ def test_perceptual_loss_errors(tmp_path):
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, bad)
     with pytest.raises(ValueError, match="bad.pth"):
         rbv.PerceptualLoss(vgg_weights=str(bad))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        rbv.PerceptualLoss(vgg_weights=str(garbage))
 
 
 # ============================================================================ generator
@@ -280,3 +284,36 @@ def test_training_losses_finite():
         assert value.dim() == 0 and torch.isfinite(value), name
     sum(losses.values()).backward()
     assert net.image_cleaning[1].weight.grad is not None and disc.conv_0.weight.grad is not None
+
+
+def test_load_published_layout(tmp_path):
+    """An mmagic-style RealBasicVSR checkpoint: the generator loads from generator_ema by default,
+    the discriminator (spectral-norm u, v buffers included) from prefix "discriminator"."""
+    gen, gen_ema = tiny_generator(seed=1), tiny_generator(seed=2)
+    torch.manual_seed(3)
+    disc = rbv.UNetDiscriminatorSN(3, 8)
+    for _ in range(2):  # move u, v away from their init
+        disc(torch.rand(1, 3, 16, 16))
+    state = {}
+    for name, module in (("generator", gen), ("generator_ema", gen_ema), ("discriminator", disc)):
+        state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    path = tmp_path / "realbasicvsr_c64b20_mmagic.pth"
+    torch.save({"meta": {"iter": 150000}, "state_dict": state}, path)
+
+    loaded = basicvsr.load_weights(tiny_generator(seed=4), path)
+    for k, v in gen_ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    disc2 = basicvsr.load_weights(rbv.UNetDiscriminatorSN(3, 8), path, prefix="discriminator")
+    for k, v in disc.state_dict().items():
+        assert torch.equal(disc2.state_dict()[k], v), k
+    disc.eval(), disc2.eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(disc(x), disc2(x))
+
+    # our own safetensors round trip
+    basicvsr.save_weights(disc2, tmp_path / "disc.safetensors")
+    disc3 = basicvsr.load_weights(rbv.UNetDiscriminatorSN(3, 8), tmp_path / "disc.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(disc(x), disc3(x))
