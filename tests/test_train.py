@@ -1,0 +1,316 @@
+"""train.py: metrics against closed forms, the training loop on tiny models (loss goes down,
+checkpoints, exact resume, the GAN stage, the NaN guard), torchrun DDP on CPU with the SPyNet
+freeze, and evaluation mode."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import basicvsr
+import data
+import realbasicvsr
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# BasicVSR++ needs LR frames of at least 64x64, so its GT crop is 256; RealBasicVSR (BasicVSR
+# inside) takes any size, so its tests use 64-pixel GT crops (2 frames, mirrored to 4).
+TINY_PP = ["--model", "basicvsrpp", "--mid-channels", "8", "--num-blocks", "1", "--num-frames", "2",
+           "--crop-size", "256", "--device", "cpu", "--log-interval", "1", "--val-set", "none"]
+TINY_RBV = ["--model", "realbasicvsr_wogan", "--mid-channels", "8", "--num-blocks", "1",
+            "--num-cleaning-blocks", "1", "--num-frames", "2", "--crop-size", "64", "--synthetic-clips", "4",
+            "--device", "cpu", "--log-interval", "1", "--val-set", "none"]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(log):
+    return {r["iter"]: r["loss"] for r in log if "loss" in r}
+
+
+def weights(path):
+    return basicvsr.read_state_dict(path)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_psnr_known_values():
+    a = torch.full((3, 16, 16), 100.0)
+    assert train.psnr(a, a.clone()) == math.inf
+    for d in (1.0, 7.0):
+        b = a + d
+        assert train.psnr(a, b) == pytest.approx(20 * math.log10(255 / d), abs=1e-9)
+        # the same offset on R, G, B moves Y by d * (65.481 + 128.553 + 24.966) / 255 = d * 219 / 255
+        assert train.psnr(a, b, y_channel=True) == pytest.approx(20 * math.log10(255 / (d * 219 / 255)), abs=1e-9)
+    # crop_border drops the border before the mean: an error only on the border disappears
+    c = a.clone()
+    c[:, 0, :] += 50
+    assert train.psnr(a, c, crop_border=1) == math.inf
+    assert train.psnr(a, c) == pytest.approx(10 * math.log10(255 ** 2 / (2500 / 16)), abs=1e-9)
+
+
+def test_rgb2y_bt601_studio_range():
+    # pixels: black, white, pure red, pure blue
+    img = torch.tensor([[0.0, 255.0, 255.0, 0.0], [0.0, 255.0, 0.0, 0.0], [0.0, 255.0, 0.0, 255.0]], dtype=torch.float64).view(3, 1, 4)
+    y = train.rgb2y(img).flatten().tolist()
+    assert y == pytest.approx([16.0, 235.0, 16 + 65.481, 16 + 24.966], abs=1e-9)
+
+
+def _ssim_by_hand(x, y):
+    """One channel, every valid 11x11 window, with explicit Gaussian weights and the SSIM formula."""
+    g = np.exp(-(np.arange(11) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+            cov = (w * (a - ma) * (b - mb)).sum()
+            vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_known_values():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(0, 256, (3, 13, 12)).astype(np.float64))
+    assert train.ssim(a, a.clone()) == pytest.approx(1.0, abs=1e-12)
+    # constant images: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    c1 = (0.01 * 255) ** 2
+    p, q = torch.full((3, 11, 11), 60.0), torch.full((3, 11, 11), 90.0)
+    assert train.ssim(p, q) == pytest.approx((2 * 60 * 90 + c1) / (60 ** 2 + 90 ** 2 + c1), abs=1e-12)
+    # random images: per channel by hand over the 3x2 valid windows, then the channel mean
+    b = (a + torch.from_numpy(rng.normal(0, 80, (3, 13, 12)))).clamp(0, 255).round()
+    want = np.mean([_ssim_by_hand(a[c].numpy(), b[c].numpy()) for c in range(3)])
+    assert train.ssim(a, b) == pytest.approx(want, abs=1e-10)
+    assert 0.1 < want < 0.9  # a real, non-trivial value
+
+
+def test_vimeo_t_centre_frame_and_bicubic():
+    """Vimeo-90K-T: 7 frames mirrored to 14, the prediction is 0.5 * (out[3] + out[10])."""
+    lqs = torch.rand(1, 7, 3, 4, 4)
+
+    def model(x):  # output frame k = (k + 1) everywhere; checks which frames are averaged
+        assert x.shape[1] == 14 and basicvsr.is_mirror_extended(x)
+        return torch.arange(1.0, 15.0).view(1, 14, 1, 1, 1).expand(1, 14, 3, 16, 16)
+
+    from contextlib import nullcontext
+    for clip in (lqs, torch.cat([lqs, lqs.flip(1)], 1)):  # mirrored here, or by the dataset
+        out = train.infer(model, clip, gt_frames=1, amp_ctx=nullcontext())
+        assert out.shape == (1, 1, 3, 16, 16) and torch.all(out == 0.5 * (4 + 11))
+        bic = train.bicubic(clip, gt_frames=1)
+        want = torch.nn.functional.interpolate(lqs[:, 3], scale_factor=4, mode="bicubic", align_corners=False)
+        assert torch.allclose(bic[:, 0], want)
+
+
+def test_lr_schedule_and_ema():
+    cfg = dict(lr_schedule="cosine", lr_period=100, eta_min=1e-7)
+    assert train.lr_at(0, 1e-4, cfg) == pytest.approx(1e-4)
+    assert train.lr_at(50, 1e-4, cfg) == pytest.approx(1e-7 + 0.5 * (1e-4 - 1e-7))
+    assert train.lr_at(100, 2.5e-5, cfg) == pytest.approx(1e-7)
+    assert train.lr_at(150, 2.5e-5, cfg) == pytest.approx(1e-7)
+    assert train.lr_at(7, 3e-5, dict(cfg, lr_schedule="constant")) == 3e-5
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)  # a frozen parameter is copied, not averaged
+    model[1].running_mean.fill_(3.0)
+    before = ema[0].weight.detach().clone()
+    train.ema_update(ema, model, 0.999)
+    assert torch.allclose(ema[0].weight, 0.999 * before + 0.001 * model[0].weight)
+    assert torch.equal(ema[0].bias, model[0].bias)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on tiny models
+
+
+def test_loss_decreases_checkpoints_and_validation(tmp_path, capsys):
+    out = tmp_path / "run"
+    # one synthetic clip: every iteration sees the same batch
+    train.main(TINY_PP + ["--synthetic-clips", "1", "--max-iters", "4", "--lr", "1e-3", "--save-interval", "2",
+                          "--keep-last", "1", "--val-set", "synthetic", "--val-clips", "1", "--val-interval", "4",
+                          "--out-dir", str(out)])
+    text = capsys.readouterr().out
+    assert "built-in synthetic clips" in text and "warning: no --spynet-weights" in text
+    log = read_log(out)
+    loss = losses(log)
+    assert sorted(loss) == [1, 2, 3, 4] and loss[4] < loss[1]
+    # keep-last 1: only the final checkpoint is left, and it loads into the model
+    names = sorted(os.listdir(out))
+    assert "iter_0000004.safetensors" in names and "iter_0000004.state.pt" in names
+    assert not any(n.startswith("iter_0000002") for n in names)
+    basicvsr.load_weights(basicvsr.BasicVSRPlusPlus(8, 1), out / "iter_0000004.safetensors")
+    state = torch.load(out / "iter_0000004.state.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["total_batch_size"] == 1
+    assert state["config"]["mid_channels"] == 8 and state["config"]["lr"] == 1e-3
+    # validation: PSNR / SSIM / bicubic PSNR logged, and the bicubic | output | GT image saved
+    val = [r for r in log if "val_psnr" in r]
+    assert len(val) == 1 and val[0]["iter"] == 4
+    assert all(math.isfinite(val[0][k]) for k in ("val_psnr", "val_ssim", "val_bicubic_psnr"))
+    import cv2
+    img = cv2.imread(str(out / "val_0000004.png"))
+    assert img.shape == (256, 3 * 256, 3)
+
+
+def test_resume_is_exact(tmp_path):
+    """6 iterations in one go == 3 iterations + resume for 3 (losses and final weights, EMA included),
+    with a different number of DataLoader workers after the resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(TINY_RBV + ["--max-iters", "6", "--save-interval", "3", "--keep-last", "2", "--out-dir", str(a)])
+    train.main(TINY_RBV + ["--max-iters", "6", "--resume", str(a / "iter_0000003.state.pt"), "--out-dir", str(b),
+                           "--num-workers", "1"])
+    la, lb = losses(read_log(a)), losses(read_log(b))
+    assert sorted(lb) == [4, 5, 6]
+    assert [la[i] for i in (4, 5, 6)] == [lb[i] for i in (4, 5, 6)]
+    assert len(set(la.values())) == 6  # the batches really differ from step to step
+    assert_same_weights(weights(a / "iter_0000006.safetensors"), weights(b / "iter_0000006.safetensors"))
+    assert_same_weights(weights(a / "iter_0000006_ema.safetensors"), weights(b / "iter_0000006_ema.safetensors"))
+    # the EMA is not the generator
+    ema, gen = weights(a / "iter_0000006_ema.safetensors"), weights(a / "iter_0000006.safetensors")
+    assert not torch.equal(ema["basicvsr.conv_last.weight"], gen["basicvsr.conv_last.weight"])
+    # SPyNet stays frozen in RealBasicVSR; generator and EMA carry the same SPyNet
+    assert torch.equal(ema["basicvsr.spynet.basic_module.0.basic_module.0.conv.weight"],
+                       gen["basicvsr.spynet.basic_module.0.basic_module.0.conv.weight"])
+
+
+def test_gan_stage_all_losses_and_init_prefers_ema(tmp_path, capsys):
+    # a stage-1 checkpoint whose EMA differs from its generator
+    torch.manual_seed(1)
+    stage1 = tmp_path / "stage1"
+    os.makedirs(stage1)
+    basicvsr.save_weights(realbasicvsr.RealBasicVSR(8, 1, 1), stage1 / "iter_0000010.safetensors")
+    basicvsr.save_weights(realbasicvsr.RealBasicVSR(8, 1, 1), stage1 / "iter_0000010_ema.safetensors")
+    torch.save({"step": 10}, stage1 / "iter_0000010.state.pt")
+    args = [a if a != "realbasicvsr_wogan" else "realbasicvsr" for a in TINY_RBV]
+    args += ["--d-mid-channels", "8", "--max-iters", "2", "--batch-size", "1", "--out-dir", str(tmp_path / "gan")]
+    with pytest.raises(ValueError, match="--vgg-weights"):  # the GAN stage refuses to run without VGG19
+        train.main(args)
+    # G at lr 0: the weights stay those it was initialised with, so they show which file --init took
+    train.main(args + ["--vgg-weights", "random", "--init", str(stage1), "--lr", "0"])
+    assert "iter_0000010_ema.safetensors" in capsys.readouterr().out
+    log = [r for r in read_log(tmp_path / "gan") if "loss" in r]
+    assert len(log) == 2
+    for r in log:
+        for k in ("pix", "clean", "perceptual", "gan", "d_real", "d_fake"):
+            assert math.isfinite(r[k]) and r[k] > 0, k
+        assert r["loss"] == pytest.approx(r["pix"] + r["clean"] + r["perceptual"] + r["gan"], rel=1e-6)
+    final = weights(tmp_path / "gan" / "iter_0000002.safetensors")
+    assert_same_weights(final, weights(stage1 / "iter_0000010_ema.safetensors"))
+    state = torch.load(tmp_path / "gan" / "iter_0000002.state.pt", weights_only=True)
+    # both networks stepped twice (Adam's per-parameter step counter)
+    assert all(float(s["step"]) == 2 for s in state["trainer"]["opt_d"]["state"].values())
+    assert all(float(s["step"]) == 2 for s in state["trainer"]["opt_g"]["state"].values())
+    assert "conv_1.weight_orig" in state["trainer"]["discriminator"]
+
+
+def test_nan_guard_skips_then_stops(tmp_path):
+    out = tmp_path / "nan"
+    args = TINY_RBV + ["--batch-size", "1", "--max-iters", "10", "--save-interval", "2", "--keep-last", "5",
+                       "--max-nonfinite", "3", "--inject-nan-at", "3", "6", "7", "8", "--out-dir", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    msg = str(stop.value.code)
+    assert "3 non-finite losses in a row" in msg and "iter_0000004.safetensors" in msg
+    log = read_log(out)
+    assert sorted(losses(log)) == [1, 2, 4, 5]  # 3 was skipped; 6, 7, 8 stopped the run
+    assert max(r.get("nonfinite", 0) for r in log) == 4
+    # no checkpoint written inside the bad run; the last good one is complete and finite
+    names = os.listdir(out)
+    assert "iter_0000004.state.pt" in names and not any(n.startswith(("iter_0000006", "iter_0000008")) for n in names)
+    w = weights(out / "iter_0000004.safetensors")
+    assert all(torch.isfinite(v).all() for v in w.values())
+    # the NaN step was not applied: 4 iterations, 3 Adam steps
+    state = torch.load(out / "iter_0000004.state.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["trainer"]["opt_g"]["state"].values()} == {3.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun DDP on CPU (gloo)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_spynet_freeze(tmp_path):
+    """Two ranks, SPyNet frozen for 2 iterations then trained: no crash at the switch, SPyNet
+    untouched during the freeze and changed after, both ranks end with identical weights."""
+    torch.manual_seed(3)
+    spynet_file = tmp_path / "spynet.safetensors"
+    basicvsr.save_weights(basicvsr.SPyNet(), spynet_file)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.join(ROOT, "train.py")] + TINY_PP + [
+        "--synthetic-clips", "2", "--max-iters", "4", "--spynet-fix-iters", "2", "--save-interval", "2",
+        "--keep-last", "2", "--spynet-weights", str(spynet_file), "--debug-rank-weights", "--out-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "spynet: trained from iteration 3" in run.stdout
+    assert run.stdout.count("train: iterations") == 1  # rank 0 alone prints
+    state = torch.load(out / "iter_0000004.state.pt", weights_only=True)
+    assert state["config"]["world_size"] == 2 and state["config"]["total_batch_size"] == 2
+    pre = weights(spynet_file)
+    w2, w4 = weights(out / "iter_0000002.safetensors"), weights(out / "iter_0000004.safetensors")
+    spy = [k for k in w2 if k.startswith("spynet.") and not k.endswith(("mean", "std"))]
+    assert spy and all(torch.equal(w2[k], pre[k[len("spynet."):]]) for k in spy)
+    assert any(not torch.equal(w4[k], w2[k]) for k in spy)
+    assert not torch.equal(w2["conv_last.weight"], w4["conv_last.weight"])
+    r0, r1 = weights(out / "rank0_final.safetensors"), weights(out / "rank1_final.safetensors")
+    assert_same_weights(r0, r1)
+    assert_same_weights(r0, w4)
+    # the two ranks trained on different clips: rank-averaged losses are logged
+    assert all(math.isfinite(v) for v in losses(read_log(out)).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation mode
+
+
+def test_eval_on_vid4_layout(tmp_path, capsys):
+    gt_frames = [data.synthetic_clip(5, 2, 256)[0][i] for i in range(2)]
+    for d in ("GT", "BIx4"):
+        os.makedirs(tmp_path / d / "clipA")
+    for i, frame in enumerate(gt_frames):
+        data.write_image(str(tmp_path / "GT" / "clipA" / f"{i:04d}.png"), frame)
+        data.write_image(str(tmp_path / "BIx4" / "clipA" / f"{i:04d}.png"), data.bicubic_downsample(frame))
+    torch.manual_seed(0)
+    model = basicvsr.BasicVSRPlusPlus(8, 1).eval()
+    basicvsr.save_weights(model, tmp_path / "w.safetensors")
+    rows, (p, s, b) = train.main(["--model", "basicvsrpp", "--eval", "--weights", str(tmp_path / "w.safetensors"),
+                                  "--data-root", str(tmp_path), "--eval-set", "vid4", "--mid-channels", "8",
+                                  "--num-blocks", "1", "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "clipA" in text and "mean (1 clips)" in text and "Y channel" in text
+    # the same numbers computed here: Y channel (vid4), crop 0, 8-bit rounding, frame mean
+    lq = torch.stack([torch.from_numpy(data.bicubic_downsample(f)).permute(2, 0, 1) for f in gt_frames]).float() / 255
+    with torch.no_grad():
+        out = model(lq[None])[0].clamp(0, 1).mul(255).round().double()
+    gt = torch.stack([torch.from_numpy(f).permute(2, 0, 1) for f in gt_frames]).double()
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(3, 1, 1) / 255
+    mse = [(((o - g) * w).sum(0) ** 2).mean().item() for o, g in zip(out, gt)]
+    want = np.mean([10 * math.log10(255 ** 2 / m) for m in mse])
+    assert rows[0][0] == "clipA" and p == pytest.approx(want, abs=1e-6)
+    assert 0 < s < 1 and b > 10

@@ -1,0 +1,977 @@
+"""Train and evaluate BasicVSR++ and RealBasicVSR with the published recipes (spec §5, §7).
+
+    python train.py --model basicvsrpp                      # built-in synthetic clips; a CPU is enough
+    torchrun --nproc_per_node=8 train.py --model basicvsrpp --data-root data/REDS \
+        --spynet-weights spynet_20210409-c6c1bd09.pth
+    python train.py --model realbasicvsr_wogan --data-root data/REDS --val-root data/UDM10 \
+        --spynet-weights spynet_20210409-c6c1bd09.pth        # stage 1
+    python train.py --model realbasicvsr --init runs/realbasicvsr_wogan \
+        --vgg-weights vgg19-dcbb9e9d.pth --data-root data/REDS --val-root data/UDM10   # stage 2
+    python train.py --model basicvsrpp --eval --weights FILE --data-root data/REDS   # REDS4 PSNR/SSIM
+
+The file reads top to bottom: recipes, flags, distributed setup, the data stream, metrics,
+validation, checkpoints, one training iteration, the training loop, evaluation.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import basicvsr
+import data
+import realbasicvsr
+
+# ---------------------------------------------------------------------------------------------
+# Recipes. Every field can be overridden by the flag of the same name (underscores -> dashes).
+
+BASICVSRPP_REDS4 = dict(
+    arch="basicvsrpp", mid_channels=64, num_blocks=7, num_cleaning_blocks=0,
+    train_set="reds", val_set="reds4", degradation="BI", lq_dir=None, gt_dir=None,
+    metric_channel="rgb", crop_border=0,
+    num_frames=30, crop_size=256, batch_size=1,
+    pixel_loss="charbonnier", pixel_target="gt", cleaning_weight=0.0, perceptual_weight=0.0,
+    gan_weight=0.0, d_mid_channels=64,
+    lr=1e-4, lr_d=0.0, betas=(0.9, 0.99), lr_schedule="cosine", eta_min=1e-7, lr_period=None,
+    max_iters=600_000, spynet_lr_mult=0.25, spynet_fix_iters=5000, ema_decay=0.0, grad_clip=0.0,
+    needs_spynet_weights=True,
+    val_interval=5000, save_interval=5000, val_clips=None,
+)
+REALBASICVSR_WOGAN = dict(
+    BASICVSRPP_REDS4, arch="realbasicvsr", mid_channels=64, num_blocks=20, num_cleaning_blocks=20,
+    train_set="reds_sub", val_set="udm10", lq_dir="BIx4", gt_dir="GT",
+    num_frames=15, crop_size=256, batch_size=2,  # 15 frames, mirrored to 30 by the dataset
+    pixel_loss="l1", pixel_target="gt_usm", cleaning_weight=1.0,
+    lr=1e-4, lr_schedule="constant", max_iters=300_000,
+    spynet_lr_mult=1.0, spynet_fix_iters=-1, ema_decay=0.999,  # SPyNet frozen throughout
+)
+RECIPES = {
+    # REDS4 BI x4 (§7.1): Charbonnier, cosine 1e-4 -> 1e-7 over 600k, SPyNet x0.25 and frozen 5k.
+    "basicvsrpp": BASICVSRPP_REDS4,
+    # Vimeo-90K (§7.2): 7 frames mirrored to 14, batch 2/GPU, 300k, SPyNet trained from the start,
+    # validation on Vid4 (Y channel).
+    "basicvsrpp_vimeo_bi": dict(
+        BASICVSRPP_REDS4, train_set="vimeo90k", degradation="BI", val_set="vid4", lq_dir="BIx4",
+        gt_dir="GT", metric_channel="y", num_frames=7, batch_size=2, max_iters=300_000,
+        spynet_fix_iters=0),
+    "basicvsrpp_vimeo_bd": dict(
+        BASICVSRPP_REDS4, train_set="vimeo90k", degradation="BD", val_set="vid4", lq_dir="BDx4",
+        gt_dir="GT", metric_channel="y", num_frames=7, batch_size=2, max_iters=300_000,
+        spynet_fix_iters=0),
+    # RealBasicVSR stage 1 (§5.5): L1 on the sharpened GT + cleaning loss, EMA 0.999.
+    "realbasicvsr_wogan": REALBASICVSR_WOGAN,
+    # Stage 2: + perceptual (1.0) + GAN (0.05); G 5e-5, D 1e-4; starts from stage 1 (--init).
+    "realbasicvsr": dict(
+        REALBASICVSR_WOGAN, perceptual_weight=1.0, gan_weight=0.05, lr=5e-5, lr_d=1e-4,
+        max_iters=150_000, batch_size=1, needs_spynet_weights=False),
+}
+
+# Without --data-root: the built-in synthetic clips. Full-size recipes make no sense on them, so
+# these small-but-real settings apply (flags still win); on a CPU the network is shrunk too, so
+# that the validation PSNR passes bicubic within minutes.
+SYNTHETIC = dict(num_frames=5, crop_size=256, val_clips=2, val_interval=500, save_interval=500,
+                 max_iters=5000, synthetic_clips=200)
+SYNTHETIC_CPU = dict(num_frames=3, mid_channels=16, num_blocks=2, num_cleaning_blocks=2, d_mid_channels=16,
+                     val_interval=100, save_interval=100, max_iters=2000, lr=2e-4)
+
+# The published files the recipes start from; nothing is downloaded.
+SPYNET_FILE = "spynet_20210409-c6c1bd09.pth"
+VGG_FILE = "vgg19-dcbb9e9d.pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags. Recipe fields default to None so that "given on the command line" is visible.
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train or evaluate BasicVSR++ / RealBasicVSR.")
+    p.add_argument("--model", required=True, choices=sorted(RECIPES), help="recipe")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", help="training data root; none: the built-in synthetic clips")
+    g.add_argument("--val-root", help="validation data root (default: --data-root for reds4)")
+    g.add_argument("--val-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "none"])
+    g.add_argument("--lq-dir", help="LQ folder name of a Vid4/UDM10-style set, e.g. BIx4, BDx4")
+    g.add_argument("--gt-dir", help="GT folder name of a Vid4/UDM10-style set")
+    g.add_argument("--degradation", choices=["BI", "BD"], help="Vimeo-90K LQ degradation")
+    g.add_argument("--num-frames", type=int, help="frames per training clip")
+    g.add_argument("--crop-size", type=int, help="GT crop size (LQ crop = crop / 4)")
+    g.add_argument("--batch-size", type=int, help="clips per GPU (total = this x world size)")
+    g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
+    g.add_argument("--val-clips", type=int, help="validate on the first N clips only")
+    g.add_argument("--synthetic-clips", type=int, help="number of synthetic training clips")
+    g = p.add_argument_group("model")
+    g.add_argument("--mid-channels", type=int)
+    g.add_argument("--num-blocks", type=int, help="residual blocks (RealBasicVSR: propagation blocks)")
+    g.add_argument("--num-cleaning-blocks", type=int, help="RealBasicVSR cleaning blocks")
+    g.add_argument("--d-mid-channels", type=int, help="discriminator width (GAN stage)")
+    g.add_argument("--spynet-weights", help=f"pretrained SPyNet ({SPYNET_FILE})")
+    g.add_argument("--vgg-weights", help=f"torchvision VGG19 ({VGG_FILE}) for the perceptual loss; "
+                                         "'random' = untrained VGG, for tests only")
+    g.add_argument("--init", help="initial weights only (file or run folder; EMA weights preferred)")
+    g = p.add_argument_group("losses and optimisation")
+    g.add_argument("--pixel-loss", choices=["charbonnier", "l1"])
+    g.add_argument("--cleaning-weight", type=float)
+    g.add_argument("--perceptual-weight", type=float)
+    g.add_argument("--gan-weight", type=float)
+    g.add_argument("--lr", type=float, help="generator learning rate")
+    g.add_argument("--lr-d", type=float, help="discriminator learning rate")
+    g.add_argument("--betas", type=float, nargs=2)
+    g.add_argument("--lr-schedule", choices=["cosine", "constant"])
+    g.add_argument("--eta-min", type=float, help="cosine schedule floor")
+    g.add_argument("--lr-period", type=int, help="cosine period in iterations (default: --max-iters)")
+    g.add_argument("--max-iters", type=int)
+    g.add_argument("--spynet-lr-mult", type=float)
+    g.add_argument("--spynet-fix-iters", type=int, help="SPyNet frozen for this many iterations (-1: always)")
+    g.add_argument("--ema-decay", type=float, help="0: no EMA")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm; 0: off")
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", help="run folder (default runs/<model>)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", help="cpu, cuda (default: cuda if available)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
+    g.add_argument("--resume", help="run folder or checkpoint file to continue exactly")
+    g.add_argument("--val-interval", type=int)
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--log-interval", type=int)
+    g.add_argument("--keep-last", type=int, help="checkpoints kept")
+    g.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row")
+    g.add_argument("--inject-nan-at", type=int, nargs="*", default=[],
+                   help="testing: make the loss non-finite at these iterations (1-based)")
+    g.add_argument("--debug-rank-weights", action="store_true",
+                   help="testing: every rank writes its final weights to OUT/rank<r>_final.safetensors")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="evaluate --weights on --eval-set and exit")
+    g.add_argument("--weights", help="weights to evaluate (.safetensors or a published .pth)")
+    g.add_argument("--eval-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders"])
+    g.add_argument("--metric-channel", choices=["rgb", "y"])
+    g.add_argument("--crop-border", type=int)
+    return p
+
+
+RUN_DEFAULTS = dict(seed=0, amp="none", num_workers=0, log_interval=10, keep_last=3,
+                    max_nonfinite=10, synthetic_clips=200)
+FLAG_ONLY = ("model", "data_root", "val_root", "out_dir", "device", "resume", "init", "spynet_weights",
+             "vgg_weights", "inject_nan_at", "debug_rank_weights", "eval", "weights", "eval_set")
+
+
+def resolve_config(args, device, world_size, saved=None):
+    """Recipe -> synthetic defaults -> flags; a resumed run starts from its saved config instead."""
+    if saved is not None:
+        cfg = dict(saved)
+    else:
+        cfg = dict(RUN_DEFAULTS, **RECIPES[args.model], model=args.model, data_root=args.data_root)
+        if args.data_root is None:
+            cfg.update(SYNTHETIC)
+            if device.type == "cpu":
+                cfg.update(SYNTHETIC_CPU)
+            cfg.update(val_set="synthetic", metric_channel="rgb", crop_border=0)
+    for k, v in vars(args).items():
+        if k in FLAG_ONLY or v is None:
+            continue
+        cfg[k] = tuple(v) if isinstance(v, list) else v
+    if args.val_root is not None or saved is None:
+        cfg["val_root"] = args.val_root if args.val_root is not None else (
+            cfg["data_root"] if cfg["val_set"] in ("reds4", "redsval") else None)
+    if cfg.get("lr_period") is None:
+        cfg["lr_period"] = cfg["max_iters"]
+    cfg["world_size"] = world_size
+    cfg["total_batch_size"] = cfg["batch_size"] * world_size
+    for k in ("num_frames", "crop_size", "batch_size", "max_iters", "val_interval", "save_interval",
+              "log_interval", "keep_last", "max_nonfinite"):
+        if cfg[k] < 1:
+            raise ValueError(f"train.py: --{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if cfg["crop_size"] % 4:
+        raise ValueError(f"train.py: --crop-size must be a multiple of 4, got {cfg['crop_size']}")
+    if cfg["gan_weight"] > 0 and cfg["lr_d"] <= 0:
+        raise ValueError("train.py: a GAN loss needs --lr-d > 0")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; rank 0 alone logs and writes.
+
+
+def setup_distributed(device_flag):
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    name = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.py: --device cuda but no GPU is visible")
+        if ddp or device.index is None:
+            device = torch.device("cuda", local_rank if ddp else 0)
+        torch.cuda.set_device(device)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, world_size, device
+
+
+def print0(*a, rank=0, **k):
+    if rank == 0:
+        print(*a, **k, flush=True)
+
+
+def all_reduce_max(flag, ddp):
+    """A local bool -> the same bool on every rank (True if any rank said True)."""
+    if not ddp:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_mean(values, ddp):
+    if not ddp or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The data stream. A DistributedSampler (set_epoch per epoch) gives each rank its share of each
+# epoch's permutation; the stream runs on across epochs and can start at any position, so a
+# resumed run sees exactly the batches the uninterrupted run would have. The datasets draw
+# their augmentations from (seed, rank, epoch, index), so worker count and resume do not matter.
+
+
+class EndlessStream(torch.utils.data.Sampler):
+    """Yields (epoch, clip index) for one rank, from sample number `start` of this rank's stream."""
+
+    def __init__(self, dataset, rank, world_size, seed, start=0):
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = start
+
+    def __iter__(self):
+        per_epoch = len(self.sampler)
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            for index in list(self.sampler)[offset:]:
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """dataset[(epoch, index)]: sets the dataset's epoch (in whichever worker holds this copy)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def build_train_set(cfg, rank):
+    seed, root = cfg["seed"], cfg["data_root"]
+    if cfg["arch"] == "realbasicvsr":
+        # GT clips (REDS sub-images, or synthetic ones) through the degradation pipeline (§6)
+        return data.RealDegradationDataset(root, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"],
+                                           num_synthetic_clips=cfg["synthetic_clips"], seed=seed, rank=rank)
+    if root is None:
+        return data.SyntheticClips(cfg["synthetic_clips"], cfg["num_frames"], cfg["crop_size"], seed=seed)
+    if cfg["train_set"] == "reds":
+        return data.REDS(root, "train", cfg["num_frames"], cfg["crop_size"], seed=seed, rank=rank)
+    if cfg["train_set"] == "vimeo90k":
+        if cfg["num_frames"] != 7:
+            raise ValueError(f"train.py: Vimeo-90K septuplets have 7 frames (mirrored to 14), got --num-frames {cfg['num_frames']}")
+        return data.Vimeo90K(root, "train", degradation=cfg["degradation"], gt_size=cfg["crop_size"],
+                             seed=seed, rank=rank)
+    raise ValueError(f"train.py: unknown train_set {cfg['train_set']!r}")
+
+
+def build_eval_set(name, root, cfg):
+    """Whole clips for validation / evaluation."""
+    if name == "synthetic":  # held-out clips: another seed than the training clips
+        if cfg["arch"] == "realbasicvsr":
+            return data.RealDegradationDataset(None, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"],
+                                               seed=cfg["seed"] + 1, rank=0)
+        return data.SyntheticClips(cfg["val_clips"] or 2, cfg["num_frames"], cfg["crop_size"],
+                                   seed=cfg["seed"] + 1)
+    if root is None:
+        raise ValueError(f"train.py: the {name} set needs a root folder (--val-root, or --data-root for --eval)")
+    if name in ("reds4", "redsval"):
+        return data.REDS(root, name)
+    if name in ("vid4", "udm10", "folders"):
+        if not cfg.get("lq_dir") or not cfg.get("gt_dir"):
+            raise ValueError(f"train.py: the {name} set needs --lq-dir and --gt-dir (e.g. BIx4 and GT)")
+        return data.PairedFolders(root, cfg["lq_dir"], cfg["gt_dir"])
+    if name == "vimeo90k_t":
+        return data.Vimeo90K(root, "test", degradation=cfg["degradation"])
+    raise ValueError(f"train.py: unknown evaluation set {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, with the reference protocol (spec §7.1): images are [0, 255] RGB, PSNR and SSIM per
+# frame, averaged over a clip, then over clips. SSIM is the MATLAB-style one: 11x11 Gaussian
+# window, sigma 1.5, "valid" filtering, per channel then averaged. Y is BT.601 studio range.
+
+
+def rgb2y(img):
+    """(..., 3, h, w) RGB in [0, 255] -> (..., 1, h, w) Y in [16, 235]."""
+    r, g, b = img.unbind(-3)
+    return (16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0).unsqueeze(-3)
+
+
+def _prepare(img1, img2, crop_border, y_channel):
+    if img1.shape != img2.shape or img1.dim() != 3:
+        raise ValueError(f"metrics expect two (c, h, w) images of the same shape, got "
+                         f"{tuple(img1.shape)} and {tuple(img2.shape)}")
+    img1, img2 = img1.double(), img2.double()
+    if y_channel:
+        img1, img2 = rgb2y(img1), rgb2y(img2)
+    if crop_border:
+        img1 = img1[:, crop_border:-crop_border, crop_border:-crop_border]
+        img2 = img2[:, crop_border:-crop_border, crop_border:-crop_border]
+    return img1, img2
+
+
+def psnr(img1, img2, crop_border=0, y_channel=False):
+    """PSNR in dB of two (3, h, w) images in [0, 255]; inf when they are identical."""
+    img1, img2 = _prepare(img1, img2, crop_border, y_channel)
+    mse = torch.mean((img1 - img2) ** 2).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def _gaussian_window(device):
+    x = torch.arange(11, dtype=torch.float64, device=device) - 5
+    k = torch.exp(-x ** 2 / (2 * 1.5 ** 2))
+    return k / k.sum()  # what cv2.getGaussianKernel(11, 1.5) returns
+
+
+def ssim(img1, img2, crop_border=0, y_channel=False):
+    """MATLAB-style SSIM of two (3, h, w) images in [0, 255] (frames of at least 11x11)."""
+    img1, img2 = _prepare(img1, img2, crop_border, y_channel)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    k = _gaussian_window(img1.device)
+    wy, wx = k.view(1, 1, 11, 1), k.view(1, 1, 1, 11)
+
+    def blur(x):  # separable 11x11 Gaussian, valid region only: = filter2D(...)[5:-5, 5:-5]
+        return F.conv2d(F.conv2d(x, wy), wx)
+
+    x, y = img1.unsqueeze(1), img2.unsqueeze(1)  # channels as a batch: (c, 1, h, w)
+    mu1, mu2 = blur(x), blur(y)
+    sigma1_sq = blur(x * x) - mu1 ** 2
+    sigma2_sq = blur(y * y) - mu2 ** 2
+    sigma12 = blur(x * y) - mu1 * mu2
+    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (sigma1_sq + sigma2_sq + c2))
+    return ssim_map.mean(dim=(1, 2, 3)).mean().item()
+
+
+def to_255(frames):
+    """[0, 1] float frames -> [0, 255], clamped and rounded as when saved as 8-bit images."""
+    return (frames.float().clamp(0, 1) * 255.0).round()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation / evaluation: whole clips, one at a time, spread over the ranks.
+
+
+def infer(model, lqs, gt_frames, amp_ctx):
+    """Model output for a clip (1, t, 3, h, w). A single GT frame means Vimeo-90K-T (§7.2): the 7
+    LQ frames mirrored to 14 (by the dataset, or here), and the centre prediction is the mean of
+    out[3] and out[10], the two outputs of frame 4."""
+    centre = gt_frames == 1 and lqs.shape[1] > 1
+    if centre and not basicvsr.is_mirror_extended(lqs):
+        lqs = torch.cat([lqs, lqs.flip(1)], dim=1)
+    with amp_ctx:
+        out = model(lqs).float()
+    if centre:
+        t = out.shape[1]
+        out = (0.5 * (out[:, t // 4] + out[:, -1 - t // 4])).unsqueeze(1)
+    return out
+
+
+def bicubic(lqs, gt_frames):
+    """Bicubic x4 of the LQ, the baseline printed beside the model (Vimeo-90K-T: frame 4 only)."""
+    if gt_frames == 1 and lqs.shape[1] > 1:
+        k = lqs.shape[1] // 4 if basicvsr.is_mirror_extended(lqs) else lqs.shape[1] // 2
+        lqs = lqs[:, k:k + 1]
+    n, t, c, h, w = lqs.shape
+    up = F.interpolate(lqs.reshape(n * t, c, h, w).float(), scale_factor=4, mode="bicubic", align_corners=False)
+    return up.view(n, t, c, 4 * h, 4 * w)
+
+
+@torch.no_grad()
+def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, ddp=False,
+                   image_path=None, max_clips=None, verbose=False):
+    """Per-clip PSNR / SSIM of the model and PSNR of bicubic; clip i runs on rank i % world_size.
+    Returns (rows, means) with rows = [(key, psnr, ssim, bicubic_psnr, frames)] on every rank."""
+    was_training = model.training
+    model.eval()
+    y, border = cfg["metric_channel"] == "y", cfg["crop_border"]
+    num = len(dataset) if not max_clips else min(max_clips, len(dataset))
+    rows = []
+    for i in range(rank, num, world_size):
+        item = dataset[i]
+        lqs, gt = item["lq"][None].to(device), item["gt"]
+        out = to_255(infer(model, lqs, gt.shape[0], amp_ctx)[0]).to(device)
+        gt255 = to_255(gt).to(device)
+        bic = to_255(bicubic(lqs, gt.shape[0])[0])
+        p = [psnr(o, g, border, y) for o, g in zip(out, gt255)]
+        s = [ssim(o, g, border, y) for o, g in zip(out, gt255)]
+        b = [psnr(o, g, border, y) for o, g in zip(bic, gt255)]
+        rows.append((item["key"], sum(p) / len(p), sum(s) / len(s), sum(b) / len(b), len(p)))
+        if verbose:
+            print(f"  {item['key']:<24s} PSNR {rows[-1][1]:.4f}  SSIM {rows[-1][2]:.4f}  "
+                  f"(bicubic PSNR {rows[-1][3]:.4f}, {len(p)} frames)", flush=True)
+        if i == 0 and image_path is not None:
+            k = out.shape[0] // 2
+            save_side_by_side(image_path, bic[k], out[k], gt255[k])
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    model.train(was_training)
+    means = tuple(sum(r[j] for r in rows) / len(rows) for j in (1, 2, 3)) if rows else (float("nan"),) * 3
+    return rows, means
+
+
+def save_side_by_side(path, *frames):
+    """bicubic | output | GT of one frame, (3, H, W) [0, 255] each, as one PNG (atomic)."""
+    row = torch.cat([f.cpu() for f in frames], dim=2).permute(1, 2, 0).numpy().astype(np.uint8)
+    tmp = path + ".tmp.png"
+    if not cv2.imwrite(tmp, cv2.cvtColor(row, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"train.py: could not write {tmp}")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+def build_generator(cfg):
+    if cfg["arch"] == "basicvsrpp":
+        return basicvsr.BasicVSRPlusPlus(mid_channels=cfg["mid_channels"], num_blocks=cfg["num_blocks"])
+    if cfg["arch"] == "realbasicvsr":
+        return realbasicvsr.RealBasicVSR(mid_channels=cfg["mid_channels"], num_propagation_blocks=cfg["num_blocks"],
+                                         num_cleaning_blocks=cfg["num_cleaning_blocks"])
+    raise ValueError(f"train.py: unknown arch {cfg['arch']!r}")
+
+
+def spynet_params(model):
+    return [p for n, p in model.named_parameters() if "spynet" in n]
+
+
+def set_spynet_frozen(model, frozen):
+    for p in spynet_params(model):
+        p.requires_grad_(not frozen)
+
+
+def spynet_frozen_at(step, cfg):
+    """The phase is a function of the iteration, so a resumed run lands in the right one."""
+    fix = cfg["spynet_fix_iters"]
+    return fix < 0 or step < fix
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * param for trained parameters; frozen parameters
+    (SPyNet) and buffers are copied (spec §5.3)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            p_ema.lerp_(p, 1.0 - decay)
+        else:
+            p_ema.copy_(p)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def lr_at(step, base_lr, cfg):
+    """Cosine from base_lr to eta_min over lr_period iterations (mmagic CosineRestartLR with one
+    period), or constant. A pure function of the step: nothing to save for the schedule."""
+    if cfg["lr_schedule"] == "constant":
+        return base_lr
+    t = min(step, cfg["lr_period"]) / cfg["lr_period"]
+    return cfg["eta_min"] + 0.5 * (base_lr - cfg["eta_min"]) * (1 + math.cos(math.pi * t))
+
+
+def load_init(model, ema, path, rank):
+    """--init: weights only, preferring EMA weights (stage 1 -> stage 2 starts from the EMA)."""
+    if os.path.isdir(path):
+        path = latest_checkpoint(path, what="--init") + ".safetensors"
+    if path.endswith(".state.pt"):
+        path = path[:-len(".state.pt")] + ".safetensors"
+    ema_path = path[:-len(".safetensors")] + "_ema.safetensors" if path.endswith(".safetensors") else None
+    if ema_path and os.path.isfile(ema_path):
+        path = ema_path
+    print0(f"init: weights from {path}", rank=rank)
+    basicvsr.load_weights(model, path)
+    if ema is not None:
+        ema.load_state_dict(model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: iter_NNNNNNN.safetensors (generator), iter_NNNNNNN_ema.safetensors (EMA generator),
+# iter_NNNNNNN.state.pt (optimisers, discriminator, grad scalers, step, per-rank RNG states,
+# config). All written tmp-then-rename, the state last: a state file marks a complete checkpoint.
+
+
+def rng_state(device):
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def latest_checkpoint(folder, what="--resume"):
+    states = sorted(glob.glob(os.path.join(folder, "iter_*.state.pt")))
+    if not states:
+        raise FileNotFoundError(f"train.py: {what}: no iter_*.state.pt checkpoint in {folder}")
+    return states[-1][:-len(".state.pt")]
+
+
+def checkpoint_stem(path):
+    if os.path.isdir(path):
+        return latest_checkpoint(path)
+    for suffix in (".state.pt", "_ema.safetensors", ".safetensors"):
+        if path.endswith(suffix):
+            stem = path[:-len(suffix)]
+            if not os.path.isfile(stem + ".state.pt"):
+                raise FileNotFoundError(f"train.py: --resume: {stem}.state.pt not found")
+            return stem
+    raise ValueError(f"train.py: --resume takes a run folder or an iter_*.state.pt / .safetensors file, got {path}")
+
+
+def save_checkpoint(out_dir, step, state, g_raw, ema, keep_last):
+    stem = os.path.join(out_dir, f"iter_{step:07d}")
+    basicvsr.save_weights(g_raw, stem + ".safetensors")
+    if ema is not None:
+        basicvsr.save_weights(ema, stem + "_ema.safetensors")
+    tmp = stem + ".state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, stem + ".state.pt")
+    for old in sorted(glob.glob(os.path.join(out_dir, "iter_*.state.pt")))[:-keep_last]:
+        old_stem = old[:-len(".state.pt")]
+        for f in (old, old_stem + ".safetensors", old_stem + "_ema.safetensors"):
+            if os.path.exists(f):
+                os.remove(f)
+    return stem
+
+
+# ---------------------------------------------------------------------------------------------
+# One training iteration (spec §5.1, §7.1). Generator: pixel loss (+ cleaning, perceptual and
+# 0.05 x GAN with D frozen); then, in the GAN stage, D: BCE(D(gt), 1) + BCE(D(out.detach()), 0),
+# D applied per frame. A non-finite loss, agreed on by all ranks, skips the update.
+
+
+class Trainer:
+    def __init__(self, cfg, g_raw, ema, d_raw, percep, device, ddp, amp):
+        self.cfg, self.g_raw, self.ema, self.d_raw, self.percep = cfg, g_raw, ema, d_raw, percep
+        self.device, self.ddp = device, ddp
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        spy = set(map(id, spynet_params(g_raw)))
+        betas = tuple(cfg["betas"])
+        self.opt_g = torch.optim.Adam([
+            {"params": [p for p in g_raw.parameters() if id(p) not in spy], "lr_mult": 1.0},
+            {"params": [p for p in g_raw.parameters() if id(p) in spy], "lr_mult": cfg["spynet_lr_mult"]},
+        ], lr=cfg["lr"], betas=betas)
+        self.opt_d = torch.optim.Adam(d_raw.parameters(), lr=cfg["lr_d"], betas=betas) if d_raw else None
+        # fp16 needs loss scaling; bf16 and fp32 do not (the scalers are then no-ops)
+        self.scaler_g = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.scaler_d = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.g = self.d = None
+        self.spynet_frozen = None
+
+    def wrap(self, module):
+        if not self.ddp:
+            return module
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def set_phase(self, step):
+        """SPyNet freeze under DDP without find_unused_parameters: DDP registers only parameters
+        that require grad when it is built, so the frozen SPyNet is simply not part of the
+        reduction (and costs no backward). At the switch every rank, at the same iteration,
+        unfreezes it and rebuilds the DDP wrapper, which then reduces SPyNet's gradients too.
+        Toggling requires_grad under a live DDP wrapper is what crashes the reference."""
+        frozen = spynet_frozen_at(step, self.cfg)
+        if frozen == self.spynet_frozen:
+            return False
+        set_spynet_frozen(self.g_raw, frozen)
+        self.spynet_frozen = frozen
+        self.g = self.wrap(self.g_raw)
+        if self.d is None and self.d_raw is not None:
+            self.d = self.wrap(self.d_raw)
+        return True
+
+    def set_lr(self, step):
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr_at(step, self.cfg["lr"] * group["lr_mult"], self.cfg)
+        if self.opt_d is not None:
+            for group in self.opt_d.param_groups:
+                group["lr"] = lr_at(step, self.cfg["lr_d"], self.cfg)
+        return self.opt_g.param_groups[0]["lr"]
+
+    def _step(self, loss, opt, scaler, params):
+        """backward + (clip) + step; False if the gradients are not finite."""
+        scaler.scale(loss).backward()
+        ok = True
+        if self.cfg["grad_clip"] > 0:
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["grad_clip"])
+            ok = bool(torch.isfinite(norm)) or scaler.is_enabled()  # fp16: the scaler skips inf steps
+        if ok:
+            scaler.step(opt)
+        scaler.update()
+        return ok
+
+    def train_step(self, batch, inject_nan=False):
+        """One iteration; returns (dict of float losses, True if the update was applied)."""
+        cfg = self.cfg
+        lqs = batch["lq"].to(self.device, non_blocking=True)
+        gt = batch["gt"].to(self.device, non_blocking=True)
+        target = batch[cfg["pixel_target"]].to(self.device, non_blocking=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        losses = {}
+        with self.amp_ctx:
+            if cfg["cleaning_weight"] > 0:
+                out, lqs_clean = self.g(lqs, return_lqs=True)
+            else:
+                out = self.g(lqs)
+        pixel = realbasicvsr.charbonnier_loss if cfg["pixel_loss"] == "charbonnier" else realbasicvsr.l1_loss
+        losses["pix"] = pixel(out.float(), target)
+        if cfg["cleaning_weight"] > 0:
+            losses["clean"] = cfg["cleaning_weight"] * realbasicvsr.cleaning_loss(lqs_clean.float(), target)
+        if cfg["perceptual_weight"] > 0:
+            with self.amp_ctx:
+                losses["perceptual"] = cfg["perceptual_weight"] * self.percep(out, target).float()
+        if cfg["gan_weight"] > 0:
+            # D frozen for the generator step; the bare module, so D's DDP reducer is not involved
+            self.d_raw.requires_grad_(False)
+            with self.amp_ctx:
+                fake_logits = self.d_raw(out.flatten(0, 1))
+            losses["gan"] = realbasicvsr.gan_loss(fake_logits.float(), True, weight=cfg["gan_weight"])
+        loss_g = sum(losses.values())
+        if inject_nan:
+            loss_g = loss_g * float("nan")
+        if all_reduce_max(not torch.isfinite(loss_g).item(), self.ddp):
+            return {k: v.item() for k, v in losses.items()} | {"loss": loss_g.item()}, False
+        # the gradients are all-reduced, so every rank reaches the same verdict here
+        ok = self._step(loss_g, self.opt_g, self.scaler_g, self.g_raw.parameters())
+        if cfg["gan_weight"] > 0:
+            self.d_raw.requires_grad_(True)
+            self.opt_d.zero_grad(set_to_none=True)
+            real_target = gt.flatten(0, 1)  # the unsharpened GT is "real" (§5.1)
+            # real and fake each backward on their own, as in the reference (half the activations)
+            with self.amp_ctx:
+                real_logits = self.d(real_target)
+            losses["d_real"] = realbasicvsr.gan_loss(real_logits.float(), True)
+            self.scaler_d.scale(losses["d_real"]).backward()
+            with self.amp_ctx:
+                fake_logits = self.d(out.detach().flatten(0, 1))
+            losses["d_fake"] = realbasicvsr.gan_loss(fake_logits.float(), False)
+            self.scaler_d.scale(losses["d_fake"]).backward()
+            d_bad = not (torch.isfinite(losses["d_real"]) and torch.isfinite(losses["d_fake"])).item()
+            if all_reduce_max(d_bad, self.ddp):
+                ok = False
+            else:
+                self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
+        if self.ema is not None and ok:
+            ema_update(self.ema, self.g_raw, cfg["ema_decay"])
+        return {k: v.item() for k, v in losses.items()} | {"loss": loss_g.item()}, ok
+
+    def state_dict(self):
+        return {"opt_g": self.opt_g.state_dict(), "scaler_g": self.scaler_g.state_dict(),
+                "scaler_d": self.scaler_d.state_dict(),
+                "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+                "discriminator": self.d_raw.state_dict() if self.d_raw else None}
+
+    def load_state_dict(self, state):
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        if self.opt_d is not None:
+            self.opt_d.load_state_dict(state["opt_d"])
+            self.d_raw.load_state_dict(state["discriminator"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop.
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    d, rest = divmod(seconds, 86400)
+    return (f"{d}d " if d else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
+def train(args, ddp, rank, world_size, device):
+    saved_state, stem = None, None
+    if args.resume:
+        stem = checkpoint_stem(args.resume)
+        saved_state = torch.load(stem + ".state.pt", map_location="cpu", weights_only=True)
+    cfg = resolve_config(args, device, world_size, saved_state["config"] if saved_state else None)
+    out_dir = args.out_dir or (os.path.dirname(stem) if stem else os.path.join("runs", cfg["model"]))
+    cfg["out_dir"] = out_dir
+
+    # --- say what runs
+    if cfg["data_root"] is None:
+        print0(f"data: no --data-root, training on the built-in synthetic clips"
+               f"{' through the degradation pipeline' if cfg['arch'] == 'realbasicvsr' else ''}"
+               f" with small {'CPU ' if device.type == 'cpu' else ''}settings (flags override them)", rank=rank)
+    if cfg["needs_spynet_weights"] and not args.spynet_weights and not args.init and not args.resume:
+        print0(f"warning: no --spynet-weights: SPyNet starts from random weights; the {cfg['model']} recipe "
+               f"starts from the pretrained {SPYNET_FILE}", rank=rank)
+    if cfg["perceptual_weight"] > 0 and not args.vgg_weights:
+        raise ValueError(f"train.py: --model {cfg['model']} needs --vgg-weights (torchvision's {VGG_FILE}) "
+                         f"for the perceptual loss; '--vgg-weights random' is for tests only")
+    if cfg["gan_weight"] > 0 and not args.init and not args.resume:
+        print0("warning: no --init: the GAN stage starts from scratch; the recipe starts from the "
+               "stage-1 (realbasicvsr_wogan) weights", rank=rank)
+    print0("config (total batch = batch_size x world_size):", rank=rank)
+    for k in sorted(cfg):
+        print0(f"  {k:22s} {cfg[k]}", rank=rank)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+
+    # --- models; identical initial weights on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(cfg["seed"])
+    g_raw = build_generator(cfg)
+    if args.spynet_weights:
+        basicvsr.load_weights(g_raw.basicvsr.spynet if cfg["arch"] == "realbasicvsr" else g_raw.spynet,
+                              args.spynet_weights)
+    g_raw.to(device).train()
+    ema = copy.deepcopy(g_raw).requires_grad_(False) if cfg["ema_decay"] > 0 else None
+    if args.init:
+        load_init(g_raw, ema, args.init, rank)
+    d_raw = realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train() if cfg["gan_weight"] > 0 else None
+    percep = None
+    if cfg["perceptual_weight"] > 0:
+        percep = realbasicvsr.PerceptualLoss(args.vgg_weights).to(device)
+    trainer = Trainer(cfg, g_raw, ema, d_raw, percep, device, ddp, cfg["amp"])
+
+    start = 0
+    if saved_state is not None:
+        basicvsr.load_weights(g_raw, stem + ".safetensors")
+        if ema is not None:
+            basicvsr.load_weights(ema, stem + "_ema.safetensors")
+        trainer.load_state_dict(saved_state["trainer"])
+        start = saved_state["step"]
+        rngs = saved_state["rng"]
+        if len(rngs) != world_size:
+            print0(f"warning: resuming a {len(rngs)}-rank run on {world_size} ranks: the data stream and "
+                   f"random states differ from an uninterrupted run", rank=rank)
+            torch.manual_seed(cfg["seed"] + rank)
+        else:
+            set_rng_state(rngs[rank], device)
+        print0(f"resume: {stem} at iteration {start}", rank=rank)
+    else:
+        # each rank its own random stream (and its own data through the sampler)
+        random.seed(cfg["seed"] + rank)
+        np.random.seed(cfg["seed"] + rank)
+        torch.manual_seed(cfg["seed"] + rank)
+
+    # --- data
+    train_set = build_train_set(cfg, rank)
+    stream = EndlessStream(train_set, rank, world_size, cfg["seed"], start=start * cfg["batch_size"])
+    loader = torch.utils.data.DataLoader(
+        EpochIndexed(train_set), batch_size=cfg["batch_size"], sampler=stream,
+        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+        persistent_workers=cfg["num_workers"] > 0)
+    batches = iter(loader)
+    val_set = None
+    if cfg["val_set"] != "none":
+        if cfg["val_set"] != "synthetic" and cfg["val_root"] is None:
+            print0(f"warning: no --val-root for the {cfg['val_set']} validation set: validation is off", rank=rank)
+        else:
+            val_set = build_eval_set(cfg["val_set"], cfg["val_root"], cfg)
+
+    # --- logs
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
+    tb = None
+    if rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        except ImportError:
+            print0("tensorboard: not installed; metrics go to log.jsonl only", rank=rank)
+
+    def log(record):
+        if rank == 0:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if tb is not None:
+                for k, v in record.items():
+                    if k != "iter" and isinstance(v, (int, float)) and math.isfinite(v):
+                        tb.add_scalar(k, v, record["iter"])
+
+    def checkpoint(step, nonfinite_total):
+        rngs = [None] * world_size
+        if ddp:
+            dist.all_gather_object(rngs, rng_state(device))
+        else:
+            rngs = [rng_state(device)]
+        if rank == 0:
+            state = {"step": step, "config": cfg, "trainer": trainer.state_dict(), "rng": rngs,
+                     "data_position": step * cfg["batch_size"], "nonfinite_total": nonfinite_total}
+            return save_checkpoint(out_dir, step, state, g_raw, ema, cfg["keep_last"])
+
+    def validate(step):
+        image = os.path.join(out_dir, f"val_{step:07d}.png") if rank == 0 else None
+        rows, (p, s, b) = evaluate_clips(ema if ema is not None else g_raw, val_set, cfg, device,
+                                         trainer.amp_ctx, rank, world_size, ddp, image, cfg["val_clips"])
+        print0(f"val   {step:>7d} | PSNR {p:.4f} SSIM {s:.4f} | bicubic PSNR {b:.4f} "
+               f"({cfg['metric_channel'].upper()}, {len(rows)} clips{', EMA' if ema is not None else ''})", rank=rank)
+        log({"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b})
+        if rank == 0:
+            for old in sorted(glob.glob(os.path.join(out_dir, "val_*.png")))[:-cfg["keep_last"]]:
+                os.remove(old)
+
+    # --- loop
+    step, max_iters = start, cfg["max_iters"]
+    nonfinite_total = saved_state["nonfinite_total"] if saved_state else 0
+    nonfinite_run, last_ckpt = 0, stem
+    sums, count, t0, timed_iters = {}, 0, time.time(), 0
+    inject = set(args.inject_nan_at or [])
+    print0(f"train: iterations {start + 1}..{max_iters} on {world_size} x {device.type}", rank=rank)
+    while step < max_iters:
+        if trainer.set_phase(step) and step > 0:
+            print0(f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}", rank=rank)
+        lr = trainer.set_lr(step)
+        batch = next(batches)
+        losses, ok = trainer.train_step(batch, inject_nan=(step + 1) in inject)
+        step += 1
+        if ok:
+            nonfinite_run = 0
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+        else:
+            nonfinite_run += 1
+            nonfinite_total += 1
+            print0(f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
+                   f"({nonfinite_run} in a row, {nonfinite_total} in all)", rank=rank)
+            log({"iter": step, "nonfinite": nonfinite_total})
+            if nonfinite_run >= cfg["max_nonfinite"]:
+                msg = (f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
+                       f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: "
+                       f"{last_ckpt + '.safetensors' if last_ckpt else 'none'} (untouched)")
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(msg if rank == 0 else 1)
+        timed_iters += 1
+        if (step % cfg["log_interval"] == 0 or step == max_iters) and count:
+            names = sorted(sums)
+            means = dict(zip(names, all_reduce_mean([sums[k] / max(count, 1) for k in names], ddp)))
+            elapsed = time.time() - t0
+            it_s = timed_iters / max(elapsed, 1e-9)
+            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+            parts = " ".join(f"{k} {means[k]:.4g}" for k in names if k != "loss")
+            print0(f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
+                   f"lr {lr:.2e} | {it_s:.2f} it/s | eta {format_eta((max_iters - step) / it_s)} | "
+                   f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}", rank=rank)
+            log({"iter": step, **means, "lr": lr, "it_s": it_s, "nonfinite": nonfinite_total,
+                 **({"mem_gb": mem} if mem is not None else {})})
+            sums, count, t0, timed_iters = {}, 0, time.time(), 0
+        if step % cfg["save_interval"] == 0 or step == max_iters:
+            if nonfinite_run:  # keep the last checkpoint a good one
+                print0(f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank)
+            else:
+                last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
+        if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
+            validate(step)
+            t0, timed_iters = time.time(), 0
+    if args.debug_rank_weights:
+        basicvsr.save_weights(g_raw, os.path.join(out_dir, f"rank{rank}_final.safetensors"))
+    if log_file:
+        log_file.close()
+    if tb is not None:
+        tb.close()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of published or trained weights on a test set.
+
+
+EVAL_SETS = {  # set -> metric channel and default LQ/GT folder names (spec §7.2, §10)
+    "reds4": ("rgb", None, None), "redsval": ("rgb", None, None),
+    "vid4": ("y", "BIx4", "GT"), "udm10": ("y", "BDx4", "GT"), "vimeo90k_t": ("y", None, None),
+    "folders": ("rgb", None, None),
+}
+
+
+def evaluate(args, ddp, rank, world_size, device):
+    if not args.weights:
+        raise ValueError("train.py: --eval needs --weights FILE")
+    if not args.data_root:
+        raise ValueError("train.py: --eval needs --data-root (the test set folder)")
+    cfg = dict(RUN_DEFAULTS, **RECIPES[args.model])
+    name = args.eval_set or cfg["val_set"]
+    channel, lq_dir, gt_dir = EVAL_SETS[name]
+    cfg.update(metric_channel=channel, lq_dir=lq_dir, gt_dir=gt_dir)
+    for k in ("mid_channels", "num_blocks", "num_cleaning_blocks", "lq_dir", "gt_dir", "degradation",
+              "metric_channel", "crop_border", "amp", "val_clips"):
+        if getattr(args, k, None) is not None:
+            cfg[k] = getattr(args, k)
+    model = build_generator(cfg)
+    basicvsr.load_weights(model, args.weights)
+    model.to(device).eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+    amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    dataset = build_eval_set(name, args.data_root, cfg)
+    print0(f"eval: {args.weights} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
+           f"crop border {cfg['crop_border']}", rank=rank)
+    rows, (p, s, b) = evaluate_clips(model, dataset, cfg, device, amp_ctx, rank, world_size, ddp,
+                                     max_clips=cfg["val_clips"], verbose=world_size == 1)
+    if world_size > 1:
+        for key, cp, cs, cb, n in rows:
+            print0(f"  {key:<24s} PSNR {cp:.4f}  SSIM {cs:.4f}  (bicubic PSNR {cb:.4f}, {n} frames)", rank=rank)
+    print0(f"mean ({len(rows)} clips): PSNR {p:.4f}  SSIM {s:.4f}  (bicubic PSNR {b:.4f})", rank=rank)
+    return rows, (p, s, b)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    ddp, rank, world_size, device = setup_distributed(args.device)
+    try:
+        if args.eval:
+            return evaluate(args, ddp, rank, world_size, device)
+        return train(args, ddp, rank, world_size, device)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
