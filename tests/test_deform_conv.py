@@ -10,15 +10,19 @@ the reference run in float64 on the same (already rounded) inputs.
 - bf16/fp16: rel(triton) <= 2 * rel(reference run in that dtype) + a floor of eps(dtype) / 8.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from triton.backends import backends as TRITON_BACKENDS
 from torch.nn.modules.utils import _pair
 
 import kernels.deform_conv as dc
-from kernels import deform_conv2d, deform_conv2d_reference
+from kernels import deform_conv2d, deform_conv2d_reference, flow_warp
 
 CUDA = torch.cuda.is_available()
 NAMES = ("out", "x", "offset", "mask", "weight", "bias")
@@ -260,37 +264,97 @@ def test_clear_errors(monkeypatch):
 
 
 class TinyAlign(nn.Module):
-    """conv -> (offset, mask) -> DCN, the shape of BasicVSR++'s deformable alignment."""
+    """BasicVSR++'s flow-guided deformable alignment in miniature: warp the neighbour by a
+    predicted flow, predict offset residues and a mask, add the flow to the offsets, DCN."""
 
     def __init__(self, backend, channels=4, groups=2):
         super().__init__()
         self.backend, self.groups = backend, groups
-        self.conv_offset = nn.Conv2d(channels, groups * 27, 3, padding=1)
+        self.conv_flow = nn.Conv2d(2 * channels, 2, 3, padding=1)
+        self.conv_offset = nn.Conv2d(2 * channels + 2, groups * 27, 3, padding=1)
         self.weight = nn.Parameter(torch.randn(16, channels, 3, 3) * 0.2)
         self.bias = nn.Parameter(torch.randn(16))
 
-    def forward(self, x):
-        o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
-        offset = 3 * torch.tanh(torch.cat((o1, o2), 1))
-        return deform_conv2d(x, offset, torch.sigmoid(mask), self.weight, self.bias, padding=1,
+    def forward(self, feat, feat_n):
+        flow = 2 * self.conv_flow(torch.cat((feat, feat_n), 1))                  # (n, 2, h, w): dx, dy
+        warped = flow_warp(feat_n, flow, backend=self.backend)
+        o1, o2, mask = torch.chunk(self.conv_offset(torch.cat((warped, feat, flow), 1)), 3, dim=1)
+        offset = 3 * torch.tanh(torch.cat((o1, o2), 1)) + flow.flip(1).repeat(1, o1.shape[1], 1, 1)
+        return deform_conv2d(feat_n, offset, torch.sigmoid(mask), self.weight, self.bias, padding=1,
                              deform_groups=self.groups, backend=self.backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_matches_eager(backend):
+# Inductor around the custom ops (the GPU training path). The reference graph is traced with
+# aot_eager: the same Dynamo + AOTAutograd capture (fullgraph, fake tensors, autograd), without
+# the minute of C++ compiles that Inductor needs for it on a 2-core CPU.
+@pytest.mark.parametrize("backend,compiler", [("triton", "inductor"), ("torch", "aot_eager")])
+def test_torch_compile_with_both_ops_matches_eager(backend, compiler):
     torch.manual_seed(0)
     model = TinyAlign(backend)
-    x = torch.randn(1, 4, 6, 7)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+    feats = torch.randn(2, 1, 4, 6, 7).unbind(0)
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)  # fullgraph: a graph break fails
 
     def out_and_grads(fn):
-        xx = x.clone().requires_grad_()
-        out = fn(xx)
-        grads = torch.autograd.grad(out.square().sum(), [xx, *model.parameters()])
-        return [out, *grads]
+        leaves = [f.clone().requires_grad_() for f in feats]
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out.square().sum(), [*leaves, *model.parameters()])]
 
     for a, b in zip(out_and_grads(compiled), out_and_grads(model)):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_bench_compulsory_bytes_match_kernels_md():
+    # kernels.md §2.3: one 180x320 image moves 71.9 MB (all bf16) / 143.8 MB (all fp32) in the
+    # forward, counting x, offset, mask and out (the 74k-element weight is left out there).
+    from kernels.bench import compulsory_bytes
+    for dtype, mb in ((torch.bfloat16, 71.9), (torch.float32, 143.8)):
+        x, offset, mask, out = (torch.empty(1, c, 180, 320, device="meta", dtype=dtype) for c in (128, 288, 144, 64))
+        fwd, fwd_bwd = compulsory_bytes((x, offset, mask), out)
+        assert abs(fwd / 1e6 - mb) < 0.05
+        assert fwd_bwd == fwd + out.nbytes + 2 * (x.nbytes + offset.nbytes + mask.nbytes)
+
+
+# ----------------------------------------------------------------------------------------
+# The interpreter does not compile the kernels. Triton's own compiler does, for an H100
+# (sm_90), without a GPU: this catches what only a real compile sees (constexpr
+# specialisation, layouts, tl.dot shapes) at the launcher's BasicVSR++ configuration.
+
+AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.deform_conv as dc
+
+def compile_for_sm90(kernel, pointers, constexprs, num_warps):
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:  # launches see 16-byte aligned tensors
+            sig[name], attrs[(i,)] = "*" + pointers[name], [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+
+for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+    for backward, kernel in ((False, dc._dcn_fwd_kernel), (True, dc._dcn_bwd_kernel)):
+        th, tw, _, _, warps = dc._tiles(180, 320, backward)
+        gpb, cpb = dc._chunking(16, 8, 32, whole_groups=backward)
+        consts = dict(CG=8, KH=3, KW=3, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb, BLOCK_CO=64, PREC=prec, INTERP_BF16=False)
+        pointers = {name: dt for name in kernel.arg_names if name.endswith("_ptr")}
+        pointers.update(off_ptr="fp32", gx_ptr="fp32", goff_ptr="fp32", gw_ptr="fp32")
+        compile_for_sm90(kernel, pointers, consts if backward else dict(consts, HAS_BIAS=True), warps)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif("nvidia" not in TRITON_BACKENDS, reason="Triton built without its NVIDIA backend")
+def test_kernels_compile_for_sm90():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------
