@@ -92,9 +92,10 @@ def deform_conv2d_reference(x, offset, mask, weight, bias=None, stride=1, paddin
 # Triton kernels. Layouts inside: x channels-last (n, h, w, c_in) so that one corner of one
 # deform group is a contiguous channel vector; weight reordered once to (K, c_in, c_out);
 # offset, mask and out stay NCHW, where a tile of output pixels reads contiguous rows.
-# A channel chunk is a [GPB groups, CPB channels] block, flattened to GPB*CPB columns for
-# tl.dot; CPB is the group width padded to a power of two, so groups narrower than 16
-# channels share a chunk and padded columns are masked to zero on both sides of the dot.
+# A channel chunk is a [GPB groups, CPB channels] block, flattened to GPB*CPB >= 16 columns
+# for tl.dot. CPB is the group width padded to a power of two, so groups narrower than 16
+# channels share a chunk (the forward cuts groups wider than 32 into 32-channel slices);
+# padded columns are masked to zero on both sides of the dot.
 
 
 # INTERP_BF16 works around two bf16 gaps of Triton's CPU interpreter, so that the CPU tests see

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from triton.backends import backends as TRITON_BACKENDS
 from torch.nn.modules.utils import _pair
+from triton.backends import backends as TRITON_BACKENDS
 
 import kernels.deform_conv as dc
 from kernels import deform_conv2d, deform_conv2d_reference, flow_warp
@@ -193,7 +193,7 @@ def test_triton_fp32_shapes(name):
     check_triton(*make_inputs(n, c_in, c_out, h, w, G, kernel, s, p, d))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["g16", "g2_tiny_channels_stride2_dil2"])
 def test_triton_low_precision(name, dtype):
     n, c_in, c_out, h, w, G, kernel, s, p, d = SHAPES[name]
@@ -361,7 +361,7 @@ def test_kernels_compile_for_sm90():
 # CUDA: the same comparison at a BasicVSR++-like shape (skipped without a GPU).
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("groups,c_in", [(16, 128), (1, 24)])
 def test_cuda_matches_reference(dtype, groups, c_in):
     inputs, conv = make_inputs(2, c_in, 64, 23, 37, groups, offset_scale=4.0)
