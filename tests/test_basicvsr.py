@@ -1,0 +1,488 @@
+"""basicvsr.py against the reference-structured oracle (tests/mmagic_reference.py), the official
+keys, the reference's own unit-test expectations (spec §11, with ValueError for AssertionError),
+every checkpoint layout load_weights reads, and the convert CLI."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import basicvsr
+from basicvsr import (BasicVSR, BasicVSRPlusPlus, SPyNet, load_weights, read_state_dict, save_weights)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mmagic_reference as ref  # noqa: E402
+
+REF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "ref")
+REF_DIR = os.environ.get("BASICVSR_REF_DIR", os.path.normpath(REF_DIR))
+TOL = 1e-4  # fp32, max abs, against the oracle
+
+
+def randomize(model, seed=0):
+    """Random non-zero weights everywhere, including the zero-initialised offset heads (so the
+    deformable sampling moves away from the flow) and every bias."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("conv_offset.6.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:  # keep each layer's init scale, perturb every value
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def oracle_of(model, oracle):
+    oracle.load_state_dict(model.state_dict())
+    return oracle.eval()
+
+
+def clip(t, h, w, seed, mirrored=False, n=1):
+    g = torch.Generator().manual_seed(seed)
+    if mirrored:
+        half = torch.rand(n, t // 2, 3, h, w, generator=g)
+        return torch.cat([half, half.flip(1)], dim=1)
+    # smooth-ish moving content, so that SPyNet has something to track
+    base = torch.rand(n, 1, 3, h + 8, w + 8, generator=g)
+    frames = [base[..., i:i + h, 2 * i:2 * i + w] for i in range(t)]  # t <= 5
+    return torch.cat(frames, dim=1).contiguous()
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------
+# Fixtures: tiny networks with random weights (mid 16 / 8 channels, 1-2 blocks)
+
+
+@pytest.fixture(scope="module")
+def pp_lr():
+    torch.manual_seed(0)
+    return randomize(BasicVSRPlusPlus(mid_channels=8, num_blocks=1), seed=1)
+
+
+@pytest.fixture(scope="module")
+def pp_hr():
+    torch.manual_seed(1)
+    return randomize(BasicVSRPlusPlus(mid_channels=8, num_blocks=1, is_low_res_input=False), seed=2)
+
+
+@pytest.fixture(scope="module")
+def vsr():
+    torch.manual_seed(2)
+    return randomize(BasicVSR(mid_channels=8, num_blocks=2), seed=3)
+
+
+# ----------------------------------------------------------------------------------------
+# The oracle's own sanity (spec §11.1), so that agreeing with it means something.
+
+
+def test_oracle_flow_warp_shift():
+    x = torch.rand(1, 3, 10, 10)
+    out = ref.flow_warp(x, -torch.ones(1, 10, 10, 2))
+    expected = torch.zeros_like(x)
+    expected[:, :, 1:, 1:] = x[:, :, :-1, :-1]
+    assert (out - expected).abs().sum() < 1e-5
+    with pytest.raises(ValueError):
+        ref.flow_warp(torch.rand(1, 3, 10, 10), torch.rand(1, 4, 4, 2))
+
+
+def test_oracle_dcn_matches_kernel_reference():
+    # The oracle's grid_sample DCN and the kernel's im2col reference are two independent readings of mmcv.
+    import kernels
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 32, 9, 11, generator=g)
+    offset = torch.randn(2, 16 * 18, 9, 11, generator=g) * 3
+    mask = torch.rand(2, 16 * 9, 9, 11, generator=g)
+    w, b = torch.randn(8, 32, 3, 3, generator=g), torch.randn(8, generator=g)
+    a = ref.modulated_deform_conv2d(x, offset, mask, w, b, 1, 1, 1, 1, 16)
+    r = kernels.deform_conv2d_reference(x, offset, mask, w, b, stride=1, padding=1, dilation=1, deform_groups=16)
+    assert max_diff(a, r) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs against the oracle, fp32 on CPU
+
+
+@pytest.mark.parametrize("h,w", [(64, 64), (36, 52)])  # a multiple of 32, and sizes SPyNet must resize
+def test_spynet_matches_oracle(h, w):
+    torch.manual_seed(3)
+    net = randomize(SPyNet(), seed=4)
+    oracle = oracle_of(net, ref.SPyNet())
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(2, 3, h + 4, w + 4, generator=g)
+    ref_img, supp = a[..., 2:2 + h, 1:1 + w].contiguous(), a[..., :h, 3:3 + w].contiguous()
+    with torch.no_grad():
+        flow, flow_oracle = net(ref_img, supp), oracle(ref_img, supp)
+    assert flow.shape == (2, 2, h, w)
+    assert flow.abs().mean() > 0.1  # real, non-trivial flows
+    assert max_diff(flow, flow_oracle) < TOL
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_basicvsrpp_lr_matches_oracle(pp_lr, mirrored):
+    oracle = oracle_of(pp_lr, ref.BasicVSRPlusPlusNet(8, 1))
+    lqs = clip(4 if mirrored else 3, 64, 64, seed=6, mirrored=mirrored)
+    residuals = []  # mean |offset - flow| in pixels, per alignment call
+    hooks = [m.conv_offset.register_forward_hook(
+        lambda m, i, o: residuals.append((10 * torch.tanh(o[:, :288])).abs().mean().item()))
+        for m in pp_lr.deform_align.values()]
+    with torch.no_grad():
+        out, expected = pp_lr(lqs), oracle(lqs)
+    for h in hooks:
+        h.remove()
+    assert len(residuals) == 4 * (lqs.shape[1] - 1) and min(residuals) > 0.15  # the DCN really deforms (pixels)
+    assert oracle.is_mirror_extended == mirrored
+    assert out.shape == (1, lqs.shape[1], 3, 256, 256)
+    assert max_diff(out, expected) < TOL
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_basicvsrpp_hr_matches_oracle(pp_hr, mirrored):
+    oracle = oracle_of(pp_hr, ref.BasicVSRPlusPlusNet(8, 1, is_low_res_input=False))
+    lqs = clip(2 if mirrored else 3, 256, 256, seed=7, mirrored=mirrored)
+    with torch.no_grad():
+        out, expected = pp_hr(lqs), oracle(lqs)
+    assert out.shape == lqs.shape
+    assert max_diff(out, expected) < TOL
+
+
+def test_alignment_matches_oracle():
+    # One SecondOrderDeformableAlignment with large random offset residuals and distinct flows per pixel.
+    torch.manual_seed(5)
+    da = randomize(basicvsr.SecondOrderDeformableAlignment(32, 16, 3, padding=1, deform_groups=16), seed=6)
+    oracle = oracle_of(da, ref.SecondOrderDeformableAlignment(32, 16, 3, padding=1, deform_groups=16))
+    with torch.no_grad():
+        da.conv_offset[6].weight.mul_(10)
+    oracle.load_state_dict(da.state_dict())
+    g = torch.Generator().manual_seed(7)
+    x, extra = torch.rand(2, 32, 12, 14, generator=g), torch.rand(2, 48, 12, 14, generator=g)
+    flow_1, flow_2 = torch.randn(2, 2, 12, 14, generator=g) * 3, torch.randn(2, 2, 12, 14, generator=g) * 3
+    with torch.no_grad():
+        out = da(x, extra, flow_1, flow_2)
+        assert max_diff(out, oracle(x, extra, flow_1, flow_2)) < TOL
+        # the offset residual matters: zeroing the offset head changes the result by far more than TOL
+        da.conv_offset[6].weight.zero_()
+        assert max_diff(out, da(x, extra, flow_1, flow_2)) > 1000 * TOL
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_basicvsr_matches_oracle(vsr, mirrored):
+    oracle = oracle_of(vsr, ref.BasicVSRNet(8, 2))
+    lqs = clip(4 if mirrored else 5, 20, 28, seed=9, mirrored=mirrored)
+    with torch.no_grad():
+        out, expected = vsr(lqs), oracle(lqs)
+    assert out.shape == (1, lqs.shape[1], 3, 80, 112)
+    assert max_diff(out, expected) < TOL
+
+
+def test_mirror_detection_is_per_call(vsr):
+    # A mirrored clip needs one SPyNet pass; the next, plain clip needs two again (BasicSR's flag sticks).
+    calls = []
+    handle = vsr.spynet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            for mirrored, expected_calls in [(True, 1), (False, 2), (True, 1)]:
+                calls.clear()
+                vsr(clip(4, 16, 16, seed=10, mirrored=mirrored))
+                assert len(calls) == expected_calls
+    finally:
+        handle.remove()
+    assert basicvsr.is_mirror_extended(clip(4, 8, 8, seed=1, mirrored=True))
+    assert not basicvsr.is_mirror_extended(clip(3, 8, 8, seed=1))
+
+
+# ----------------------------------------------------------------------------------------
+# CPU cache and bf16
+
+
+@pytest.mark.parametrize("mirrored", [False, True])  # mirrored + cache crashes the reference (§12.10)
+def test_cpu_cache_path_equals_plain_path(pp_lr, mirrored):
+    lqs = clip(4 if mirrored else 3, 64, 64, seed=11, mirrored=mirrored)
+    batch_sizes = []  # of feat_extract calls: t at once on the plain path, 1 at a time when caching
+    handle = pp_lr.feat_extract.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+    pp_lr.cpu_cache_length = 2
+    try:
+        with torch.no_grad():
+            plain = pp_lr(lqs)  # spec §11.2: on CPU a cpu_cache_length below t has no effect
+            pp_lr.force_cpu_cache = True
+            cached = pp_lr(lqs)
+    finally:
+        handle.remove()
+        pp_lr.force_cpu_cache, pp_lr.cpu_cache_length = False, 100
+    t = lqs.shape[1]
+    assert batch_sizes == [t] + [1] * t
+    assert plain.shape == cached.shape == (1, t, 3, 256, 256)
+    assert max_diff(plain, cached) < 1e-5
+
+
+BF16_BOUND = 0.05  # measured max abs 0.012-0.02 on these random tiny nets (outputs span about [-1, 2])
+
+
+def test_bf16_autocast_close_to_fp32(pp_lr):
+    lqs = clip(2, 64, 64, seed=13)
+    with torch.no_grad():
+        out32 = pp_lr(lqs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16 = pp_lr(lqs)
+    assert torch.isfinite(out16).all()
+    err = max_diff(out16.float(), out32)
+    assert 0 < err < BF16_BOUND, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cpu_cache_bounded_memory_and_equal():
+    torch.manual_seed(0)
+    net = randomize(BasicVSRPlusPlus(16, 1), seed=1).cuda()
+    lqs = torch.rand(1, 12, 3, 64, 64, generator=torch.Generator().manual_seed(14)).cuda()
+    with torch.no_grad():
+        plain = net(lqs).cpu()
+        net.cpu_cache_length = 4
+        torch.cuda.reset_peak_memory_stats()
+        cached = net(lqs)
+    assert cached.device.type == "cpu"
+    assert max_diff(plain, cached) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# Keys, parameter counts (default sizes), shapes and errors (spec §11.2-3)
+
+
+def tsv(name):
+    with open(os.path.join(REF_DIR, name)) as f:
+        return [tuple(line.rstrip("\n").split("\t")) for line in f if not line.startswith("#")]
+
+
+def keys_and_shapes(model):
+    return [(k, str(list(v.shape))) for k, v in model.state_dict().items()]
+
+
+def test_keys_and_parameter_counts():
+    pp = BasicVSRPlusPlus()
+    assert keys_and_shapes(pp) == tsv("keys_basicvsrpp_c64n7.tsv")
+    assert sum(p.numel() for p in pp.parameters()) == 7_322_927
+    assert sum(p.numel() for p in BasicVSRPlusPlus(is_low_res_input=False).parameters()) == 7_396_783
+    net = BasicVSR()
+    assert keys_and_shapes(net) == tsv("keys_basicvsr_net_c64n30.tsv")
+    assert sum(p.numel() for p in net.parameters()) == 6_291_311
+    assert len(SPyNet().state_dict()) == 62
+    assert sum(p.numel() for p in SPyNet().parameters()) == 1_440_300
+
+
+def test_inits():
+    torch.manual_seed(0)
+    pp = BasicVSRPlusPlus(16, 1)
+    da = pp.deform_align["forward_1"]
+    assert da.conv_offset[6].weight.abs().max() == 0 and da.conv_offset[6].bias.abs().max() == 0
+    bound = 1 / (32 * 9) ** 0.5
+    assert da.weight.abs().max() <= bound and da.weight.abs().max() > 0.9 * bound and da.bias.abs().max() == 0
+    block = pp.backbone["backward_1"].main[2][0]
+    std = block.conv1.weight.std().item()  # kaiming fan_in (sqrt(2 / 144)) x 0.1
+    assert 0.07 * (2 / 144) ** 0.5 < std < 0.13 * (2 / 144) ** 0.5 and block.conv1.bias.abs().max() == 0
+    assert torch.equal(pp.spynet.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+
+
+def test_shapes_as_in_reference_tests(pp_lr, pp_hr):
+    with torch.no_grad():
+        assert pp_lr(torch.rand(1, 1, 3, 64, 64).repeat(1, 2, 1, 1, 1)).shape == (1, 2, 3, 256, 256)
+        assert pp_hr(torch.rand(1, 1, 3, 256, 256).repeat(1, 2, 1, 1, 1)).shape == (1, 2, 3, 256, 256)
+        net = BasicVSR(mid_channels=8, num_blocks=1).eval()
+        assert net(torch.rand(1, 2, 3, 64, 64)).shape == (1, 2, 3, 256, 256)
+        assert net(torch.rand(1, 5, 3, 16, 16)).shape == (1, 5, 3, 64, 64)  # small inputs work: SPyNet pads
+        assert net(torch.rand(1, 1, 3, 16, 16)).shape == (1, 1, 3, 64, 64)  # a single frame, no flow
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((1, 5, 3, 61, 61), "61x61"),
+    ((1, 5, 3, 64, 61), "64x61"),
+    ((5, 3, 64, 64), "shape"),
+    ((1, 5, 4, 64, 64), "shape"),
+])
+def test_basicvsrpp_input_errors(pp_lr, shape, match):
+    with pytest.raises(ValueError, match=match):
+        pp_lr(torch.rand(*shape))
+
+
+def test_hr_input_errors(pp_hr):
+    with pytest.raises(ValueError, match="63x63"):
+        pp_hr(torch.rand(1, 2, 3, 252, 252))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pp_hr(torch.rand(1, 2, 3, 258, 258))
+
+
+def test_basicvsr_input_errors(vsr):
+    for shape in [(3, 3, 16, 16), (1, 3, 1, 16, 16)]:
+        with pytest.raises(ValueError, match="shape"):
+            vsr(torch.rand(*shape))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint formats: built from the model's own state dict with each layout's key names
+
+
+@pytest.fixture(scope="module")
+def tiny_pp():
+    torch.manual_seed(4)
+    return randomize(BasicVSRPlusPlus(mid_channels=8, num_blocks=1), seed=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_lqs():
+    return clip(2, 64, 64, seed=15, mirrored=True)  # [a, a]: one SPyNet pass keeps these tests cheap
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tiny_pp, tiny_lqs):
+    with torch.no_grad():
+        return tiny_pp(tiny_lqs)
+
+
+def to_basicsr(state):
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if "spynet" in parts and parts[-2] == "conv":  # ...basic_module.L.basic_module.j.conv.w -> .2j.w
+            k = ".".join(parts[:-3] + [str(2 * int(parts[-3])), parts[-1]])
+        k = k.replace("upsample1.upsample_conv.", "upconv1.").replace("upsample2.upsample_conv.", "upconv2.")
+        out[k] = v
+    return out
+
+
+class OpaqueMeta:  # a class weights_only=True refuses, like mmengine's objects in mmagic 1.x metadata
+    def __init__(self):
+        self.history = [1, 2, 3]
+
+
+def assert_same_outputs(model, expected, lqs):
+    with torch.no_grad():
+        assert torch.equal(model.eval()(lqs), expected)
+
+
+def fresh():
+    torch.manual_seed(99)
+    return BasicVSRPlusPlus(mid_channels=8, num_blocks=1)
+
+
+def test_load_mmagic(tmp_path, tiny_pp, tiny_out, tiny_lqs):
+    state = tiny_pp.state_dict()
+    other = {k: torch.randn_like(v) for k, v in state.items()}
+    disc = torch.nn.Conv2d(3, 4, 3)
+    path = tmp_path / "mmagic.pth"
+    torch.save({"meta": {"iter": 600000, "config": "..."},
+                "state_dict": {**{f"generator.{k}": v for k, v in other.items()},
+                               **{f"generator_ema.{k}": v for k, v in state.items()},
+                               **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}}}, path)
+    model = load_weights(fresh(), path)  # default: generator_ema
+    assert_same_outputs(model, tiny_out, tiny_lqs)
+    for prefix in ["generator", "generator."]:
+        model = load_weights(fresh(), path, prefix=prefix)
+        assert all(torch.equal(model.state_dict()[k], other[k]) for k in other)
+    d2 = load_weights(torch.nn.Conv2d(3, 4, 3), path, prefix="discriminator")
+    assert torch.equal(d2.weight, disc.weight)
+
+    # mmediting 0.x: generator only; mmagic 1.x: metadata objects weights_only refuses
+    path2 = tmp_path / "mmedit.pth"
+    torch.save({"meta": {"obj": OpaqueMeta()}, "state_dict": {f"generator.{k}": v for k, v in state.items()}}, path2)
+    with pytest.raises(Exception):
+        torch.load(path2, weights_only=True)
+    assert_same_outputs(load_weights(fresh(), path2), tiny_out, tiny_lqs)
+
+
+@pytest.mark.parametrize("part", ["params", "params_ema"])
+def test_load_basicsr(tmp_path, tiny_pp, tiny_out, tiny_lqs, part):
+    state = to_basicsr(tiny_pp.state_dict())
+    assert "spynet.basic_module.0.basic_module.8.weight" in state and "upconv2.weight" in state
+    ckpt = {"params": state} if part == "params" else {
+        "params": {k: torch.zeros_like(v) for k, v in state.items()}, "params_ema": state}
+    torch.save(ckpt, tmp_path / "bsr.pth")
+    assert_same_outputs(load_weights(fresh(), tmp_path / "bsr.pth"), tiny_out, tiny_lqs)
+    if part == "params_ema":  # an explicit part
+        model = load_weights(fresh(), tmp_path / "bsr.pth", prefix="params")
+        assert model.conv_last.weight.abs().max() == 0
+
+
+def test_load_plain_and_safetensors(tmp_path, tiny_pp, tiny_out, tiny_lqs):
+    torch.save(tiny_pp.state_dict(), tmp_path / "plain.pth")
+    assert_same_outputs(load_weights(fresh(), tmp_path / "plain.pth"), tiny_out, tiny_lqs)
+    save_weights(tiny_pp, tmp_path / "ours.safetensors")
+    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs)
+    save_weights(tiny_pp.state_dict(), tmp_path / "ours.bin")  # detected by content, not extension
+    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.bin"), tiny_out, tiny_lqs)
+
+
+@pytest.mark.parametrize("layout", ["mmagic", "basicsr"])
+def test_load_standalone_spynet(tmp_path, tiny_pp, layout):
+    spynet_state = {k[len("spynet."):]: v for k, v in tiny_pp.state_dict().items()
+                    if k.startswith("spynet.") and not k.endswith(("mean", "std"))}
+    assert len(spynet_state) == 60
+    if layout == "mmagic":
+        torch.save({"meta": {}, "state_dict": spynet_state}, tmp_path / "spynet.pth")
+    else:
+        torch.save({"params": to_basicsr({f"spynet.{k}": v for k, v in spynet_state.items()})}, tmp_path / "s.pth")
+        sd = torch.load(tmp_path / "s.pth")["params"]
+        torch.save({"params": {k[len("spynet."):]: v for k, v in sd.items()}}, tmp_path / "spynet.pth")
+    model = fresh()
+    load_weights(model.spynet, tmp_path / "spynet.pth")
+    assert torch.equal(model.spynet.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))  # kept, not in the file
+    a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.spynet(a, b), tiny_pp.spynet(a, b))
+
+
+def test_strict_load_errors(tmp_path, tiny_pp):
+    state = dict(tiny_pp.state_dict())
+    missing = dict(state)
+    del missing["conv_hr.bias"]
+    unexpected = {**state, "conv_extra.weight": torch.zeros(1)}
+    misshaped = {**state, "conv_last.weight": torch.zeros(3, 32, 3, 3)}
+    for name, sd, words in [("missing", missing, ["missing", "conv_hr.bias"]),
+                            ("unexpected", unexpected, ["unexpected", "conv_extra.weight"]),
+                            ("misshaped", misshaped, ["mis-shaped", "conv_last.weight", "[3, 32, 3, 3]"])]:
+        path = tmp_path / f"{name}.pth"
+        torch.save(sd, path)
+        with pytest.raises(ValueError) as err:
+            load_weights(fresh(), path)
+        for word in words + [str(path)]:
+            assert word in str(err.value)
+    # many missing keys: the first few and the count
+    with pytest.raises(ValueError, match=r"\(272 in all\); unexpected x"):
+        load_weights(BasicVSRPlusPlus(), _save(tmp_path / "empty.pth", {"x": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="no keys start with 'generator_ema.'"):
+        load_weights(fresh(), tmp_path / "missing.pth", prefix="generator_ema")
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_weights(fresh(), _save(tmp_path / "junk.pth", {"a": 1, "b": torch.zeros(1)}))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_weights(fresh(), tmp_path / "nope.pth")
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def test_save_weights_atomic_overwrite(tmp_path, tiny_pp):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"old")
+    save_weights(tiny_pp, path)
+    assert os.listdir(tmp_path) == ["w.safetensors"]  # no temporary left behind
+    shared = torch.zeros(4)
+    save_weights({"a": shared, "b": shared[:2]}, path)  # views of one storage are fine
+    assert torch.equal(read_state_dict(path)["b"], torch.zeros(2))
+
+
+def test_convert_cli(tmp_path, tiny_pp, tiny_out, tiny_lqs):
+    src, dst = tmp_path / "ckpt.pth", tmp_path / "out.safetensors"
+    torch.save({"state_dict": {f"generator.{k}": v for k, v in to_basicsr(tiny_pp.state_dict()).items()}}, src)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "basicvsr.py"), "--convert", str(src), str(dst),
+                          "--prefix", "generator"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "out.safetensors" in res.stdout
+    assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs)
+    basicvsr.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
+    assert (tmp_path / "again.safetensors").read_bytes() == dst.read_bytes()
+    with pytest.raises(SystemExit):
+        basicvsr.main([])
