@@ -921,8 +921,9 @@ def check_video_codec(name):
 
 def random_video_compression(frames, rng, p):
     """Encode the sequence into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, the size of
-    frame 0) and decode it back. One encoder thread per worker. Frames of another size are resized
-    to frame 0's here: PyAV would rescale them itself, but then libx264's output is not reproducible."""
+    frame 0) and decode it back. Departures from the reference, all for reproducible samples: one
+    encoder thread, frames of another size resized to frame 0's here (PyAV would rescale them
+    itself), the RGB -> yuv420p conversion done before the encoder, and x264's mbtree off."""
     import av
     import io
     if _skip(rng, p):
@@ -938,12 +939,17 @@ def random_video_compression(frames, rng, p):
         stream.pix_fmt = "yuv420p"
         stream.bit_rate = bitrate
         stream.codec_context.thread_count = 1
+        if stream.codec_context.name == "libx264":
+            # x264's macroblock-tree lookahead reads uninitialised memory (found with valgrind),
+            # which makes the output differ from run to run; without it samples are reproducible
+            stream.options = {"x264-params": "mbtree=0"}
         h, w = frames[0].shape[:2]
         for i, img in enumerate(frames):
             if img.shape[:2] != (h, w):
                 shrink = img.shape[0] * img.shape[1] > h * w
                 img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            frame = av.VideoFrame.from_ndarray(_to_uint8(img), format="rgb24")
+            # convert to yuv420p here: left to the encoder, libx264's output is not reproducible
+            frame = av.VideoFrame.from_ndarray(_to_uint8(img), format="rgb24").reformat(format="yuv420p")
             frame.pict_type = av.video.frame.PictureType.NONE
             frame.pts = i
             for packet in stream.encode(frame):
@@ -1156,7 +1162,7 @@ class VideoWriter:
         if self.is_video:
             import av
             pad = ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0))
-            vf = av.VideoFrame.from_ndarray(np.pad(frame, pad, mode="edge"), format="rgb24")
+            vf = av.VideoFrame.from_ndarray(np.pad(frame, pad, mode="edge"), format="rgb24").reformat(format="yuv420p")
             vf.pts = self.count
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
