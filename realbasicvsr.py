@@ -6,13 +6,15 @@ spectral norm. Module and state_dict names follow mmagic, so the published check
 basicvsr.load_weights (prefix "generator_ema" for inference, "discriminator" for the critic).
 Tensors are RGB in [0, 1]; a video is (n, t, 3, h, w).
 """
+import argparse
 import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from basicvsr import BasicVSR, ResidualBlocksWithInputConv, check_video
+from basicvsr import BasicVSR, ResidualBlocksWithInputConv, add_upscale_args, check_video, run_upscale
 
 # ----------------------------------------------------------------------------------------------
 # Generator: clean each LQ frame (up to three passes), then BasicVSR on the cleaned clip.
@@ -280,3 +282,32 @@ class PerceptualLoss(nn.Module):
         for i, w in self.layer_weights.items():
             loss = loss + F.l1_loss(pred_feats[i], gt_feats[i]) * w
         return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python realbasicvsr.py INPUT OUTPUT --weights FILE, with the options of
+# basicvsr.add_upscale_args; the network is the official inference one (sequential cleaning).
+
+
+def _build_network(args):
+    blocks = args.num_blocks or 20
+    return RealBasicVSR(args.mid_channels or 64, blocks, blocks, dynamic_refine_thres=args.refine_thres,
+                        is_sequential_cleaning=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Upscale a real-world video x4 with RealBasicVSR.",
+        epilog="example: python realbasicvsr.py input.mp4 output.mp4 --weights realbasicvsr_x4.pth")
+    net = add_upscale_args(parser)
+    net.add_argument("--refine-thres", type=float, default=255, metavar="D",
+                     help="clean again while the mean |residue| of a chunk is >= D/255, at most 3 passes "
+                          "(default: 255, one pass)")
+    args = parser.parse_args(argv)
+    if not (args.input and args.output):
+        parser.error("INPUT and OUTPUT are required")
+    return run_upscale(args, _build_network)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
