@@ -315,6 +315,12 @@ def test_random_blur_applies_the_kernel_by_correlation():
     # correlation of an impulse gives the kernel flipped in both axes
     np.testing.assert_allclose(out[11:20, 11:20, 0], k[::-1, ::-1], atol=1e-7)
     assert data.random_blur([img], np.random.default_rng(0), dict(p, prob=0.0))[0] is img
+    # the separable path for iso kernels gives the same result as the 2-D kernel
+    x = np.random.default_rng(1).random((30, 40, 3)).astype(np.float32)
+    iso = dict(p, kernel_list=("iso",), kernel_size=(15,))
+    out = data.random_blur([x], np.random.default_rng(0), iso)[0]
+    ref = cv2.filter2D(x, -1, data.gaussian_kernel(15, 1.5, 1.5, 0.0).astype(np.float32))
+    np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
 def test_random_blur_walk_stays_in_range():
