@@ -199,8 +199,9 @@ def bd_downsample(img, sigma=1.6, scale=4):
 
 # ---------------------------------------------------------------------------------------------
 # Built-in synthetic clips: textured world + camera path (pan, zoom, roll) + moving objects.
-# Rendered at 2x the GT size and area-downsampled, so edges are antialiased and motion is
-# sub-pixel. The LQ is the BI degradation (bicubic_downsample) of the uint8 GT.
+# Textures are drawn at 2x the GT resolution and low-passed before sampling, so edges are
+# antialiased and motion is sub-pixel. The LQ is the BI degradation (bicubic_downsample, MATLAB
+# bicubic) of the uint8 GT.
 
 _SS = 2  # supersampling factor of the render
 
@@ -309,9 +310,9 @@ def _rot(a):
 def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotation=True):
     """Render one clip: GT frames uint8 (t, gt_size, gt_size, 3) and a dict of its motion.
 
-    Camera: canvas position c(t) = c0 + v t + a t^2 / 2 + shake, scale exp(z t), roll w t, sampled
-    with a cubic warp at 2x and area-downsampled. Objects: textured sprites moving in screen space
-    with their own velocity and spin. info["camera"] is the camera centre (t, 2) (x, y) in GT pixels.
+    Camera: canvas position c(t) = c0 + v t + a t^2 / 2 + shake, scale exp(z t), roll w t; the
+    canvas is drawn at 2x, prefiltered, and sampled at GT size with a sub-pixel cubic warp.
+    Objects: textured sprites moving in screen space with their own velocity and spin. info["camera"] is the camera centre (t, 2) (x, y) in GT pixels.
     A frame pixel p maps to canvas point c(t) + s(t) R(t) (p - centre)."""
     rng = np.random.default_rng(seed)
     ss, size = _SS, gt_size * _SS
