@@ -1,8 +1,52 @@
 """The two irregular ops of BasicVSR++ and RealBasicVSR, each a Triton kernel with its
-PyTorch reference beside it. `backend=None` runs Triton on CUDA tensors and the reference
-otherwise; "triton" forces the kernel (CPU tensors need TRITON_INTERPRET=1); "torch" forces
-the reference."""
-from .deform_conv import deform_conv2d, deform_conv2d_reference
-from .flow_warp import flow_warp, flow_warp_reference
+PyTorch reference beside it.
 
-__all__ = ["deform_conv2d", "deform_conv2d_reference", "flow_warp", "flow_warp_reference"]
+    deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1,
+                  deform_groups=1, backend=None)          # mmcv modulated_deform_conv2d
+    flow_warp(x, flow, padding_mode="zeros", backend=None) # flow (n, 2, h, w): dx, dy in pixels
+
+backend: "triton" forces the kernel (CPU tensors need TRITON_INTERPRET=1 set before triton is
+imported), "torch" forces the reference, None takes the default below.
+
+Default backend. `backend=None` means the default set by `use_backend`, which switches whole
+models without touching their code:
+
+    with kernels.use_backend("torch"):     # the same network on the PyTorch references
+        out = model(lqs)
+
+Outside any `use_backend` block, and inside `use_backend(None)`, None means Triton for CUDA
+tensors and the reference otherwise. An explicit `backend=` argument always wins. The default
+is process-wide (every thread sees it, autograd's included); the previous one is restored when
+the block exits, also on an exception. The choice is made in the forward call, so a backward
+pass follows its forward's backend wherever it runs.
+"""
+import contextlib
+
+_BACKENDS = (None, "torch", "triton")
+_default_backend = None
+
+
+def get_backend():
+    """The backend that `backend=None` currently means: None (automatic), "torch" or "triton"."""
+    return _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(backend):
+    """Within the block, ops called with backend=None use `backend` ("torch", "triton" or None)."""
+    global _default_backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"kernels.use_backend: backend must be None, 'torch' or 'triton', got {backend!r}")
+    previous, _default_backend = _default_backend, backend
+    try:
+        yield
+    finally:
+        _default_backend = previous
+
+
+# Imported after get_backend exists: the public functions look it up at call time.
+from .deform_conv import deform_conv2d, deform_conv2d_reference  # noqa: E402
+from .flow_warp import flow_warp, flow_warp_reference  # noqa: E402
+
+__all__ = ["deform_conv2d", "deform_conv2d_reference", "flow_warp", "flow_warp_reference",
+           "get_backend", "use_backend"]

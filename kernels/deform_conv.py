@@ -502,12 +502,16 @@ _deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_con
 def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, deform_groups=1, backend=None):
     """Modulated deformable convolution; see the module docstring for layouts.
 
-    backend: None (Triton for CUDA tensors, the reference otherwise), "triton" or "torch".
+    backend: "triton", "torch", or None: the default of kernels.use_backend, which outside any
+    use_backend block is Triton for CUDA tensors and the reference otherwise.
     Under torch.autocast, x, mask, weight and bias run in the autocast dtype and the offsets in
     fp32. Otherwise mask, weight and bias follow x's dtype.
     """
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"deform_conv2d: backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend is None:
+        from . import get_backend  # kernels.use_backend's default; the package is loaded by now
+        backend = get_backend()
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
     _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
     use_triton = backend == "triton" or (backend is None and x.is_cuda)

@@ -310,10 +310,14 @@ _flow_warp_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function.
 
 def flow_warp(x, flow, padding_mode="zeros", backend=None):
-    """Warp x (n, c, h, w) by flow (n, 2, h, w); see the module docstring."""
+    """Warp x (n, c, h, w) by flow (n, 2, h, w); see the module docstring. backend: "triton",
+    "torch", or None: the default of kernels.use_backend (automatic outside any block)."""
     _check(x, flow, padding_mode)
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"flow_warp: backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend is None:
+        from . import get_backend  # kernels.use_backend's default; the package is loaded by now
+        backend = get_backend()
     if torch.is_autocast_enabled(x.device.type):
         # Features in the autocast dtype, the flow (hence the positions) in fp32.
         x = x.to(torch.get_autocast_dtype(x.device.type))
