@@ -134,7 +134,8 @@ def _cubic(x):
 
 @functools.lru_cache(maxsize=64)
 def _imresize_weights(in_len, out_len, scale):
-    """(out_len, in_len) matrix of MATLAB imresize's bicubic contributions along one axis."""
+    """MATLAB imresize's bicubic contributions along one axis: output i is sum_j w[i, j] * x[src[i, j]]
+    (src, w: (out_len, taps); 0-based source indices)."""
     kernel_scale = min(scale, 1.0)  # downscaling widens the kernel: antialiasing
     width = 4.0 / kernel_scale
     u = np.arange(1, out_len + 1, dtype=np.float64) / scale + 0.5 * (1 - 1 / scale)
@@ -146,9 +147,7 @@ def _imresize_weights(in_len, out_len, scale):
     # out-of-range taps mirror with the edge pixel repeated (MATLAB's symmetric padding)
     mirror = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
     src = mirror[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
-    mat = np.zeros((out_len, in_len))
-    np.add.at(mat, (np.repeat(np.arange(out_len), taps), src.ravel()), w.ravel())
-    return mat
+    return src, w
 
 
 def matlab_imresize(img, scale):
@@ -161,11 +160,11 @@ def matlab_imresize(img, scale):
         raise ValueError(f"scale must be positive, got {scale}")
     h, w = img.shape[:2]
     out_h, out_w = int(math.ceil(h * scale)), int(math.ceil(w * scale))
-    c = img.shape[2] if img.ndim == 3 else 1
-    x = _imresize_weights(h, out_h, float(scale)) @ img.reshape(h, w * c).astype(np.float64)  # (oh, w*c)
-    x = x.reshape(out_h, w, c).transpose(1, 0, 2).reshape(w, out_h * c)
-    x = _imresize_weights(w, out_w, float(scale)) @ x  # (ow, oh*c)
-    x = x.reshape(out_w, out_h, c).transpose(1, 0, 2).reshape((out_h, out_w) + img.shape[2:])
+    # gathers instead of dense matrix products: no BLAS threads, which stall on a busy machine
+    src, wt = _imresize_weights(h, out_h, float(scale))
+    x = np.einsum("ot,ot...->o...", wt, img.astype(np.float64)[src])  # (oh, w, ...)
+    src, wt = _imresize_weights(w, out_w, float(scale))
+    x = np.einsum("ot,pot...->po...", wt, x[:, src])  # (oh, ow, ...)
     if img.dtype == np.uint8:
         return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
     return x
