@@ -219,7 +219,7 @@ def test_cpu_cache_path_equals_plain_path(pp_lr, mirrored):
     assert max_diff(plain, cached) < 1e-5
 
 
-BF16_BOUND = 0.05  # measured max abs 0.012-0.02 on these random tiny nets (outputs span about [-1, 2])
+BF16_BOUND = 5e-3  # measured max abs 6e-4 .. 1.4e-3 (3 seeds) on these tiny random nets, outputs in about [0, 1]
 
 
 def test_bf16_autocast_close_to_fp32(pp_lr):
@@ -237,14 +237,23 @@ def test_bf16_autocast_close_to_fp32(pp_lr):
 def test_cuda_cpu_cache_bounded_memory_and_equal():
     torch.manual_seed(0)
     net = randomize(BasicVSRPlusPlus(16, 1), seed=1).cuda()
-    lqs = torch.rand(1, 12, 3, 64, 64, generator=torch.Generator().manual_seed(14)).cuda()
+    g = torch.Generator().manual_seed(14)
+    peaks = {}
     with torch.no_grad():
-        plain = net(lqs).cpu()
-        net.cpu_cache_length = 4
-        torch.cuda.reset_peak_memory_stats()
-        cached = net(lqs)
-    assert cached.device.type == "cpu"
-    assert max_diff(plain, cached) < 1e-4
+        for t in (8, 24):
+            lqs = torch.rand(1, t, 3, 64, 64, generator=g).cuda()
+            net.cpu_cache_length = 100
+            plain = net(lqs).cpu()
+            net.cpu_cache_length = 4
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            cached = net(lqs)
+            peaks[t] = torch.cuda.max_memory_allocated() - base
+            assert cached.device.type == "cpu"
+            assert max_diff(plain, cached) < 1e-4
+    # features live on the CPU: three times the frames, about the same GPU peak
+    assert peaks[24] < 1.2 * peaks[8], peaks
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,7 +340,7 @@ def tiny_pp():
 
 @pytest.fixture(scope="module")
 def tiny_lqs():
-    return clip(2, 64, 64, seed=15, mirrored=True)  # [a, a]: one SPyNet pass keeps these tests cheap
+    return clip(1, 64, 64, seed=15)  # one frame keeps these cheap; SPyNet is covered by the exact state check
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +365,9 @@ class OpaqueMeta:  # a class weights_only=True refuses, like mmengine's objects 
         self.history = [1, 2, 3]
 
 
-def assert_same_outputs(model, expected, lqs):
+def assert_same_outputs(model, expected, lqs, reference_model):
+    ours, theirs = model.state_dict(), reference_model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     with torch.no_grad():
         assert torch.equal(model.eval()(lqs), expected)
 
@@ -376,7 +387,7 @@ def test_load_mmagic(tmp_path, tiny_pp, tiny_out, tiny_lqs):
                                **{f"generator_ema.{k}": v for k, v in state.items()},
                                **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}}}, path)
     model = load_weights(fresh(), path)  # default: generator_ema
-    assert_same_outputs(model, tiny_out, tiny_lqs)
+    assert_same_outputs(model, tiny_out, tiny_lqs, tiny_pp)
     for prefix in ["generator", "generator."]:
         model = load_weights(fresh(), path, prefix=prefix)
         assert all(torch.equal(model.state_dict()[k], other[k]) for k in other)
@@ -388,7 +399,7 @@ def test_load_mmagic(tmp_path, tiny_pp, tiny_out, tiny_lqs):
     torch.save({"meta": {"obj": OpaqueMeta()}, "state_dict": {f"generator.{k}": v for k, v in state.items()}}, path2)
     with pytest.raises(Exception):
         torch.load(path2, weights_only=True)
-    assert_same_outputs(load_weights(fresh(), path2), tiny_out, tiny_lqs)
+    assert_same_outputs(load_weights(fresh(), path2), tiny_out, tiny_lqs, tiny_pp)
 
 
 @pytest.mark.parametrize("part", ["params", "params_ema"])
@@ -398,7 +409,7 @@ def test_load_basicsr(tmp_path, tiny_pp, tiny_out, tiny_lqs, part):
     ckpt = {"params": state} if part == "params" else {
         "params": {k: torch.zeros_like(v) for k, v in state.items()}, "params_ema": state}
     torch.save(ckpt, tmp_path / "bsr.pth")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "bsr.pth"), tiny_out, tiny_lqs)
+    assert_same_outputs(load_weights(fresh(), tmp_path / "bsr.pth"), tiny_out, tiny_lqs, tiny_pp)
     if part == "params_ema":  # an explicit part
         model = load_weights(fresh(), tmp_path / "bsr.pth", prefix="params")
         assert model.conv_last.weight.abs().max() == 0
@@ -406,11 +417,11 @@ def test_load_basicsr(tmp_path, tiny_pp, tiny_out, tiny_lqs, part):
 
 def test_load_plain_and_safetensors(tmp_path, tiny_pp, tiny_out, tiny_lqs):
     torch.save(tiny_pp.state_dict(), tmp_path / "plain.pth")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "plain.pth"), tiny_out, tiny_lqs)
+    assert_same_outputs(load_weights(fresh(), tmp_path / "plain.pth"), tiny_out, tiny_lqs, tiny_pp)
     save_weights(tiny_pp, tmp_path / "ours.safetensors")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs)
+    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs, tiny_pp)
     save_weights(tiny_pp.state_dict(), tmp_path / "ours.bin")  # detected by content, not extension
-    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.bin"), tiny_out, tiny_lqs)
+    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.bin"), tiny_out, tiny_lqs, tiny_pp)
 
 
 @pytest.mark.parametrize("layout", ["mmagic", "basicsr"])
@@ -481,7 +492,7 @@ def test_convert_cli(tmp_path, tiny_pp, tiny_out, tiny_lqs):
                           "--prefix", "generator"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "out.safetensors" in res.stdout
-    assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs)
+    assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs, tiny_pp)
     basicvsr.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
     assert (tmp_path / "again.safetensors").read_bytes() == dst.read_bytes()
     with pytest.raises(SystemExit):
