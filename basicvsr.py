@@ -145,6 +145,9 @@ class SPyNet(nn.Module):
         return flow
 
     def forward(self, ref, supp):
+        if ref.dim() != 4 or ref.shape[1] != 3 or ref.shape != supp.shape:
+            raise ValueError(f"SPyNet: expected two (n, 3, h, w) images of one shape, got {tuple(ref.shape)} "
+                             f"and {tuple(supp.shape)}")
         h, w = ref.shape[2:]
         # The pyramid halves the size 5 times: work at the next multiple of 32.
         h_up, w_up = -(-h // 32) * 32, -(-w // 32) * 32
@@ -170,8 +173,7 @@ def check_video(lqs, name, min_size=0):
         raise ValueError(f"{name}: the clip has no frames, shape {tuple(lqs.shape)}")
     h, w = lqs.shape[3:]
     if h < min_size or w < min_size:
-        raise ValueError(f"{name}: input frames of {h}x{w} are too small; the low-resolution size must be "
-                         f"at least {min_size}x{min_size}")
+        raise ValueError(f"{name}: input frames of {h}x{w} are too small, the minimum is {min_size}x{min_size}")
     return lqs.shape
 
 
@@ -425,7 +427,8 @@ class BasicVSRPlusPlus(nn.Module):
         return torch.stack(outputs, dim=1)
 
     def forward(self, lqs):
-        n, t, c, h, w = check_video(lqs, "BasicVSRPlusPlus")
+        # SPyNet's flows need LR frames of at least 64x64 (the reference asserts it)
+        n, t, c, h, w = check_video(lqs, "BasicVSRPlusPlus", min_size=64 if self.is_low_res_input else 256)
         device = lqs.device
         cpu_cache = t > self.cpu_cache_length and (lqs.is_cuda or self.force_cpu_cache)
 
@@ -437,7 +440,6 @@ class BasicVSRPlusPlus(nn.Module):
                                  f"multiple of 4, got {h}x{w}")
             lqs_downsample = F.interpolate(lqs.reshape(-1, c, h, w), scale_factor=0.25, mode="bicubic")
             lqs_downsample = lqs_downsample.view(n, t, c, h // 4, w // 4)
-        check_video(lqs_downsample, "BasicVSRPlusPlus", min_size=64)
 
         # spatial features, one list entry per frame (n, C, h', w')
         if cpu_cache:
