@@ -316,10 +316,18 @@ def test_basicvsrpp_input_errors(pp_lr, shape, match):
 
 
 def test_hr_input_errors(pp_hr):
-    with pytest.raises(ValueError, match="63x63"):
+    with pytest.raises(ValueError, match="252x252"):
         pp_hr(torch.rand(1, 2, 3, 252, 252))
     with pytest.raises(ValueError, match="multiple of 4"):
         pp_hr(torch.rand(1, 2, 3, 258, 258))
+
+
+def test_spynet_input_errors():
+    net = SPyNet()
+    with pytest.raises(ValueError, match="SPyNet"):
+        net(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 40))
+    with pytest.raises(ValueError, match="SPyNet"):
+        net(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
 
 
 def test_basicvsr_input_errors(vsr):
