@@ -823,7 +823,7 @@ def upscale_window(model, window, first, last, device, dtype, tile=None, tile_ov
 
 
 def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=2, tile=None, tile_overlap=16,
-            scene_threshold=30.0, max_frames=None, progress=False):
+            scene_threshold=20.0, max_frames=None, progress=False):
     """Upscale a video x4, streaming: yields RGB uint8 (4h, 4w, 3) frames in order.
 
     model: BasicVSRPlusPlus, BasicVSR or RealBasicVSR (moved to `device`, set to eval).
@@ -842,10 +842,9 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     import tqdm
     import data  # the video reader pulls in cv2 and PyAV, which the networks do not need
 
-    source = "frames"
     if isinstance(frames, (str, os.PathLike)):
-        source = os.fspath(frames)
-        frames = data.read_video(source)
+        frames = data.read_video(frames)
+    source = getattr(frames, "path", "frames")  # for messages
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available")
@@ -945,9 +944,9 @@ def add_upscale_args(parser):
                      help="LR pixels shared by neighbouring tiles, blended linearly (default: 16)")
     video = parser.add_argument_group("video")
     video.add_argument("--max-frames", type=int, metavar="N", help="upscale only the first N frames")
-    video.add_argument("--scene-threshold", type=float, default=30.0, metavar="D",
+    video.add_argument("--scene-threshold", type=float, default=20.0, metavar="D",
                        help="mean grey-level change (0-255) between frames that restarts the recurrence; 0: off "
-                            "(default: 30)")
+                            "(default: 20)")
     video.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 for frame folders)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     return net

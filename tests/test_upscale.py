@@ -1,0 +1,319 @@
+"""Video upscaling: basicvsr.upscale (scenes, chunks with context frames, tiles, precision) and
+the two command lines (basicvsr.main, realbasicvsr.main), on CPU with tiny random-weight networks.
+
+Bounds, from measurements with BasicVSR(8, 1) on 8 synthetic 32x32 frames (chunk 3) and
+4 frames of 72x96 (tile 64, overlap 16):
+    chunked, overlap 0: 52.4 dB to the whole-clip output; overlap 1: 59.1 dB; overlap 2: 65.8 dB
+    tiled: 57.5 dB to the whole-frame output, max |difference| 3 grey levels
+"""
+import itertools
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import basicvsr
+import data
+import realbasicvsr
+from basicvsr import BasicVSR, BasicVSRPlusPlus, plan_windows, tile_starts, upscale, upscale_window
+
+CHUNK_PSNR = 58.0   # dB, chunk 3 with 2 context frames vs the whole clip (measured 65.8)
+TILE_PSNR = 50.0    # dB, tiles vs whole frames (measured 57.5)
+TILE_MAX_DIFF = 8   # grey levels, anywhere, including the blended bands (measured 3)
+
+
+def clip(seed, t, h, w=None):
+    """t synthetic RGB uint8 frames of h x w (a crop of a square rendering)."""
+    w = w or h
+    return list(data.synthetic_clip(seed, t, max(h, w))[0][:, :h, :w])
+
+
+def psnr(a, b):
+    mse = np.mean((np.stack(a).astype(np.float64) - np.stack(b).astype(np.float64)) ** 2)
+    return 10 * math.log10(255 ** 2 / mse) if mse else math.inf
+
+
+def run(model, frames, **kw):
+    kw = {"device": "cpu", "scene_threshold": 0, "tile": 0, **kw}
+    return list(upscale(model, frames, **kw))
+
+
+@pytest.fixture(scope="module")
+def bvsr():
+    torch.manual_seed(0)
+    return BasicVSR(8, 1).eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, bvsr):
+    """Saved random weights: BasicVSR(8, 1), BasicVSR++(8, 1), RealBasicVSR(8, 1, 1)."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    paths = {"basicvsr": root / "basicvsr.safetensors", "basicvsrpp": root / "basicvsrpp.safetensors",
+             "realbasicvsr": root / "realbasicvsr.safetensors"}
+    basicvsr.save_weights(bvsr, paths["basicvsr"])
+    basicvsr.save_weights(BasicVSRPlusPlus(8, 1), paths["basicvsrpp"])
+    basicvsr.save_weights(realbasicvsr.RealBasicVSR(8, 1, 1), paths["realbasicvsr"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def write_frames(folder, frames):
+    os.makedirs(folder, exist_ok=True)
+    for i, f in enumerate(frames):
+        data.write_image(os.path.join(folder, f"{i:04d}.png"), f)
+    return str(folder)
+
+
+def write_video(path, frames, fps):
+    with data.VideoWriter(path, fps) as w:
+        for f in frames:
+            w.write(f)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------
+# Planning: windows over the stream, tiles over the frame
+
+
+def test_plan_windows_keep_every_frame_once_and_never_cross_a_cut():
+    for n, chunk, overlap, cuts in itertools.product([1, 2, 7, 13], [1, 3, 5], [0, 1, 2],
+                                                     [(), (4,), (1, 6, 7)]):
+        cuts = {c for c in cuts if c < n}
+        scene = np.cumsum([i in cuts for i in range(n)])
+        kept = []
+        for window, a, b in plan_windows(iter(range(n)), chunk, overlap, lambda f: f in cuts):
+            assert window == list(range(window[0], window[-1] + 1))
+            assert len(set(scene[window])) == 1, (n, chunk, overlap, cuts, window)
+            assert len(window) <= chunk + 2 * overlap
+            # as much context as the scene offers, up to `overlap` before; a run of at least
+            # chunk + overlap frames where the scene has them (the tail reaches back)
+            start, end = np.flatnonzero(scene == scene[window[0]])[[0, -1]]
+            assert a == min(overlap, window[a] - start) or len(window) >= chunk + overlap
+            assert len(window) >= min(end - start + 1, chunk + overlap)
+            kept += window[a:b]
+        assert kept == list(range(n)), (n, chunk, overlap, cuts)
+
+
+def test_tiles_cover_the_frame_and_blend_to_the_whole_frame_result():
+    for size, tile, overlap in [(64, 64, 16), (65, 64, 16), (100, 64, 8), (300, 96, 16), (257, 64, 32)]:
+        starts = tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] == max(0, size - tile)
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    # a pixel-wise x4 "network": tiling must reproduce the whole-frame output exactly, so the
+    # blend weights sum to one everywhere and every tile lands where it belongs
+    frames = clip(0, 3, 70, 150)
+
+    def nearest_x4(lqs):
+        return lqs.repeat_interleave(4, -1).repeat_interleave(4, -2).square()
+
+    whole = upscale_window(nearest_x4, frames, 1, 3, torch.device("cpu"), None)
+    tiled = upscale_window(nearest_x4, frames, 1, 3, torch.device("cpu"), None, tile=64, tile_overlap=8)
+    assert whole.shape == (2, 280, 600, 3)
+    assert torch.equal(tiled, whole)
+
+
+# ----------------------------------------------------------------------------------------
+# Chunks, tiles, scenes and precision against whole-clip processing
+
+
+def test_chunked_output_is_close_to_the_whole_clip(bvsr):
+    frames = clip(1, 8, 32)
+    whole = run(bvsr, frames, chunk=8, overlap=0)
+    no_context = run(bvsr, frames, chunk=3, overlap=0)
+    with_context = run(bvsr, frames, chunk=3, overlap=2)
+    assert len(with_context) == 8 and with_context[0].shape == (128, 128, 3)
+    assert psnr(with_context, whole) > CHUNK_PSNR
+    # no seam: the worst frame (next to a chunk boundary) is within 6 dB of the clip's average
+    assert min(psnr([a], [b]) for a, b in zip(with_context, whole)) > CHUNK_PSNR - 6
+    assert psnr(no_context, whole) < psnr(with_context, whole) - 5  # the context frames matter
+
+
+def test_tiled_output_is_close_to_the_whole_frame(bvsr):
+    frames = clip(2, 4, 72, 96)  # 2 x 2 tiles of 64, overlapping by 56 and 32 LR pixels
+    whole = run(bvsr, frames, chunk=4)
+    tiled = run(bvsr, frames, chunk=4, tile=64, tile_overlap=16)
+    assert psnr(tiled, whole) > TILE_PSNR
+    diff = np.abs(np.stack(tiled).astype(int) - np.stack(whole))
+    assert diff.max() <= TILE_MAX_DIFF
+    # no step at a tile edge: the band where tiles are blended is no worse than the rest
+    band = diff[:, :, 4 * 32:4 * 64].mean()
+    assert band < 2 * diff.mean() + 0.5
+
+
+def test_scene_cut_restarts_the_recurrence(bvsr):
+    scene_a = clip(3, 4, 32)
+    scene_b = [255 - f for f in clip(8, 3, 32)]  # an unrelated shot, far from scene_a in grey level
+    both = scene_a + scene_b
+    alone = run(bvsr, scene_a, chunk=8, overlap=2) + run(bvsr, scene_b, chunk=8, overlap=2)
+    cut = run(bvsr, both, chunk=8, overlap=2, scene_threshold=20)
+    assert all(np.array_equal(x, y) for x, y in zip(cut, alone)) and len(cut) == 7
+    leaked = run(bvsr, both, chunk=8, overlap=2, scene_threshold=0)  # the test can fail: without
+    assert not np.array_equal(leaked[4], alone[4])                    # the cut, features leak
+
+
+def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(bvsr):
+    frames = clip(5, 3, 32)
+    fp32 = run(bvsr, frames, chunk=3)
+    assert psnr(run(bvsr, frames, chunk=3, precision="bf16"), fp32) > 45  # measured 62.6 (8 frames)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        run(bvsr, frames, precision="fp16")
+
+
+def test_frames_are_read_as_needed(bvsr):
+    consumed = []
+
+    def source():
+        for i, f in enumerate(itertools.cycle(clip(6, 4, 32))):
+            consumed.append(i)
+            yield f
+
+    stream = upscale(bvsr, source(), device="cpu", chunk=2, overlap=1, tile=0, scene_threshold=0)
+    next(stream)
+    assert len(consumed) == 3  # chunk + overlap frames, not the (endless) video
+    stream.close()
+    consumed.clear()
+    assert len(run(bvsr, source(), chunk=2, overlap=1, max_frames=3)) == 3 and len(consumed) == 3
+
+
+def test_automatic_settings_fit_the_budget(monkeypatch):
+    model = BasicVSRPlusPlus()  # the published size, C = 64
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(basicvsr, "CPU_BUDGET", 1 << 40)
+    assert basicvsr.choose_settings(model, 180, 320, cpu, overlap=2)[:2] == (basicvsr.MAX_CHUNK, None)
+    monkeypatch.setattr(basicvsr, "CPU_BUDGET", 2 << 30)
+    chunk, tile, estimate, budget = basicvsr.choose_settings(model, 480, 854, cpu, overlap=2)
+    assert tile is not None and basicvsr.MIN_TILE <= tile < 854 and tile % 32 == 0
+    assert chunk >= basicvsr.MIN_CHUNK and estimate <= budget
+    # a larger tile would not have fitted MIN_CHUNK frames
+    bigger = basicvsr.estimate_memory(model, basicvsr.MIN_CHUNK + 4, min(480, tile + 32), tile + 32)
+    assert bigger > budget
+    # given settings are kept; features dominate: 5 maps x 64 channels x 4 bytes per LR pixel
+    assert basicvsr.choose_settings(model, 480, 854, cpu, chunk=7, overlap=1, tile=128)[:2] == (7, 128)
+    per_frame = basicvsr.estimate_memory(model, 2, 100, 100) - basicvsr.estimate_memory(model, 1, 100, 100)
+    assert 5 * 64 * 4 * 100 * 100 < per_frame < 2 * 5 * 64 * 4 * 100 * 100
+
+
+# ----------------------------------------------------------------------------------------
+# Command lines
+
+
+def test_cli_video_in_video_out(tmp_path, weights, bvsr, capsys):
+    src = write_video(tmp_path / "in.mp4", clip(7, 6, 32), fps=24)
+    out = tmp_path / "out.mp4"
+    rc = basicvsr.main([src, str(out), "--weights", weights["basicvsr"], "--arch", "basicvsr",
+                        "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu", "--chunk", "3"])
+    assert rc == 0 and "estimated peak" in capsys.readouterr().err
+    reader = data.read_video(out)
+    frames = list(reader)
+    assert (len(frames), reader.width, reader.height, reader.fps) == (6, 128, 128, 24)
+    expected = run(bvsr, src, chunk=3, scene_threshold=20, tile=None)
+    assert psnr(frames, expected) > 30  # H.264 crf 18 with 4:2:0 chroma on tiny busy frames: measured 34.1
+    assert sorted(os.listdir(tmp_path)) == ["in.mp4", "out.mp4"]
+
+
+def test_cli_folder_in_folder_out_realbasicvsr(tmp_path, weights):
+    frames = clip(8, 4, 32, 48)
+    src = write_frames(tmp_path / "in", frames)
+    rc = realbasicvsr.main([src, str(tmp_path / "out"), "--weights", weights["realbasicvsr"],
+                            "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu"])
+    assert rc == 0
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert len(names) == 4
+    model = realbasicvsr.RealBasicVSR(8, 1, 1, is_sequential_cleaning=True)
+    basicvsr.load_weights(model, weights["realbasicvsr"])
+    expected = list(upscale(model, frames, device="cpu"))
+    got = [data.read_image(str(tmp_path / "out" / n)) for n in names]
+    assert got[0].shape == (128, 192, 3)
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected))  # PNG is lossless
+
+
+def test_cli_basicvsrpp_is_the_default(tmp_path, weights):
+    frames = clip(9, 2, 64)
+    src = write_frames(tmp_path / "in", frames)
+    rc = basicvsr.main([src, str(tmp_path / "out"), "--weights", weights["basicvsrpp"],
+                        "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu", "--scene-threshold", "0"])
+    assert rc == 0
+    model = basicvsr.load_weights(BasicVSRPlusPlus(8, 1), weights["basicvsrpp"]).eval()
+    with torch.no_grad():
+        expected = model(data.frames_to_tensor(frames)[None])[0]
+    expected = expected.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    got = [data.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))]
+    assert np.array_equal(np.stack(got), expected)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """name -> (INPUT, extra args, words the one-line message must contain)."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    (root / "text.mp4").write_text("not a video")
+    frames = clip(10, 2, 40)
+    write_frames(root / "mixed", [frames[0], frames[1][:32, :32]])
+    write_frames(root / "small", [f[:32, :32] for f in frames])
+    bvsr_args = ["--arch", "basicvsr", "--mid-channels", "8", "--num-blocks", "1"]
+    return {
+        "missing": (root / "nope.mp4", bvsr_args, ["not found", "nope.mp4"]),
+        "not_a_video": (root / "text.mp4", bvsr_args, ["cannot read video", "text.mp4"]),
+        "empty_folder": (root / "empty", bvsr_args, ["no image frames", "empty"]),
+        "mixed_sizes": (root / "mixed", bvsr_args + ["--chunk", "8"], ["32x32", "40x40", "0001.png"]),
+        "too_small": (root / "small", ["--mid-channels", "8", "--num-blocks", "1"],
+                      ["32x32", "too small for BasicVSRPlusPlus", "64x64"]),
+        "wrong_weights": (root / "small", ["--arch", "basicvsr", "--mid-channels", "16", "--num-blocks", "1"],
+                          ["does not fit BasicVSR", "mis-shaped", "backward_resblocks"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_video", "empty_folder", "mixed_sizes", "too_small",
+                                  "wrong_weights"])
+@pytest.mark.parametrize("output", ["out.mp4", "out_frames"])
+def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path, weights, bad_inputs, capsys, case, output):
+    src, extra, words = bad_inputs[case]
+    arch = "basicvsr" if "basicvsr" in extra else "basicvsrpp"
+    rc = basicvsr.main([str(src), str(tmp_path / output), "--weights", weights[arch], "--device", "cpu"] + extra)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc != 0 and "Traceback" not in err
+    assert len(errors) == 1 and all(w in errors[0] for w in words), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_existing_output_needs_overwrite(tmp_path, weights, capsys):
+    src = write_frames(tmp_path / "in", clip(13, 2, 32))
+    (tmp_path / "out.mp4").write_bytes(b"keep me")
+    args = [src, str(tmp_path / "out.mp4"), "--weights", weights["basicvsr"], "--arch", "basicvsr",
+            "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu"]
+    assert basicvsr.main(args) == 1
+    assert "output exists" in capsys.readouterr().err
+    assert (tmp_path / "out.mp4").read_bytes() == b"keep me"
+    assert basicvsr.main(args + ["--overwrite"]) == 0
+    assert len(list(data.read_video(tmp_path / "out.mp4"))) == 2
+    assert sorted(os.listdir(tmp_path)) == ["in", "out.mp4"]
+
+
+@pytest.mark.parametrize("failure", ["nan", "exception"])
+def test_failure_mid_run_leaves_nothing(tmp_path, weights, monkeypatch, capsys, failure):
+    src = write_frames(tmp_path / "in", clip(14, 5, 32))
+    forward, calls = BasicVSR.forward, []
+
+    def failing_forward(self, lqs):  # the second chunk goes wrong
+        calls.append(lqs.shape[1])
+        if len(calls) == 2:
+            if failure == "exception":
+                raise RuntimeError("boom")
+            return forward(self, lqs) * float("nan")
+        return forward(self, lqs)
+
+    monkeypatch.setattr(BasicVSR, "forward", failing_forward)
+    out = tmp_path / ("out.mp4" if failure == "nan" else "out_frames")
+    args = [src, str(out), "--weights", weights["basicvsr"], "--arch", "basicvsr", "--mid-channels", "8",
+            "--num-blocks", "1", "--device", "cpu", "--chunk", "2", "--overlap", "0"]
+    if failure == "nan":
+        assert basicvsr.main(args) == 1
+        assert "inf/NaN" in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            basicvsr.main(args)
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path)) == ["in"]
