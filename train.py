@@ -46,7 +46,7 @@ BASICVSRPP_REDS4 = dict(
     gan_weight=0.0, d_mid_channels=64,
     lr=1e-4, lr_d=0.0, betas=(0.9, 0.99), lr_schedule="cosine", eta_min=1e-7, lr_period=None,
     max_iters=600_000, spynet_lr_mult=0.25, spynet_fix_iters=5000, ema_decay=0.0, grad_clip=0.0,
-    needs_spynet_weights=True,
+    needs_spynet_weights=True, num_workers=6,
     val_interval=5000, save_interval=5000, val_clips=None,
 )
 REALBASICVSR_WOGAN = dict(
@@ -56,6 +56,7 @@ REALBASICVSR_WOGAN = dict(
     pixel_loss="l1", pixel_target="gt_usm", cleaning_weight=1.0,
     lr=1e-4, lr_schedule="constant", max_iters=300_000,
     spynet_lr_mult=1.0, spynet_fix_iters=-1, ema_decay=0.999,  # SPyNet frozen throughout
+    num_workers=10,
 )
 RECIPES = {
     # REDS4 BI x4 (§7.1): Charbonnier, cosine 1e-4 -> 1e-7 over 600k, SPyNet x0.25 and frozen 5k.
@@ -78,13 +79,22 @@ RECIPES = {
         max_iters=150_000, batch_size=1, needs_spynet_weights=False),
 }
 
-# Without --data-root: the built-in synthetic clips. Full-size recipes make no sense on them, so
-# these small-but-real settings apply (flags still win); on a CPU the network is shrunk too, so
-# that the validation PSNR passes bicubic within minutes.
-SYNTHETIC = dict(num_frames=5, crop_size=256, val_clips=2, val_interval=500, save_interval=500,
-                 max_iters=5000, synthetic_clips=200)
-SYNTHETIC_CPU = dict(num_frames=3, mid_channels=16, num_blocks=2, num_cleaning_blocks=2, d_mid_channels=16,
-                     val_interval=100, save_interval=100, max_iters=2000, lr=2e-4)
+# Without --data-root: the built-in synthetic clips (for RealBasicVSR: synthetic GT through the
+# degradation pipeline). Full-size recipes make no sense on them, so these small-but-real
+# settings apply (flags still win); on a CPU the network is shrunk too, so that the validation
+# PSNR passes bicubic within minutes. BasicVSR++ needs LR frames of 64x64, hence its 256 crop.
+SYNTHETIC = {
+    "basicvsrpp": dict(num_frames=5, crop_size=256, synthetic_clips=200, val_clips=2, num_workers=4,
+                       val_interval=500, save_interval=500, max_iters=5000),
+    "realbasicvsr": dict(num_frames=5, crop_size=128, synthetic_clips=200, val_clips=2, num_workers=4,
+                         val_interval=500, save_interval=500, max_iters=5000),
+}
+SYNTHETIC_CPU = {
+    "basicvsrpp": dict(num_frames=2, mid_channels=16, num_blocks=2, num_workers=0, lr=1e-3,
+                       val_interval=50, save_interval=50, max_iters=1000),
+    "realbasicvsr": dict(num_frames=2, crop_size=64, mid_channels=16, num_blocks=2, num_cleaning_blocks=2,
+                         d_mid_channels=16, num_workers=0, val_interval=50, save_interval=50, max_iters=1000),
+}
 
 # The published files the recipes start from; nothing is downloaded.
 SPYNET_FILE = "spynet_20210409-c6c1bd09.pth"
@@ -101,7 +111,7 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="training data root; none: the built-in synthetic clips")
     g.add_argument("--val-root", help="validation data root (default: --data-root for reds4)")
-    g.add_argument("--val-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "none"])
+    g.add_argument("--val-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "synthetic", "none"])
     g.add_argument("--lq-dir", help="LQ folder name of a Vid4/UDM10-style set, e.g. BIx4, BDx4")
     g.add_argument("--gt-dir", help="GT folder name of a Vid4/UDM10-style set")
     g.add_argument("--degradation", choices=["BI", "BD"], help="Vimeo-90K LQ degradation")
@@ -160,8 +170,7 @@ def build_parser():
     return p
 
 
-RUN_DEFAULTS = dict(seed=0, amp="none", num_workers=0, log_interval=10, keep_last=3,
-                    max_nonfinite=10, synthetic_clips=200)
+RUN_DEFAULTS = dict(seed=0, amp="none", log_interval=10, keep_last=3, max_nonfinite=10, synthetic_clips=200)
 FLAG_ONLY = ("model", "data_root", "val_root", "out_dir", "device", "resume", "init", "spynet_weights",
              "vgg_weights", "inject_nan_at", "debug_rank_weights", "eval", "weights", "eval_set")
 
@@ -173,9 +182,9 @@ def resolve_config(args, device, world_size, saved=None):
     else:
         cfg = dict(RUN_DEFAULTS, **RECIPES[args.model], model=args.model, data_root=args.data_root)
         if args.data_root is None:
-            cfg.update(SYNTHETIC)
+            cfg.update(SYNTHETIC[cfg["arch"]])
             if device.type == "cpu":
-                cfg.update(SYNTHETIC_CPU)
+                cfg.update(SYNTHETIC_CPU[cfg["arch"]])
             cfg.update(val_set="synthetic", metric_channel="rgb", crop_border=0)
     for k, v in vars(args).items():
         if k in FLAG_ONLY or v is None:
@@ -475,6 +484,15 @@ def build_generator(cfg):
     raise ValueError(f"train.py: unknown arch {cfg['arch']!r}")
 
 
+def zero_flow(spynet):
+    """Without pretrained weights a random SPyNet returns flows of ~10 px on 64x64 frames, so the
+    alignment is noise. Zeroing each level's last conv makes it return zero flow (an identity
+    warp) until it is trained; its gradients are not zero, so it still learns when unfrozen."""
+    for level in spynet.basic_module:
+        torch.nn.init.zeros_(level.basic_module[-1].conv.weight)
+        torch.nn.init.zeros_(level.basic_module[-1].conv.bias)
+
+
 def spynet_params(model):
     return [p for n, p in model.named_parameters() if "spynet" in n]
 
@@ -628,6 +646,7 @@ class Trainer:
             return False
         set_spynet_frozen(self.g_raw, frozen)
         self.spynet_frozen = frozen
+        self.g = None  # drop the old wrapper (and its reducer hooks) before building the new one
         self.g = self.wrap(self.g_raw)
         if self.d is None and self.d_raw is not None:
             self.d = self.wrap(self.d_raw)
@@ -700,7 +719,7 @@ class Trainer:
                 fake_logits = self.d(out.detach().flatten(0, 1))
             losses["d_fake"] = realbasicvsr.gan_loss(fake_logits.float(), False)
             self.scaler_d.scale(losses["d_fake"]).backward()
-            d_bad = not (torch.isfinite(losses["d_real"]) and torch.isfinite(losses["d_fake"])).item()
+            d_bad = not torch.isfinite(losses["d_real"] + losses["d_fake"]).item()
             if all_reduce_max(d_bad, self.ddp):
                 ok = False
             else:
@@ -750,7 +769,7 @@ def train(args, ddp, rank, world_size, device):
                f"{' through the degradation pipeline' if cfg['arch'] == 'realbasicvsr' else ''}"
                f" with small {'CPU ' if device.type == 'cpu' else ''}settings (flags override them)", rank=rank)
     if cfg["needs_spynet_weights"] and not args.spynet_weights and not args.init and not args.resume:
-        print0(f"warning: no --spynet-weights: SPyNet starts from random weights; the {cfg['model']} recipe "
+        print0(f"warning: no --spynet-weights: SPyNet starts untrained (zero flow); the {cfg['model']} recipe "
                f"starts from the pretrained {SPYNET_FILE}", rank=rank)
     if cfg["perceptual_weight"] > 0 and not args.vgg_weights:
         raise ValueError(f"train.py: --model {cfg['model']} needs --vgg-weights (torchvision's {VGG_FILE}) "
@@ -761,15 +780,23 @@ def train(args, ddp, rank, world_size, device):
     print0("config (total batch = batch_size x world_size):", rank=rank)
     for k in sorted(cfg):
         print0(f"  {k:22s} {cfg[k]}", rank=rank)
+    if not args.resume and glob.glob(os.path.join(out_dir, "iter_*.state.pt")):
+        # keep-last pruning would otherwise delete the new run's checkpoints, not the old ones
+        raise ValueError(f"train.py: {out_dir} already holds checkpoints; continue with --resume {out_dir} "
+                         f"or pick another --out-dir")
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training shapes; GPU runs are not bitwise reproducible anyway
 
     # --- models; identical initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(cfg["seed"])
     g_raw = build_generator(cfg)
+    spynet = g_raw.basicvsr.spynet if cfg["arch"] == "realbasicvsr" else g_raw.spynet
     if args.spynet_weights:
-        basicvsr.load_weights(g_raw.basicvsr.spynet if cfg["arch"] == "realbasicvsr" else g_raw.spynet,
-                              args.spynet_weights)
+        basicvsr.load_weights(spynet, args.spynet_weights)
+    else:
+        zero_flow(spynet)
     g_raw.to(device).train()
     ema = copy.deepcopy(g_raw).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     if args.init:
@@ -865,8 +892,10 @@ def train(args, ddp, rank, world_size, device):
     inject = set(args.inject_nan_at or [])
     print0(f"train: iterations {start + 1}..{max_iters} on {world_size} x {device.type}", rank=rank)
     while step < max_iters:
-        if trainer.set_phase(step) and step > 0:
-            print0(f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}", rank=rank)
+        if trainer.set_phase(step):
+            fix = cfg["spynet_fix_iters"]
+            print0(f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}"
+                   + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""), rank=rank)
         lr = trainer.set_lr(step)
         batch = next(batches)
         losses, ok = trainer.train_step(batch, inject_nan=(step + 1) in inject)
@@ -938,8 +967,9 @@ def evaluate(args, ddp, rank, world_size, device):
         raise ValueError("train.py: --eval needs --data-root (the test set folder)")
     cfg = dict(RUN_DEFAULTS, **RECIPES[args.model])
     name = args.eval_set or cfg["val_set"]
-    channel, lq_dir, gt_dir = EVAL_SETS[name]
-    cfg.update(metric_channel=channel, lq_dir=lq_dir, gt_dir=gt_dir)
+    if name != cfg["val_set"]:  # the recipe's own protocol for its validation set, else §10's
+        channel, lq_dir, gt_dir = EVAL_SETS[name]
+        cfg.update(metric_channel=channel, lq_dir=lq_dir, gt_dir=gt_dir)
     for k in ("mid_channels", "num_blocks", "num_cleaning_blocks", "lq_dir", "gt_dir", "degradation",
               "metric_channel", "crop_border", "amp", "val_clips"):
         if getattr(args, k, None) is not None:
