@@ -665,23 +665,28 @@ def _precision_dtype(precision, device):
     return PRECISIONS[precision]
 
 
-# Peak memory of one run on a window of t frames of h x w LR pixels (an estimate, +-25%):
-#   t * h * w * (maps * C * b + 110 * 4)  +  h * w * 3000 * b  +  parameters
-# maps * C * b: the per-frame features kept until reconstruction (BasicVSR++: the spatial map
-# and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
-# (4 for fp32, 2 under autocast); 110 * 4: float32 flows (4), input (3) and the x4 output frames,
-# listed and then stacked (2 * 48); 3000 * b: the 64-channel x4 upsampling of one frame.
-# Calibrated on CPU (peak RSS, C = 64, 64x64 frames, t = 4..16); the CUDA caching allocator
-# adds its own slack, so the automatic settings keep 25% of the free memory in reserve.
+# Peak memory of one run on a window of t frames of h x w LR pixels, an estimate:
+#   t * h * w * (maps * C * b + 60)  +  h * w * K * b  +  parameters
+# maps * C * b: the features each frame keeps until its reconstruction (BasicVSR++: the spatial
+# map and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
+# (4 for fp32, 2 under autocast); 60: flows, input and output frames. K: what one step needs
+# on top, mostly the 64-channel x4 upsampling of one frame (K = 3300), and on CPU for BasicVSR++
+# the sampling buffers of the reference DCN (K = 8300).
+# Calibrated on CPU from the peak RSS of one forward pass (C = 64, 64x64 and 128x128 frames,
+# t = 3..12, fp32 and bf16); it matches those runs within 20%. The CUDA figures are not
+# measured: they assume the Triton DCN needs no such buffers, and the caching allocator adds
+# slack, so the automatic settings keep 25% of the free GPU memory in reserve. BasicVSR++'s
+# CPU offload (windows longer than cpu_cache_length on CUDA) makes this an overestimate.
 
 
-def estimate_memory(model, t, h, w, precision="fp32"):
+def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     """Estimated peak bytes of model(lqs) for lqs of shape (1, t, 3, h, w); see the note above."""
     b = 4 if PRECISIONS[precision] is None else 2
     net = next(m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus)))
     maps = 5 if isinstance(net, BasicVSRPlusPlus) else 1
+    k = 8300 if maps == 5 and torch.device(device).type == "cpu" else 3300
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return t * h * w * (maps * net.mid_channels * b + 110 * 4) + h * w * 3000 * b + params
+    return t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b + params
 
 
 def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=2, tile=None):
@@ -700,7 +705,8 @@ def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=2
         sizes = [None if tile == 0 or tile >= max(h, w) else tile]
 
     def cost(t, size):
-        return estimate_memory(model, t, *((h, w) if size is None else (min(h, size), min(w, size))), precision)
+        th, tw = (h, w) if size is None else (min(h, size), min(w, size))
+        return estimate_memory(model, t, th, tw, precision, device)
 
     for size in sizes:
         fixed, per_frame = cost(0, size), cost(1, size) - cost(0, size)  # linear in the window length

@@ -187,7 +187,7 @@ def test_automatic_settings_fit_the_budget(monkeypatch):
     assert tile is not None and basicvsr.MIN_TILE <= tile < 854 and tile % 32 == 0
     assert chunk >= basicvsr.MIN_CHUNK and estimate <= budget
     # a larger tile would not have fitted MIN_CHUNK frames
-    bigger = basicvsr.estimate_memory(model, basicvsr.MIN_CHUNK + 4, min(480, tile + 32), tile + 32)
+    bigger = basicvsr.estimate_memory(model, basicvsr.MIN_CHUNK + 4, min(480, tile + 32), tile + 32, device="cpu")
     assert bigger > budget
     # given settings are kept; features dominate: 5 maps x 64 channels x 4 bytes per LR pixel
     assert basicvsr.choose_settings(model, 480, 854, cpu, chunk=7, overlap=1, tile=128)[:2] == (7, 128)
