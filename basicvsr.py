@@ -851,7 +851,10 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     if isinstance(frames, (str, os.PathLike)):
         frames = data.read_video(frames)
     source = getattr(frames, "path", "frames")  # for messages
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"not a device: {device!r} (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available")
     dtype = _precision_dtype(precision, device)
@@ -861,8 +864,6 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     if tile and tile < MIN_TILE:
         raise ValueError(f"tile must be at least {MIN_TILE} LR pixels, got {tile}")
-    if tile and 2 * tile_overlap > tile:
-        raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
 
     total = getattr(frames, "num_frames", None)
     stream = iter(frames) if max_frames is None else itertools.islice(frames, max_frames)
@@ -877,12 +878,15 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
 
     model = model.to(device).eval()
     chunk, tile, estimate, budget = choose_settings(model, h, w, device, precision, chunk, overlap, tile)
+    if tile and 2 * tile_overlap > tile:
+        raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
     if progress:
         where = "free on " + str(device) if device.type == "cuda" else "CPU budget"
         print(f"upscale: {w}x{h} -> {4 * w}x{4 * h}, {type(model).__name__} on {device} ({precision}); "
               f"chunk {chunk} + {overlap} context frames each side; "
               f"{f'tiles of {tile} px, {tile_overlap} px overlap' if tile else 'whole frames'}; "
-              f"scene cuts at {scene_threshold or 'off'}; estimated peak {estimate / 2**30:.2f} GiB "
+              f"scene cuts {f'at a grey-level change > {scene_threshold:g}' if scene_threshold else 'off'}; "
+              f"estimated peak {estimate / 2**30:.2f} GiB "
               f"(budget {budget / 2**30:.1f} GiB {where})", file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
