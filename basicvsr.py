@@ -689,7 +689,7 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     return t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b + params
 
 
-def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=2, tile=None):
+def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4, tile=None):
     """Fill in chunk and tile for h x w frames; chunk None and tile None mean automatic, tile 0
     whole frames. Automatic: the longest chunk, up to MAX_CHUNK, that fits the memory budget with
     whole frames; if fewer than MIN_CHUNK (or the given chunk) fit, the largest tile, a multiple
@@ -828,7 +828,7 @@ def upscale_window(model, window, first, last, device, dtype, tile=None, tile_ov
     return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
-def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=2, tile=None, tile_overlap=16,
+def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=4, tile=None, tile_overlap=16,
             scene_threshold=20.0, max_frames=None, progress=False):
     """Upscale a video x4, streaming: yields RGB uint8 (4h, 4w, 3) frames in order.
 
@@ -838,6 +838,8 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     device: default CUDA if available, else CPU. precision: fp32, bf16 or fp16 (CUDA only),
         through torch.autocast; a non-finite output raises FloatingPointError.
     chunk, overlap: frames per run, and context frames on each side whose outputs are dropped.
+        Measured on a random BasicVSR with strengthened propagation (chunk 4, 12 frames), the
+        output is 42.5, 46.8, 50.7, 56.9 dB from the whole clip's for overlap 0, 1, 2, 4.
     tile, tile_overlap: LR tile size (>= 64) and overlap in pixels; tiles are blended with ramps.
         chunk=None / tile=None pick settings from the frame size and the free memory
         (choose_settings); tile=0 forces whole frames.
@@ -947,8 +949,8 @@ def add_upscale_args(parser):
     run.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                      help="autocast dtype; fp16 needs CUDA (default: fp32)")
     run.add_argument("--chunk", type=int, metavar="N", help="frames per run of the network")
-    run.add_argument("--overlap", type=int, default=2, metavar="K",
-                     help="context frames on each side of a chunk, run and then dropped (default: 2)")
+    run.add_argument("--overlap", type=int, default=4, metavar="K",
+                     help="context frames on each side of a chunk, run and then dropped (default: 4)")
     run.add_argument("--tile", type=int, metavar="T", help=f"LR tile size in pixels, >= {MIN_TILE}; 0: whole frames")
     run.add_argument("--tile-overlap", type=int, default=16, metavar="P",
                      help="LR pixels shared by neighbouring tiles, blended linearly (default: 16)")
