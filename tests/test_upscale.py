@@ -1,10 +1,12 @@
 """Video upscaling: basicvsr.upscale (scenes, chunks with context frames, tiles, precision) and
 the two command lines (basicvsr.main, realbasicvsr.main), on CPU with tiny random-weight networks.
 
-Bounds, from measurements with BasicVSR(8, 1) on 8 synthetic 32x32 frames (chunk 3) and
-4 frames of 72x96 (tile 64, overlap 16):
-    chunked, overlap 0: 52.4 dB to the whole-clip output; overlap 1: 59.1 dB; overlap 2: 65.8 dB
-    tiled: 57.5 dB to the whole-frame output, max |difference| 3 grey levels
+Bounds, from measurements with BasicVSR(8, 1) (random weights, CPU):
+    8 frames of 32x32, chunk 3, to the whole-clip output: overlap 0: 52.4 dB, overlap 1: 59.1 dB,
+        overlap 2: 65.8 dB (worst single frame 59.3 dB)
+    4 frames of 72x96, tiles of 64 overlapping by 16, to the whole-frame output: 53.6 dB,
+        max |difference| 5 grey levels
+    bf16 autocast vs fp32, 3 frames of 32x32: 62.3 dB
 """
 import itertools
 import math
@@ -20,8 +22,8 @@ import realbasicvsr
 from basicvsr import BasicVSR, BasicVSRPlusPlus, plan_windows, tile_starts, upscale, upscale_window
 
 CHUNK_PSNR = 58.0   # dB, chunk 3 with 2 context frames vs the whole clip (measured 65.8)
-TILE_PSNR = 50.0    # dB, tiles vs whole frames (measured 57.5)
-TILE_MAX_DIFF = 8   # grey levels, anywhere, including the blended bands (measured 3)
+TILE_PSNR = 48.0    # dB, tiles vs whole frames (measured 53.6)
+TILE_MAX_DIFF = 10  # grey levels, anywhere, including the blended bands (measured 5)
 
 
 def clip(seed, t, h, w=None):
@@ -156,7 +158,7 @@ def test_scene_cut_restarts_the_recurrence(bvsr):
 def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(bvsr):
     frames = clip(5, 3, 32)
     fp32 = run(bvsr, frames, chunk=3)
-    assert psnr(run(bvsr, frames, chunk=3, precision="bf16"), fp32) > 45  # measured 62.6 (8 frames)
+    assert psnr(run(bvsr, frames, chunk=3, precision="bf16"), fp32) > 50  # measured 62.3
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         run(bvsr, frames, precision="fp16")
 
