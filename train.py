@@ -163,7 +163,7 @@ def build_parser():
                    help="testing: every rank writes its final weights to OUT/rank<r>_final.safetensors")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="evaluate --weights on --eval-set and exit")
-    g.add_argument("--weights", help="weights to evaluate (.safetensors or a published .pth)")
+    g.add_argument("--weights", help="weights to evaluate: .safetensors, a published .pth, or a run folder")
     g.add_argument("--eval-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders"])
     g.add_argument("--metric-channel", choices=["rgb", "y"])
     g.add_argument("--crop-border", type=int)
@@ -179,6 +179,8 @@ def resolve_config(args, device, world_size, saved=None):
     """Recipe -> synthetic defaults -> flags; a resumed run starts from its saved config instead."""
     if saved is not None:
         cfg = dict(saved)
+        if args.data_root is not None:  # the data may have moved
+            cfg["data_root"] = args.data_root
     else:
         cfg = dict(RUN_DEFAULTS, **RECIPES[args.model], model=args.model, data_root=args.data_root)
         if args.data_root is None:
@@ -530,15 +532,23 @@ def lr_at(step, base_lr, cfg):
     return cfg["eta_min"] + 0.5 * (base_lr - cfg["eta_min"]) * (1 + math.cos(math.pi * t))
 
 
-def load_init(model, ema, path, rank):
-    """--init: weights only, preferring EMA weights (stage 1 -> stage 2 starts from the EMA)."""
+def preferred_weights(path, what):
+    """A weights file, or the latest checkpoint of a run folder; our EMA file beside it wins."""
     if os.path.isdir(path):
-        path = latest_checkpoint(path, what="--init") + ".safetensors"
+        path = latest_checkpoint(path, what) + ".safetensors"
     if path.endswith(".state.pt"):
         path = path[:-len(".state.pt")] + ".safetensors"
-    ema_path = path[:-len(".safetensors")] + "_ema.safetensors" if path.endswith(".safetensors") else None
-    if ema_path and os.path.isfile(ema_path):
-        path = ema_path
+    if path.endswith(".safetensors") and not path.endswith("_ema.safetensors"):
+        ema_path = path[:-len(".safetensors")] + "_ema.safetensors"
+        if os.path.isfile(ema_path):
+            return ema_path
+    return path
+
+
+def load_init(model, ema, path, rank):
+    """--init: weights only, preferring EMA weights (stage 1 -> stage 2 starts from the EMA).
+    mmagic .pth files: load_weights takes generator_ema when the file has it."""
+    path = preferred_weights(path, "--init")
     print0(f"init: weights from {path}", rank=rank)
     basicvsr.load_weights(model, path)
     if ema is not None:
@@ -834,7 +844,8 @@ def train(args, ddp, rank, world_size, device):
     loader = torch.utils.data.DataLoader(
         EpochIndexed(train_set), batch_size=cfg["batch_size"], sampler=stream,
         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
-        persistent_workers=cfg["num_workers"] > 0)
+        persistent_workers=cfg["num_workers"] > 0,
+        generator=torch.Generator().manual_seed(cfg["seed"] + rank))  # not the global RNG: resume stays exact
     batches = iter(loader)
     val_set = None
     if cfg["val_set"] != "none":
@@ -975,12 +986,13 @@ def evaluate(args, ddp, rank, world_size, device):
         if getattr(args, k, None) is not None:
             cfg[k] = getattr(args, k)
     model = build_generator(cfg)
-    basicvsr.load_weights(model, args.weights)
+    weights_file = preferred_weights(args.weights, "--weights")
+    basicvsr.load_weights(model, weights_file)
     model.to(device).eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
     amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     dataset = build_eval_set(name, args.data_root, cfg)
-    print0(f"eval: {args.weights} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
+    print0(f"eval: {weights_file} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
            f"crop border {cfg['crop_border']}", rank=rank)
     rows, (p, s, b) = evaluate_clips(model, dataset, cfg, device, amp_ctx, rank, world_size, ddp,
                                      max_clips=cfg["val_clips"], verbose=world_size == 1)

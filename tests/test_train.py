@@ -225,23 +225,24 @@ def test_gan_stage_all_losses_and_init_prefers_ema(tmp_path, capsys):
 
 def test_nan_guard_skips_then_stops(tmp_path):
     out = tmp_path / "nan"
-    args = TINY_RBV + ["--batch-size", "1", "--max-iters", "10", "--save-interval", "2", "--keep-last", "5",
-                       "--max-nonfinite", "3", "--inject-nan-at", "3", "6", "7", "8", "--out-dir", str(out)]
+    args = TINY_RBV + ["--batch-size", "1", "--max-iters", "10", "--save-interval", "1", "--keep-last", "5",
+                       "--max-nonfinite", "3", "--inject-nan-at", "2", "4", "5", "6", "--out-dir", str(out)]
     with pytest.raises(SystemExit) as stop:
         train.main(args)
     msg = str(stop.value.code)
-    assert "3 non-finite losses in a row" in msg and "iter_0000004.safetensors" in msg
+    assert "3 non-finite losses in a row" in msg and "iter_0000003.safetensors" in msg
     log = read_log(out)
-    assert sorted(losses(log)) == [1, 2, 4, 5]  # 3 was skipped; 6, 7, 8 stopped the run
+    assert sorted(losses(log)) == [1, 3]  # 2 was skipped; 4, 5, 6 stopped the run
     assert max(r.get("nonfinite", 0) for r in log) == 4
-    # no checkpoint written inside the bad run; the last good one is complete and finite
+    # no checkpoint is written inside a run of bad steps; the last good one is complete and finite
     names = os.listdir(out)
-    assert "iter_0000004.state.pt" in names and not any(n.startswith(("iter_0000006", "iter_0000008")) for n in names)
-    w = weights(out / "iter_0000004.safetensors")
+    assert "iter_0000001.state.pt" in names and "iter_0000003.state.pt" in names
+    assert not any(n.startswith(("iter_0000002", "iter_0000004", "iter_0000005", "iter_0000006")) for n in names)
+    w = weights(out / "iter_0000003.safetensors")
     assert all(torch.isfinite(v).all() for v in w.values())
-    # the NaN step was not applied: 4 iterations, 3 Adam steps
-    state = torch.load(out / "iter_0000004.state.pt", weights_only=True)
-    assert {float(s["step"]) for s in state["trainer"]["opt_g"]["state"].values()} == {3.0}
+    # the NaN step was not applied: 3 iterations, 2 Adam steps
+    state = torch.load(out / "iter_0000003.state.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["trainer"]["opt_g"]["state"].values()} == {2.0}
 
 
 # ---------------------------------------------------------------------------------------------
