@@ -28,6 +28,16 @@ TINY_RBV = ["--model", "realbasicvsr_wogan", "--mid-channels", "8", "--num-block
             "--device", "cpu", "--log-interval", "1", "--val-set", "none"]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the in-process training runs: on a busy 2-core box two OpenMP
+    threads spin against other processes and run several times slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -144,7 +154,7 @@ def test_lr_schedule_and_ema():
 # Training on tiny models
 
 
-def test_loss_decreases_checkpoints_and_validation(tmp_path, capsys):
+def test_loss_decreases_checkpoints_and_validation(one_thread, tmp_path, capsys):
     out = tmp_path / "run"
     # one synthetic clip: every iteration sees the same batch
     train.main(TINY_PP + ["--synthetic-clips", "1", "--max-iters", "4", "--lr", "1e-3", "--save-interval", "2",
@@ -172,7 +182,7 @@ def test_loss_decreases_checkpoints_and_validation(tmp_path, capsys):
     assert img.shape == (256, 3 * 256, 3)
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(one_thread, tmp_path):
     """6 iterations in one go == 3 iterations + resume for 3 (losses and final weights, EMA included),
     with a different number of DataLoader workers after the resume."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -193,7 +203,7 @@ def test_resume_is_exact(tmp_path):
                        gen["basicvsr.spynet.basic_module.0.basic_module.0.conv.weight"])
 
 
-def test_gan_stage_all_losses_and_init_prefers_ema(tmp_path, capsys):
+def test_gan_stage_all_losses_and_init_prefers_ema(one_thread, tmp_path, capsys):
     # a stage-1 checkpoint whose EMA differs from its generator
     torch.manual_seed(1)
     stage1 = tmp_path / "stage1"
@@ -223,7 +233,7 @@ def test_gan_stage_all_losses_and_init_prefers_ema(tmp_path, capsys):
     assert "conv_1.weight_orig" in state["trainer"]["discriminator"]
 
 
-def test_nan_guard_skips_then_stops(tmp_path):
+def test_nan_guard_skips_then_stops(one_thread, tmp_path):
     out = tmp_path / "nan"
     args = TINY_RBV + ["--batch-size", "1", "--max-iters", "10", "--save-interval", "1", "--keep-last", "5",
                        "--max-nonfinite", "3", "--inject-nan-at", "2", "4", "5", "6", "--out-dir", str(out)]
@@ -290,7 +300,7 @@ def test_torchrun_two_ranks_spynet_freeze(tmp_path):
 # Evaluation mode
 
 
-def test_eval_on_vid4_layout(tmp_path, capsys):
+def test_eval_on_vid4_layout(one_thread, tmp_path, capsys):
     gt_frames = [data.synthetic_clip(5, 2, 256)[0][i] for i in range(2)]
     for d in ("GT", "BIx4"):
         os.makedirs(tmp_path / d / "clipA")
