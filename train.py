@@ -864,13 +864,16 @@ def train(args, ddp, rank, world_size, device):
         except ImportError:
             print0("tensorboard: not installed; metrics go to log.jsonl only", rank=rank)
 
+    run_start = time.time()
+
     def log(record):
         if rank == 0:
+            record["time"] = round(time.time() - run_start, 1)  # wall seconds since this process started
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if tb is not None:
                 for k, v in record.items():
-                    if k != "iter" and isinstance(v, (int, float)) and math.isfinite(v):
+                    if k not in ("iter", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                         tb.add_scalar(k, v, record["iter"])
 
     def checkpoint(step, nonfinite_total):
