@@ -65,9 +65,13 @@ import kernels  # the package object the networks call through (kernels.deform_c
 from . import deform_conv, deform_conv2d, flow_warp, flow_warp_reference
 
 try:
+    import torchvision
     from torchvision.ops import deform_conv2d as tv_deform_conv2d
-except ImportError:  # torchvision is optional: its column is skipped
-    tv_deform_conv2d = None
+    TORCHVISION = torchvision.__version__
+except ImportError:  # torchvision is optional: its rows are skipped
+    tv_deform_conv2d, TORCHVISION = None, "not installed"
+except RuntimeError as e:  # e.g. a build for another torch: its ops do not register
+    tv_deform_conv2d, TORCHVISION = None, f"unusable ({str(e).splitlines()[0][:100]})"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -259,6 +263,8 @@ def model_workloads(frames, frames_480p):
                                        "G (pixel + cleaning + perceptual + GAN) then D, EMA"),
     }
 
+
+WORKLOAD_NAMES = list(model_workloads(100, 30))
 
 # --dry-run: every workload once, through the same functions, at these tiny sizes. BasicVSR++
 # takes nothing below 64x64; two frames keep the interpreted DCN to four calls per run.
@@ -596,7 +602,7 @@ def bench_models(args, device):
     paths = [p for p in MODEL_PATHS if p != "torchvision" or tv_deform_conv2d is not None]
     dtypes = list(args.dtype)
     weights = {"basicvsrpp": args.basicvsrpp_weights, "realbasicvsr": args.realbasicvsr_weights}
-    notes = [] if tv_deform_conv2d is not None else ["torchvision is not installed: no torchvision rows"]
+    notes = [] if tv_deform_conv2d is not None else [f"torchvision {TORCHVISION}: no torchvision rows"]
     if not all(weights.values()):
         notes.append("random weights: the networks' residual over the bilinear x4 skip is small, so "
                      "PSNR(bf16, fp32) is optimistic; pass --basicvsrpp-weights / --realbasicvsr-weights for "
@@ -658,7 +664,7 @@ def main():
     group.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     group.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="ops: batch sizes")
     group.add_argument("--ops", nargs="+", choices=["dcn", "flow_warp"], default=["dcn", "flow_warp"])
-    group.add_argument("--workloads", nargs="+", choices=list(DRY_RUN), default=list(DRY_RUN),
+    group.add_argument("--workloads", nargs="+", choices=WORKLOAD_NAMES, default=WORKLOAD_NAMES,
                        help="models: which workloads (default all)")
     group.add_argument("--frames", type=int, help="models: frames of the 180x320 clip (default 100; --quick 20)")
     group.add_argument("--frames-480p", type=int, help="models: frames of the 480x854 clip (default 30; --quick 10)")
@@ -677,8 +683,8 @@ def main():
     for flag in ("reps", "frames", "frames_480p"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"kernels.bench: --{flag.replace('_', '-')} must be >= 1")
-    if args.dry_run and not (args.models or args.all):
-        raise ValueError("kernels.bench: --dry-run is for the model workloads; add --models")
+    if args.dry_run and (args.all or not args.models):
+        raise ValueError("kernels.bench: --dry-run goes with --models (the op table needs a GPU)")
 
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -691,9 +697,8 @@ def main():
         print("kernels.bench: needs a CUDA GPU, and none is available (try --models --dry-run)")
         sys.exit(1)
     torch.manual_seed(0)
-    tv = "not installed" if tv_deform_conv2d is None else __import__("torchvision").__version__
     print(f"{'GPU: ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'device: CPU (dry run)'}; "
-          f"torch {torch.__version__}; triton {triton.__version__}; torchvision {tv}")
+          f"torch {torch.__version__}; triton {triton.__version__}; torchvision {TORCHVISION}")
     print(f"command: python -m kernels.bench {' '.join(sys.argv[1:])}".rstrip())
     print(f"fp32 settings: torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
           f"matmul precision {torch.get_float32_matmul_precision()!r}, "

@@ -6,7 +6,8 @@ CPU (CI, Triton's interpreter from conftest.py):
   default comes back after the block, also after an exception; whole models follow it.
 - kernels.bench: its benchmark-only torchvision patch runs the network with torchvision's
   signature and grid_sample (a stand-in with torchvision's signature replaces torchvision, which
-  CI does not have) and is undone after the block; its inputs and target arithmetic.
+  CI does not have) and is undone after the block; a tiny GAN-stage iteration through
+  train.py's Trainer; its inputs and target arithmetic.
 
 CUDA, error measures of tests/test_deform_conv.py and tests/test_flow_warp.py:
 - both ops at BasicVSR++'s shapes, output and every gradient, fp32 / bf16 / fp16;
@@ -161,6 +162,15 @@ def test_bench_torchvision_patch_runs_the_same_network(monkeypatch):
     assert (kernels.deform_conv2d, kernels.flow_warp) == original
     assert len(standin_calls) > 0
     assert rel(patched, reference) <= 1e-5
+
+
+def test_bench_gan_iteration_runs_train_py_trainer():
+    # The bench drives train.py's own Trainer: a tiny GAN-stage iteration on the reference path
+    # (generator, cleaning, perceptual, GAN and discriminator losses, EMA) catches a drifted interface.
+    wl = dict(bench.model_workloads(100, 30)["realbasicvsr-gan"], name="gan", **bench.DRY_RUN["realbasicvsr-gan"])
+    notes = []
+    cells = bench.bench_training(wl, ["torch reference"], ["fp32"], 1, 0, torch.device("cpu"), notes)
+    assert cells[("fp32", "torch reference")]["seconds"] > 0 and notes == []
 
 
 def integer_shift(a, b, max_shift=4):
