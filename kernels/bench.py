@@ -4,7 +4,7 @@
     python -m kernels.bench --models         # the five model workloads of issue 8
     python -m kernels.bench --all            # both tables
     TRITON_INTERPRET=1 python -m kernels.bench --models --dry-run   # CPU: the code path at tiny sizes
-                                                                    # (~5 min on 2 cores, mostly the interpreter)
+                                                                    # (~3.5 min on 2 cores, mostly the interpreter)
 
 Ops (--batch 1 8, --dtype fp32 bf16, --ops dcn flow_warp, --reps 50, --peak-tbps 3.35):
 - DCN: x (n, 128, 180, 320), 16 deform groups, 3x3, stride 1, padding 1, 64 out channels;

@@ -12,9 +12,10 @@ CPU (CI, Triton's interpreter from conftest.py):
 CUDA, error measures of tests/test_deform_conv.py and tests/test_flow_warp.py:
 - both ops at BasicVSR++'s shapes, output and every gradient, fp32 / bf16 / fp16;
 - BasicVSR++, BasicVSR and RealBasicVSR, use_backend("triton") vs ("torch"), TF32 off:
-  fp32 outputs within rel 1e-4 (max |diff| / max |reference|) and BasicVSR++'s parameter
-  gradients within rel 1e-3 (all gradients as one vector); bf16 (autocast) outputs: the RMS
-  error against the fp32 reference at most 2x the reference path's own bf16 RMS error + 1e-3.
+  fp32 outputs: max |diff| <= 1e-4 x max |reference - bilinear x4 of the input| (what the
+  network adds to its skip); BasicVSR++'s parameter gradients within rel 1e-3 (all gradients
+  as one vector, max |diff| / max |reference|); bf16 (autocast) outputs: the RMS error against
+  the fp32 reference at most 2x the reference path's own bf16 RMS error + 1e-3.
 """
 import collections
 import importlib
@@ -291,7 +292,10 @@ def test_cuda_model_outputs_triton_vs_reference(arch, no_tf32):
                 outs[backend, dtype] = net(lqs).float()
     ref = outs["torch", None]
     assert torch.isfinite(outs["triton", torch.bfloat16]).all()
-    assert rel(outs["triton", None], ref) <= 1e-4
+    # Relative to what the network adds to its bilinear x4 skip (~0.05 here, the output ~1).
+    skip = F.interpolate(lqs.flatten(0, 1), scale_factor=4, mode="bilinear", align_corners=False).view_as(ref)
+    err = (outs["triton", None] - ref).abs().max() / (ref - skip).abs().max()
+    assert err <= 1e-4, err.item()
     err_triton, err_ref = rms(outs["triton", torch.bfloat16], ref), rms(outs["torch", torch.bfloat16], ref)
     assert err_triton <= 2 * err_ref + 1e-3, (err_triton, err_ref)
 
