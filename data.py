@@ -1140,7 +1140,7 @@ class VideoWriter:
     def __init__(self, path, fps, crf=18, overwrite=False, compression=3):
         self.path = os.fspath(path)
         if os.path.exists(self.path) and not overwrite:
-            raise FileExistsError(f"output exists (pass overwrite to replace it): {self.path}")
+            raise FileExistsError(f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it): {self.path}")
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output folder not found: {parent}")
