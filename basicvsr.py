@@ -81,6 +81,26 @@ class PixelShufflePack(nn.Module):
         return F.pixel_shuffle(self.upsample_conv(x), self.scale_factor)
 
 
+def add_x4_head(net, mid_channels):
+    """The x4 tail shared by BasicVSR and BasicVSR++: two pixel-shuffle x2 stages, conv_hr, conv_last,
+    and the bilinear x4 image skip. The attribute names are the checkpoint keys; call it where the
+    reference registers them, so the state_dict order matches the published files."""
+    net.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
+    net.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
+    net.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
+    net.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
+    net.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+    net.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
+
+
+def x4_head(net, feat):
+    """(n, C, h, w) features -> (n, 3, 4h, 4w) residual, before the image skip is added."""
+    feat = net.lrelu(net.upsample1(feat))
+    feat = net.lrelu(net.upsample2(feat))
+    feat = net.lrelu(net.conv_hr(feat))
+    return net.conv_last(feat)
+
+
 # ----------------------------------------------------------------------------------------
 # SPyNet: a 6-level coarse-to-fine pyramid; each level refines the upsampled flow of the
 # level below from [ref, supp warped by the current flow, current flow].
@@ -226,12 +246,7 @@ class BasicVSR(nn.Module):
         self.backward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
         self.forward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
         self.fusion = nn.Conv2d(mid_channels * 2, mid_channels, 1, 1, 0, bias=True)
-        self.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
-        self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
-        self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
-        self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
-        self.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
-        self.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
+        add_x4_head(self, mid_channels)
 
     def forward(self, lqs):
         n, t, c, h, w = check_video(lqs, "BasicVSR")
@@ -256,11 +271,7 @@ class BasicVSR(nn.Module):
             feat_prop = self.forward_resblocks(torch.cat([lr_curr, feat_prop], dim=1))
 
             out = self.lrelu(self.fusion(torch.cat([feats_backward[i], feat_prop], dim=1)))
-            out = self.lrelu(self.upsample1(out))
-            out = self.lrelu(self.upsample2(out))
-            out = self.lrelu(self.conv_hr(out))
-            out = self.conv_last(out)
-            outputs.append(out + self.img_upsample(lr_curr))
+            outputs.append(x4_head(self, out) + self.img_upsample(lr_curr))
             feats_backward[i] = None
         return torch.stack(outputs, dim=1)
 
@@ -357,12 +368,7 @@ class BasicVSRPlusPlus(nn.Module):
 
         # reconstruction from [spatial, backward_1, forward_1, backward_2, forward_2], then x4
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
-        self.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
-        self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
-        self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
-        self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
-        self.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
-        self.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
+        add_x4_head(self, mid_channels)
 
     def propagate(self, feats, flows, module_name, cpu_cache, device):
         """Second-order grid propagation of one branch; appends its per-frame output to feats[module_name].
@@ -415,10 +421,7 @@ class BasicVSRPlusPlus(nn.Module):
             for k in feats:  # free frame i's features as we go
                 feats[k][i] = None
             hr = self.reconstruction(hr)
-            hr = self.lrelu(self.upsample1(hr))
-            hr = self.lrelu(self.upsample2(hr))
-            hr = self.lrelu(self.conv_hr(hr))
-            hr = self.conv_last(hr)
+            hr = x4_head(self, hr)
             # the skip is bilinear x4 (not bicubic), as in the reference
             hr = hr + (self.img_upsample(lqs[:, i]) if self.is_low_res_input else lqs[:, i])
             outputs.append(offload(hr, cpu_cache))
