@@ -207,27 +207,75 @@ def is_mirror_extended(lqs):
     return torch.equal(lqs_1, lqs_2.flip(1))
 
 
-def offload(x, cpu_cache):
-    # Asynchronous copy into pinned memory; later uploads are ordered after it on the same stream.
-    return x.to("cpu", non_blocking=True) if cpu_cache else x
+class HostCache:
+    """Per-frame maps of a long clip kept in pinned host memory instead of on the GPU (mmagic's
+    cpu_cache, without its stalls). On CUDA every copy runs on a stream of its own, so copies overlap
+    the convolutions: `put` sends a map down once the kernels that made it are done, and `upload`
+    starts bringing maps back up a step before `wait` hands them to the compute stream.
+    Disabled (the plain path), every call is the identity; on CPU tensors (force_cpu_cache, the tests)
+    the bookkeeping runs with no-op copies."""
+
+    def __init__(self, device, enabled):
+        self.device, self.enabled = device, enabled
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+
+    def put(self, x):
+        if self.stream is None:
+            return x
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+        x.record_stream(self.stream)  # x's memory is not reused before the copy has read it
+        return host
+
+    def upload(self, maps):
+        """Starts copying `maps` (a list; None entries pass through) to the GPU; give the result to wait."""
+        if self.stream is None:
+            return maps, None
+        with torch.cuda.stream(self.stream):
+            maps = [None if x is None else x.to(self.device, non_blocking=True) for x in maps]
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return maps, done
+
+    def wait(self, uploaded):
+        maps, done = uploaded
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            for x in maps:
+                if x is not None:
+                    x.record_stream(stream)  # allocated on the copy stream, used on this one
+        return maps
+
+    def synchronize(self):
+        """Before the CPU reads what `put` returned."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
 
-def compute_flow(spynet, lqs, mirror, cpu_cache=False):
+def compute_flow(spynet, lqs, mirror, cache=None, chunk=None):
     """lqs (n, t, 3, h, w) -> (flows_forward, flows_backward), lists of t-1 flows (n, 2, h, w):
-    flows_backward[k] goes from frame k to k+1, flows_forward[k] from frame k+1 to k."""
+    flows_backward[k] goes from frame k to k+1, flows_forward[k] from frame k+1 to k.
+    chunk: at most this many frame pairs per SPyNet call (bounds its activations); cache: a HostCache
+    that keeps the flows."""
     n, t, c, h, w = lqs.shape
     if t == 1:
         return [], []
-    if cpu_cache:  # one pair at a time, so SPyNet's activations stay a frame's worth
-        flows_backward = [offload(spynet(lqs[:, i], lqs[:, i + 1]), True) for i in range(t - 1)]
-        flows_forward = None if mirror else [offload(spynet(lqs[:, i + 1], lqs[:, i]), True) for i in range(t - 1)]
-    else:
-        lqs_1 = lqs[:, :-1].reshape(-1, c, h, w)
-        lqs_2 = lqs[:, 1:].reshape(-1, c, h, w)
-        flows_backward = list(spynet(lqs_1, lqs_2).view(n, t - 1, 2, h, w).unbind(1))
-        flows_forward = None if mirror else list(spynet(lqs_2, lqs_1).view(n, t - 1, 2, h, w).unbind(1))
-    if mirror:  # frame i of the mirrored clip is frame t-1-i
-        flows_forward = flows_backward[::-1]
+    chunk = chunk or t - 1
+
+    def flows(ref, supp):  # (n, t-1, 3, h, w) each -> t-1 flows
+        out = []
+        for s in range(0, t - 1, chunk):
+            r, p = ref[:, s:s + chunk], supp[:, s:s + chunk]
+            f = spynet(r.reshape(-1, c, h, w), p.reshape(-1, c, h, w)).view(n, r.shape[1], 2, h, w)
+            out += [f[:, i] if cache is None else cache.put(f[:, i]) for i in range(r.shape[1])]
+        return out
+
+    flows_backward = flows(lqs[:, :-1], lqs[:, 1:])
+    # frame i of the mirrored clip is frame t-1-i
+    flows_forward = flows_backward[::-1] if mirror else flows(lqs[:, 1:], lqs[:, :-1])
     return flows_forward, flows_backward
 
 
@@ -333,9 +381,11 @@ class BasicVSRPlusPlus(nn.Module):
     (then h, w are multiples of 4 and the network works at h/4 x w/4). The LR size must be >= 64x64.
 
     Long clips: when t > cpu_cache_length and the input is on a GPU, per-frame features and flows live
-    in (pinned) CPU memory and only the frames a step needs are uploaded, so GPU memory stays a few
-    frames' worth; the output is then returned on the CPU. Setting `force_cpu_cache = True` takes the
-    same path for CPU inputs too (the copies are no-ops), which is how the tests exercise it.
+    in pinned CPU memory (HostCache) and only the maps a step needs are on the GPU, so GPU memory stays
+    a few frames' worth; the output is then returned on the CPU. The copies run on their own stream,
+    one step ahead, and features and flows are computed cpu_cache_chunk frames at a time. Setting
+    cpu_cache_length = 0 takes that path for any clip; `force_cpu_cache = True` takes it for CPU
+    inputs too (the copies are no-ops), which is how the tests exercise it.
     """
 
     def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True,
@@ -344,6 +394,7 @@ class BasicVSRPlusPlus(nn.Module):
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
         self.cpu_cache_length = cpu_cache_length
+        self.cpu_cache_chunk = 8  # frames per feature-extraction / SPyNet call when caching
         self.force_cpu_cache = False
 
         self.spynet = SPyNet()
@@ -370,11 +421,12 @@ class BasicVSRPlusPlus(nn.Module):
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
         add_x4_head(self, mid_channels)
 
-    def propagate(self, feats, flows, module_name, cpu_cache, device):
+    def propagate(self, feats, flows, module_name, cache):
         """Second-order grid propagation of one branch; appends its per-frame output to feats[module_name].
 
         feats: dict of per-frame feature lists (n, C, h, w), in temporal order;
-        flows: t-1 flows; entry flow_idx[i] aligns the state of step i-1 to the frame of step i.
+        flows: t-1 flows; entry flow_idx[i] aligns the state of step i-1 to the frame of step i;
+        cache: the HostCache that holds feats and flows.
         """
         t = len(feats["spatial"])
         frame_idx = list(range(t))
@@ -382,58 +434,74 @@ class BasicVSRPlusPlus(nn.Module):
         if module_name.startswith("backward"):
             frame_idx = frame_idx[::-1]
             flow_idx = frame_idx
+        earlier = [k for k in feats if k not in ("spatial", module_name)]
 
-        def fetch(x):
-            return x.to(device, non_blocking=True)
+        def fetch(i):  # what step i reads: its frame's spatial and earlier-branch features, its two flows
+            idx = frame_idx[i]
+            return cache.upload([feats["spatial"][idx]] + [feats[k][idx] for k in earlier]
+                                + [flows[flow_idx[i]] if i > 0 else None, flows[flow_idx[i - 1]] if i > 1 else None])
 
-        feat_prop = torch.zeros_like(fetch(feats["spatial"][0]))
-        for i, idx in enumerate(frame_idx):
-            feat_current = fetch(feats["spatial"][idx])
-            if i > 0:  # align the state (n-1) and the output of two steps ago (n-2) to this frame
-                flow_n1 = fetch(flows[flow_idx[i]])
+        pending = fetch(0)
+        recent = []  # the outputs of the last two steps, kept on the device for the n-2 connection
+        for i in range(t):
+            feat_current, *feat_earlier, flow_n1, flow_prev = cache.wait(pending)
+            if i + 1 < t:
+                pending = fetch(i + 1)  # its copies overlap this step's convolutions
+            if i == 0:
+                feat_prop = torch.zeros_like(feat_current)
+            else:  # align the state (n-1) and the output of two steps ago (n-2) to this frame
                 cond_n1 = kernels.flow_warp(feat_prop, flow_n1)
                 feat_n2 = torch.zeros_like(feat_prop)
                 flow_n2 = torch.zeros_like(flow_n1)
                 cond_n2 = torch.zeros_like(cond_n1)
                 if i > 1:
-                    feat_n2 = fetch(feats[module_name][-2])
+                    feat_n2 = recent[0]
                     # compose n-2 -> n-1 -> n: flow_n2 = flow_n1 + flow(n-1 -> n-2) sampled at p + flow_n1
-                    flow_n2 = flow_n1 + kernels.flow_warp(fetch(flows[flow_idx[i - 1]]), flow_n1)
+                    flow_n2 = flow_n1 + kernels.flow_warp(flow_prev, flow_n1)
                     cond_n2 = kernels.flow_warp(feat_n2, flow_n2)
                 cond = torch.cat([cond_n1, feat_current, cond_n2], dim=1)
                 feat_prop = self.deform_align[module_name](torch.cat([feat_prop, feat_n2], dim=1), cond,
                                                            flow_n1, flow_n2)
 
             # aggregate: this frame's spatial features, every earlier branch at this frame, the state
-            feat = [feat_current] + [fetch(feats[k][idx]) for k in feats if k not in ("spatial", module_name)]
-            feat = torch.cat(feat + [feat_prop], dim=1)
+            feat = torch.cat([feat_current] + feat_earlier + [feat_prop], dim=1)
             feat_prop = feat_prop + self.backbone[module_name](feat)
-            feats[module_name].append(offload(feat_prop, cpu_cache))
+            recent = recent[-1:] + [feat_prop]
+            feats[module_name].append(cache.put(feat_prop))
 
         if module_name.startswith("backward"):
             feats[module_name] = feats[module_name][::-1]
 
-    def upsample(self, lqs, feats, cpu_cache, device):
+    def upsample(self, lqs, feats, cache):
         """Reconstruct each frame from all branches, x4 by pixel shuffle, plus the upsampled input."""
-        outputs = []
-        for i in range(lqs.shape[1]):
-            hr = torch.cat([feats[k][i].to(device, non_blocking=True) for k in feats], dim=1)  # (n, 5C, h, w)
-            for k in feats:  # free frame i's features as we go
+        t = lqs.shape[1]
+
+        def fetch(i):
+            maps = cache.upload([feats[k][i] for k in feats])
+            for k in feats:  # frame i's features are no longer needed once on their way
                 feats[k][i] = None
+            return maps
+
+        pending = fetch(0)
+        outputs = []
+        for i in range(t):
+            hr = torch.cat(cache.wait(pending), dim=1)  # (n, 5C, h, w)
+            if i + 1 < t:
+                pending = fetch(i + 1)
             hr = self.reconstruction(hr)
             hr = x4_head(self, hr)
             # the skip is bilinear x4 (not bicubic), as in the reference
             hr = hr + (self.img_upsample(lqs[:, i]) if self.is_low_res_input else lqs[:, i])
-            outputs.append(offload(hr, cpu_cache))
-        if cpu_cache and device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # the copies must land before the CPU reads them
+            outputs.append(cache.put(hr))
+        cache.synchronize()  # the copies must land before the CPU reads them
         return torch.stack(outputs, dim=1)
 
     def forward(self, lqs):
         # SPyNet's flows need LR frames of at least 64x64 (the reference asserts it)
         n, t, c, h, w = check_video(lqs, "BasicVSRPlusPlus", min_size=64 if self.is_low_res_input else 256)
-        device = lqs.device
-        cpu_cache = t > self.cpu_cache_length and (lqs.is_cuda or self.force_cpu_cache)
+        cache = HostCache(lqs.device, t > self.cpu_cache_length and (lqs.is_cuda or self.force_cpu_cache))
+        # all frames in one batch, as mmagic does, unless caching: then chunks bound the activations
+        chunk = self.cpu_cache_chunk if cache.enabled else t
 
         if self.is_low_res_input:
             lqs_downsample = lqs
@@ -445,23 +513,44 @@ class BasicVSRPlusPlus(nn.Module):
             lqs_downsample = lqs_downsample.view(n, t, c, h // 4, w // 4)
 
         # spatial features, one list entry per frame (n, C, h', w')
-        if cpu_cache:
-            feats = {"spatial": [offload(self.feat_extract(lqs[:, i]), True) for i in range(t)]}
-        else:
-            feat = self.feat_extract(lqs.reshape(-1, c, h, w))
-            feats = {"spatial": list(feat.view(n, t, *feat.shape[1:]).unbind(1))}
+        feats = {"spatial": []}
+        for s in range(0, t, chunk):
+            feat = self.feat_extract(lqs[:, s:s + chunk].reshape(-1, c, h, w))
+            feats["spatial"] += [cache.put(f) for f in feat.view(n, -1, *feat.shape[1:]).unbind(1)]
 
         flows_forward, flows_backward = compute_flow(self.spynet, lqs_downsample, is_mirror_extended(lqs),
-                                                     cpu_cache)
+                                                     cache if cache.enabled else None, chunk)
 
         for iter_ in [1, 2]:
             for direction in ["backward", "forward"]:
                 module_name = f"{direction}_{iter_}"
                 feats[module_name] = []
                 flows = flows_backward if direction == "backward" else flows_forward
-                self.propagate(feats, flows, module_name, cpu_cache, device)
+                self.propagate(feats, flows, module_name, cache)
 
-        return self.upsample(lqs, feats, cpu_cache, device)
+        return self.upsample(lqs, feats, cache)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile. A clip runs the same few modules once per frame and branch, so compiling those
+# modules (not the whole network, whose Python loop depends on the clip length) fuses the
+# pointwise glue between the convolutions (LeakyReLU, residual adds, the offsets' tanh, flow
+# addition and sigmoid) and cuts per-op launch overhead. The custom ops of `kernels` are traced,
+# not broken around.
+
+COMPILED_MODULES = (ResidualBlocksWithInputConv, SecondOrderDeformableAlignment, SPyNetBasicModule, PixelShufflePack)
+
+
+def compile_network(model, mode=None):
+    """Compiles, in place, every per-frame module of `model` (BasicVSR, BasicVSR++, RealBasicVSR):
+    the propagation, reconstruction and cleaning blocks, the deformable alignments, SPyNet's levels
+    and the upsampling convolutions. Keys and weights are unchanged (nn.Module.compile). The first
+    clip of each new frame size pays the compilation. mode: torch.compile's (None: the default;
+    CUDA-graph modes do not suit the per-frame features kept across calls)."""
+    for m in model.modules():
+        if isinstance(m, COMPILED_MODULES):
+            m.compile(mode=mode)
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -957,6 +1046,8 @@ def add_upscale_args(parser):
     run.add_argument("--tile", type=int, metavar="T", help=f"LR tile size in pixels, >= {MIN_TILE}; 0: whole frames")
     run.add_argument("--tile-overlap", type=int, default=16, metavar="P",
                      help="LR pixels shared by neighbouring tiles, blended linearly (default: 16)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the per-frame modules (compile_network); the first window is slower")
     video = parser.add_argument_group("video")
     video.add_argument("--max-frames", type=int, metavar="N", help="upscale only the first N frames")
     video.add_argument("--scene-threshold", type=float, default=20.0, metavar="D",
@@ -980,6 +1071,8 @@ def run_upscale(args, build_network):
             raise ValueError(f"OUTPUT is the INPUT: {args.output}")
         with data.VideoWriter(args.output, reader.fps, overwrite=args.overwrite) as writer:
             model = load_weights(build_network(args), args.weights)
+            if args.compile:
+                compile_network(model)
             for frame in upscale(model, reader, device=args.device, precision=args.precision, chunk=args.chunk,
                                  overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
                                  scene_threshold=args.scene_threshold, max_frames=args.max_frames, progress=True):

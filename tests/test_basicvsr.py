@@ -1,6 +1,7 @@
 """basicvsr.py against the reference-structured oracle (tests/mmagic_reference.py), the official
 keys, the reference's own unit-test expectations (spec §11, with ValueError for AssertionError),
 every checkpoint layout load_weights reads, and the convert CLI."""
+import copy
 import os
 import subprocess
 import sys
@@ -202,9 +203,9 @@ def test_mirror_detection_is_per_call(vsr):
 @pytest.mark.parametrize("mirrored", [False, True])  # mirrored + cache crashes the reference (§12.10)
 def test_cpu_cache_path_equals_plain_path(pp_lr, mirrored):
     lqs = clip(4 if mirrored else 3, 64, 64, seed=11, mirrored=mirrored)
-    batch_sizes = []  # of feat_extract calls: t at once on the plain path, 1 at a time when caching
+    batch_sizes = []  # of feat_extract calls: t at once on the plain path, chunks of 2 when caching
     handle = pp_lr.feat_extract.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
-    pp_lr.cpu_cache_length = 2
+    pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = 2, 2
     try:
         with torch.no_grad():
             plain = pp_lr(lqs)  # spec §11.2: on CPU a cpu_cache_length below t has no effect
@@ -212,11 +213,30 @@ def test_cpu_cache_path_equals_plain_path(pp_lr, mirrored):
             cached = pp_lr(lqs)
     finally:
         handle.remove()
-        pp_lr.force_cpu_cache, pp_lr.cpu_cache_length = False, 100
+        pp_lr.force_cpu_cache, pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = False, 100, 8
     t = lqs.shape[1]
-    assert batch_sizes == [t] + [1] * t
+    assert batch_sizes == [t] + [2, t - 2]
     assert plain.shape == cached.shape == (1, t, 3, 256, 256)
     assert max_diff(plain, cached) < 1e-5
+
+
+def test_compile_network_equals_eager(pp_lr):
+    """compile_network compiles the per-frame modules in place: same keys, same outputs (CPU inductor,
+    the reference ops traced through), and the cache path runs compiled too."""
+    net = copy.deepcopy(pp_lr)
+    lqs = clip(3, 64, 64, seed=21)
+    with torch.no_grad():
+        eager = pp_lr(lqs)
+        basicvsr.compile_network(net)
+        compiled = net(lqs)
+        net.force_cpu_cache, net.cpu_cache_length = True, 0
+        cached = net(lqs)
+    assert list(net.state_dict()) == list(pp_lr.state_dict())
+    kinds = {type(m).__name__ for m in net.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert kinds == {"ResidualBlocksWithInputConv", "SecondOrderDeformableAlignment", "SPyNetBasicModule",
+                     "PixelShufflePack"}
+    assert max_diff(compiled, eager) < 1e-5
+    assert max_diff(cached, eager) < 1e-5
 
 
 BF16_BOUND = 5e-3  # measured max abs 6e-4 .. 1.4e-3 (3 seeds) on these tiny random nets, outputs in about [0, 1]
