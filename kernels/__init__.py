@@ -4,6 +4,17 @@ PyTorch reference beside it.
     deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1,
                   deform_groups=1, backend=None)          # mmcv modulated_deform_conv2d
     flow_warp(x, flow, padding_mode="zeros", backend=None) # flow (n, 2, h, w): dx, dy in pixels
+    flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias=None, max_residue_magnitude=10.0,
+                              stride=1, padding=0, dilation=1, deform_groups=1, backend=None)
+
+flow_guided_deform_conv2d is deform_conv2d with BasicVSR++'s offset/mask glue fused into the
+kernel. conv_offset (n, 3*G*K, ho, wo) is the raw output of the offset branch: offset logits
+in the offset layout, then mask logits in the mask layout. flows (n, 2F, ho, wo) holds F flows
+(dx, dy each); deform group g adds flow g // (G // F) (BasicVSR++: torch.cat([flow_1, flow_2], 1)).
+offset = max_residue_magnitude * tanh(offset logits) + flow as (dy, dx), mask = sigmoid(mask
+logits), both in fp32. Its reference, flow_guided_offsets(conv_offset, flows,
+max_residue_magnitude, deform_groups, taps) -> (offset, mask), followed by
+deform_conv2d_reference, is the CPU path.
 
 backend: "triton" forces the kernel (CPU tensors need TRITON_INTERPRET=1 set before triton is
 imported), "torch" forces the reference, None takes the default below.
@@ -45,8 +56,9 @@ def use_backend(backend):
 
 
 # Imported after get_backend exists: the public functions look it up at call time.
-from .deform_conv import deform_conv2d, deform_conv2d_reference  # noqa: E402
+from .deform_conv import (deform_conv2d, deform_conv2d_reference, flow_guided_deform_conv2d,  # noqa: E402
+                          flow_guided_offsets)
 from .flow_warp import flow_warp, flow_warp_reference  # noqa: E402
 
-__all__ = ["deform_conv2d", "deform_conv2d_reference", "flow_warp", "flow_warp_reference",
-           "get_backend", "use_backend"]
+__all__ = ["deform_conv2d", "deform_conv2d_reference", "flow_guided_deform_conv2d", "flow_guided_offsets",
+           "flow_warp", "flow_warp_reference", "get_backend", "use_backend"]

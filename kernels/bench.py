@@ -10,6 +10,11 @@ Ops (--batch 1 8, --dtype fp32 bf16, --ops dcn flow_warp, --reps 50, --peak-tbps
 - DCN: x (n, 128, 180, 320), 16 deform groups, 3x3, stride 1, padding 1, 64 out channels;
   offset (n, 288, 180, 320) and mask (n, 144, 180, 320). Offsets look like BasicVSR++'s: a
   smooth flow plus a small residue.
+- DCN + offset glue: the same layer as BasicVSR++ calls it, from the offset branch's raw output
+  conv_offset (n, 432, 180, 320) (logits, in the features' dtype as under autocast) and two flows
+  (n, 4, 180, 320): "triton" is flow_guided_deform_conv2d (glue fused into the kernel), "torch
+  glue + triton dcn" is flow_guided_offsets (PyTorch, fp32) then the Triton deform_conv2d, and
+  "torch reference" both in PyTorch. Run with --ops dcn.
 - flow warp: x (n, 64, 180, 320), flow (n, 2, 180, 320), zero padding.
 - dtype "bf16" means what autocast does: features, mask, weights and outputs in bf16, offsets
   and flows in fp32. fp32 dots are exact ("ieee") unless TF32 is allowed
@@ -62,7 +67,7 @@ from torch.nn.modules.utils import _pair
 
 import kernels  # the package object the networks call through (kernels.deform_conv2d, ...)
 
-from . import deform_conv, deform_conv2d, flow_warp, flow_warp_reference
+from . import deform_conv, deform_conv2d, flow_guided_deform_conv2d, flow_guided_offsets, flow_warp, flow_warp_reference
 
 try:
     import torchvision
@@ -113,6 +118,18 @@ def dcn_inputs(n, dtype, device, h=180, w=320, c_in=128, c_out=64, groups=16):
     weight = (torch.randn(c_out, c_in, 3, 3, device=device) / (c_in * K) ** 0.5).to(dtype)
     bias = torch.randn(c_out, device=device).to(dtype)
     return x, offset, mask, weight, bias
+
+
+def dcn_glue_inputs(n, dtype, device, h=180, w=320, c_in=128, c_out=64, groups=16):
+    """x, conv_offset, flows, weight, bias of flow_guided_deform_conv2d: logits that give residues
+    of ~1 px (max_residue_magnitude 10), two smooth flows."""
+    K = 9
+    flows = torch.cat([smooth_flow(n, h, w, 4.0, device) for _ in range(2)], 1)
+    conv_offset = (0.1 * torch.randn(n, 3 * groups * K, h, w, device=device)).to(dtype)
+    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
+    weight = (torch.randn(c_out, c_in, 3, 3, device=device) / (c_in * K) ** 0.5).to(dtype)
+    bias = torch.randn(c_out, device=device).to(dtype)
+    return x, conv_offset, flows, weight, bias
 
 
 def warp_inputs(n, dtype, device, h=180, w=320, c=64):
@@ -205,6 +222,26 @@ def bench_dcn(batch, dtype_name, reps, peak, device):
     check_against_reference("dcn", batch, dtype_name, results)
     out = x.new_empty(batch, weight.shape[0], x.shape[2], x.shape[3])  # stride 1, padding 1
     return table_rows("dcn", batch, dtype_name, results, compulsory_bytes(inputs, out), peak)
+
+
+def bench_dcn_glue(batch, dtype_name, reps, peak, device):
+    x, conv_offset, flows, weight, bias = inputs = dcn_glue_inputs(batch, DTYPES[dtype_name], device)
+    conv = dict(max_residue_magnitude=10.0, stride=1, padding=1, dilation=1, deform_groups=16)
+    dcn_conv = {k: v for k, v in conv.items() if k != "max_residue_magnitude"}
+
+    def glue_then_dcn(x, conv_offset, flows, weight, bias):
+        offset, mask = flow_guided_offsets(conv_offset, flows, conv["max_residue_magnitude"], 16, 9)
+        return deform_conv2d(x, offset, mask, weight, bias, **dcn_conv, backend="triton")
+
+    impls = {
+        "triton": lambda *a: flow_guided_deform_conv2d(*a, **conv, backend="triton"),
+        "torch glue + triton dcn": glue_then_dcn,
+        "torch reference": lambda *a: flow_guided_deform_conv2d(*a, **conv, backend="torch"),
+    }
+    results = {impl: fwd_and_fwd_bwd(impl, fn, inputs, reps) for impl, fn in impls.items()}
+    check_against_reference("dcn + offset glue", batch, dtype_name, results)
+    out = x.new_empty(batch, weight.shape[0], x.shape[2], x.shape[3])  # stride 1, padding 1
+    return table_rows("dcn + offset glue", batch, dtype_name, results, compulsory_bytes((x, conv_offset, flows), out), peak)
 
 
 def bench_warp(batch, dtype_name, reps, peak, device):
@@ -649,6 +686,7 @@ def bench_ops(args, device):
         for dtype_name in args.dtype:
             if "dcn" in args.ops:
                 rows += bench_dcn(batch, dtype_name, reps, peak, device)
+                rows += bench_dcn_glue(batch, dtype_name, reps, peak, device)
             if "flow_warp" in args.ops:
                 rows += bench_warp(batch, dtype_name, reps, peak, device)
             torch.cuda.empty_cache()

@@ -5,6 +5,14 @@ offset  (n, G*2*K, ho, wo), channel g*2K + 2k + (0: dy, 1: dx), K = kh*kw, k = i
 mask    (n, G*K, ho, wo),   channel g*K + k
 weight  (c_out, c_in, kh, kw); input channels split evenly over the G deform groups.
 A sample not strictly inside (-1, h) x (-1, w) contributes 0 and gets no offset/mask gradient.
+
+The flow-guided variant (BasicVSR++'s second-order alignment) builds offset and mask inside the
+kernel from the raw output of the offset branch, instead of ~10 elementwise passes before it:
+conv_offset (n, 3*G*K, ho, wo): channels [0, 2GK) offset logits in the offset layout above,
+                                [2GK, 3GK) mask logits in the mask layout above
+flows       (n, 2F, ho, wo): F flows, each (dx, dy) in pixels; deform group g uses flow g // (G/F)
+offset = max_residue_magnitude * tanh(offset logits) + the group's flow as (dy, dx)
+mask   = sigmoid(mask logits)
 """
 import contextlib
 from typing import List, Optional, Tuple
@@ -15,28 +23,57 @@ import triton.language as tl
 from torch.nn.modules.utils import _pair
 
 
-def _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
+def _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op):
+    """(ho, wo) after checking x, weight and bias; op names the function in the messages."""
     if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"deform_conv2d: x and weight must be 4-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"{op}: x and weight must be 4-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
     n, c_in, h, w = x.shape
     c_out, c_w, kh, kw = weight.shape
     if c_w != c_in:
-        raise ValueError(f"deform_conv2d: weight expects {c_w} input channels, x has {c_in} (groups must be 1)")
+        raise ValueError(f"{op}: weight expects {c_w} input channels, x has {c_in} (groups must be 1)")
     if deform_groups < 1 or c_in % deform_groups:
-        raise ValueError(f"deform_conv2d: {c_in} input channels do not split into {deform_groups} deform groups")
+        raise ValueError(f"{op}: {c_in} input channels do not split into {deform_groups} deform groups")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"deform_conv2d: input {h}x{w} is too small for kernel {kh}x{kw} with this padding")
-    K = kh * kw
+        raise ValueError(f"{op}: input {h}x{w} is too small for kernel {kh}x{kw} with this padding")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"{op}: bias must be ({c_out},), got {tuple(bias.shape)}")
+    return ho, wo
+
+
+def _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
+    ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, "deform_conv2d")
+    n, K = x.shape[0], weight.shape[2] * weight.shape[3]
     if tuple(offset.shape) != (n, deform_groups * 2 * K, ho, wo):
         raise ValueError(f"deform_conv2d: offset must be {(n, deform_groups * 2 * K, ho, wo)}, got {tuple(offset.shape)}")
     if tuple(mask.shape) != (n, deform_groups * K, ho, wo):
         raise ValueError(f"deform_conv2d: mask must be {(n, deform_groups * K, ho, wo)}, got {tuple(mask.shape)}")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"deform_conv2d: bias must be ({c_out},), got {tuple(bias.shape)}")
     return ho, wo
+
+
+def _check_glue(conv_offset, flows, deform_groups, taps, op, size=None):
+    """Checks conv_offset (n, 3GK, ho, wo) and flows (n, 2F, ho, wo), (n, ho, wo) = size or
+    conv_offset's; returns F."""
+    if conv_offset.dim() != 4 or flows.dim() != 4:
+        raise ValueError(f"{op}: conv_offset and flows must be 4-d, got {tuple(conv_offset.shape)} and {tuple(flows.shape)}")
+    if deform_groups < 1 or taps < 1:
+        raise ValueError(f"{op}: deform_groups and taps must be >= 1, got {deform_groups} and {taps}")
+    G, K = deform_groups, taps
+    n, ho, wo = size if size is not None else (conv_offset.shape[0], *conv_offset.shape[2:])
+    if conv_offset.shape[1] != 3 * G * K:
+        raise ValueError(f"{op}: conv_offset must have 3 * deform_groups * taps = {3 * G * K} channels "
+                         f"(offset logits, then mask logits), got {conv_offset.shape[1]}")
+    if tuple(conv_offset.shape) != (n, 3 * G * K, ho, wo):
+        raise ValueError(f"{op}: conv_offset must be {(n, 3 * G * K, ho, wo)}, got {tuple(conv_offset.shape)}")
+    c = flows.shape[1]
+    if c < 2 or c % 2 or G % (c // 2):
+        raise ValueError(f"{op}: flows must have 2 channels (dx, dy) per flow and deform_groups ({G}) must be "
+                         f"a multiple of the number of flows, got {c} channels")
+    if tuple(flows.shape) != (n, c, ho, wo):
+        raise ValueError(f"{op}: flows must be {(n, c, ho, wo)}, got {tuple(flows.shape)}")
+    return c // 2
 
 
 # ----------------------------------------------------------------------------------------
@@ -88,6 +125,28 @@ def deform_conv2d_reference(x, offset, mask, weight, bias=None, stride=1, paddin
     return out.view(n, c_out, ho, wo)
 
 
+# The flow-guided glue in PyTorch: the reference path's first half, and the backward's chain rule.
+
+def _add_flows(residue, flows, deform_groups):
+    """residue (n, 2GK, h, w) + each group's flow, flipped from (dx, dy) to (dy, dx)."""
+    n, _, h, w = residue.shape
+    F = flows.shape[1] // 2
+    flow_yx = flows.to(residue.dtype).view(n, F, 1, 1, 2, h, w).flip(4)
+    return (residue.view(n, F, deform_groups // F, -1, 2, h, w) + flow_yx).view(n, -1, h, w)
+
+
+def flow_guided_offsets(conv_offset, flows, max_residue_magnitude, deform_groups, taps):
+    """BasicVSR++'s offsets and mask from the offset branch's raw output (layouts in the module
+    docstring): offset (n, 2GK, h, w) = max_residue_magnitude * tanh(logits) + flows,
+    mask (n, GK, h, w) = sigmoid(logits). Computed in fp32 (fp64 stays fp64)."""
+    _check_glue(conv_offset, flows, deform_groups, taps, "flow_guided_offsets")
+    acc = torch.promote_types(torch.promote_types(conv_offset.dtype, flows.dtype), torch.float32)
+    logits = conv_offset.to(acc)
+    split = 2 * deform_groups * taps
+    offset = _add_flows(max_residue_magnitude * torch.tanh(logits[:, :split]), flows, deform_groups)
+    return offset, torch.sigmoid(logits[:, split:])
+
+
 # ----------------------------------------------------------------------------------------
 # Triton kernels. Layouts inside: x channels-last (n, h, w, c_in) so that one corner of one
 # deform group is a contiguous channel vector; weight reordered once to (K, c_in, c_out);
@@ -121,20 +180,53 @@ def _cast(v, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _taps(off_ptr, msk_ptr, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
-          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr):
+def _tanh(v):
+    """fp32 tanh from exp(-2|v|), which cannot overflow: exactly +-1 for large |v|, NaN for NaN.
+    A Taylor polynomial below |v| = 1/4, where 1 - exp(-2|v|) would cancel."""
+    a = tl.abs(v)
+    e = tl.exp(-2.0 * a)
+    s = tl.minimum(a, 0.25)  # keeps s * s finite on the other branch
+    s2 = s * s
+    small = s * (1.0 + s2 * (-1.0 / 3.0 + s2 * (2.0 / 15.0 + s2 * (-17.0 / 315.0 + s2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, small, (1.0 - e) / (1.0 + e))
+    return tl.where(v < 0.0, -t, t)
+
+
+@triton.jit
+def _sigmoid(v):
+    """fp32 sigmoid from exp(-|v|), which cannot overflow; NaN for NaN."""
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0.0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def _taps(off_ptr, msk_ptr, flow_ptr, MAG, GPF, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
+          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr, FUSED: tl.constexpr):
     """Sampling position of tap k for a tile of pixels [BP] and a block of groups [GPB]:
     floor corner (y0, x0), fractions (ly, lx), mask m (0 outside the guard), inside.
-    Computed once per (pixel, group, tap) and broadcast over the group's channels."""
+    Computed once per (pixel, group, tap) and broadcast over the group's channels.
+    FUSED: off_ptr is conv_offset (offset logits, then mask logits) and flow_ptr the flows,
+    GPF groups per flow; offset and mask are built here in fp32 (module docstring)."""
     K: tl.constexpr = KH * KW
     hw_o = HO * WO  # one map fits in int32; the channel offsets it multiplies are int64
     pix = (oy * WO + ox).to(tl.int64)
     ok = p_ok[:, None] & g_ok[None, :]
-    bg = b.to(tl.int64) * G + g                                        # [GPB]
-    off_at = off_ptr + ((bg * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
-    dy = tl.load(off_at, mask=ok, other=0.0).to(tl.float32)
-    dx = tl.load(off_at + hw_o, mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(msk_ptr + ((bg * K + k) * hw_o)[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
+    if FUSED:
+        img = b.to(tl.int64) * (3 * K) * G                             # channels of the images before
+        lg_at = off_ptr + ((img + g * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+        dy = MAG * _tanh(tl.load(lg_at, mask=ok, other=0.0).to(tl.float32))
+        dx = MAG * _tanh(tl.load(lg_at + hw_o, mask=ok, other=0.0).to(tl.float32))
+        m_at = off_ptr + ((img + 2 * K * G + g * K + k) * hw_o)[None, :] + pix[:, None]
+        m = _sigmoid(tl.load(m_at, mask=ok, other=0.0).to(tl.float32))
+        fl_at = flow_ptr + ((b.to(tl.int64) * (G // GPF) + g // GPF) * 2 * hw_o)[None, :] + pix[:, None]
+        dx += tl.load(fl_at, mask=ok, other=0.0).to(tl.float32)
+        dy += tl.load(fl_at + hw_o, mask=ok, other=0.0).to(tl.float32)
+    else:
+        bg = b.to(tl.int64) * G + g                                    # [GPB]
+        off_at = off_ptr + ((bg * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+        dy = tl.load(off_at, mask=ok, other=0.0).to(tl.float32)
+        dx = tl.load(off_at + hw_o, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(msk_ptr + ((bg * K + k) * hw_o)[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
     # Positions in fp32 whatever the data dtype.
     py = (oy * SH - PH + (k // KW) * DH).to(tl.float32)[:, None] + dy
     px = (ox * SW - PW + (k % KW) * DW).to(tl.float32)[:, None] + dx
@@ -160,14 +252,16 @@ def _corner(y, x, ok, H, W, C_IN):
 
 
 @triton.jit
-def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, bias_ptr, out_ptr,
+def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, flow_ptr, w_ptr, bias_ptr, out_ptr,
                     H, W, HO, WO, C_IN, C_OUT, G, TILES_W,
-                    SH, SW, PH, PW, DH, DW,
+                    SH, SW, PH, PW, DH, DW, MAG, GPF,
                     CG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, GPB: tl.constexpr, CPB: tl.constexpr,
-                    BLOCK_CO: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+                    BLOCK_CO: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
+                    FUSED: tl.constexpr):
     """One program: a TILE_H x TILE_W tile of output pixels x BLOCK_CO output channels of one image.
-    out[p, co] = sum over taps k and channels c of sample[p, k, c] * w[k, c, co] (implicit GEMM)."""
+    out[p, co] = sum over taps k and channels c of sample[p, k, c] * w[k, c, co] (implicit GEMM).
+    FUSED: the flow-guided variant (see _taps); flow_ptr, MAG and GPF are unused otherwise."""
     BP: tl.constexpr = TILE_H * TILE_W
     CHUNK: tl.constexpr = GPB * CPB
     pid_t = tl.program_id(0)
@@ -187,8 +281,8 @@ def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, bias_ptr, out_ptr,
         g = g0 + gi
         g_ok = g < G
         for k in range(KH * KW):
-            y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
-                                              SH, SW, PH, PW, DH, DW, KH, KW)
+            y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, flow_ptr, MAG, GPF, b, g, g_ok, k, oy, ox, p_ok,
+                                              H, W, HO, WO, G, SH, SW, PH, PW, DH, DW, KH, KW, FUSED)
             a00, v00 = _corner(y0, x0, inside, H, W, C_IN)
             a01, v01 = _corner(y0, x0 + 1, inside, H, W, C_IN)
             a10, v10 = _corner(y0 + 1, x0, inside, H, W, C_IN)
@@ -285,8 +379,8 @@ def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, 
         gcol = _mma(gout, wk_t, tl.zeros((BP, CHUNK), dtype=tl.float32), PREC, INTERP_BF16)
         gcol = tl.reshape(gcol, (BP, GPB, CPB))
 
-        y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
-                                          SH, SW, PH, PW, DH, DW, KH, KW)
+        y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, off_ptr, 0.0, 1, b, g, g_ok, k, oy, ox, p_ok,
+                                          H, W, HO, WO, G, SH, SW, PH, PW, DH, DW, KH, KW, False)
         # Corner by corner: the unmasked sample s, the per-group sums of gcol times the sample and
         # its y/x derivatives (outside corners read as 0, as in mmcv), and grad_x's scatter.
         xb = x_ptr + b.to(tl.int64) * H * W * C_IN
@@ -354,29 +448,34 @@ def _dot_settings(x):
     return ("ieee" if exact else "tf32"), _INTERPRET and x.dtype == torch.bfloat16
 
 
-def _tiles(ho, wo, backward):
+def _tiles(ho, wo, backward, fused_ieee=False):
     """(TILE_H, TILE_W, tiles_h, tiles_w, num_warps). Rows of 16 pixels keep offset/mask/out
     accesses coalesced. Sizes come from register counts of an offline sm_90 compile (no
     spills: forward 4x16 px x 32 ch at 4 warps, backward 2x16 px x 32 ch at 8 warps, ~115-165
-    registers), not from timings. The interpreter pays per program, so it gets big tiles."""
+    registers), not from timings. The interpreter pays per program, so it gets big tiles.
+    fused_ieee: the flow-guided forward with exact fp32 dots (FMA, no tensor cores) spills at 4
+    warps (255 registers) and not at 8 (~160) in that compile; so does the plain one, unchanged."""
     if _INTERPRET:
         th, tw, warps = 16, 16, 4
     else:
-        th, tw, warps = (2, 16, 8) if backward else (4, 16, 4)
+        th, tw, warps = (2, 16, 8) if backward else (4, 16, 8 if fused_ieee else 4)
     return th, tw, triton.cdiv(ho, th), triton.cdiv(wo, tw), warps
 
 
-def _launch_checks(x, offset, mask, weight, bias):
-    for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
+def _launch_checks(op, x, weight, bias, **read_as_fp32):
+    """weight and bias must match x's dtype; read_as_fp32 (offsets, masks, logits, flows) may be
+    any floating dtype: the kernels convert them to fp32 on load."""
+    for name, t in (("weight", weight), ("bias", bias), *read_as_fp32.items()):
         if t is not None and t.device != x.device:
-            raise ValueError(f"deform_conv2d: {name} is on {t.device}, x on {x.device}")
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"deform_conv2d: the Triton backend takes float32, bfloat16 or float16, got {x.dtype}")
-    for name, t in (("mask", mask), ("weight", weight), ("bias", bias)):
+        raise ValueError(f"{op}: the Triton backend takes float32, bfloat16 or float16, got {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"deform_conv2d: {name} is {t.dtype} but x is {x.dtype}")
-    if not offset.is_floating_point():
-        raise ValueError(f"deform_conv2d: offset must be floating point, got {offset.dtype}")
+            raise ValueError(f"{op}: {name} is {t.dtype} but x is {x.dtype}")
+    for name, t in read_as_fp32.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
 
 
 def _on_device(x):
@@ -384,34 +483,53 @@ def _on_device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _forward(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
-    ho, wo = _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
-    _launch_checks(x, offset, mask, weight, bias)
+def _launch_forward(x, off, msk, flows, mag, weight, bias, stride, padding, dilation, deform_groups, size):
+    """The forward kernel. flows None: off and msk are offset and mask; otherwise off is
+    conv_offset (msk unused), flows the flows and mag max_residue_magnitude."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    G = deform_groups
+    (ho, wo), G = size, deform_groups
+    fused = flows is not None
     x_cl = x.contiguous(memory_format=torch.channels_last)             # (n, h, w, c_in) in memory
     w_kcc = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
-    th, tw, tiles_h, tiles_w, warps = _tiles(ho, wo, backward=False)
+    prec, interp_bf16 = _dot_settings(x)
+    th, tw, tiles_h, tiles_w, warps = _tiles(ho, wo, backward=False, fused_ieee=fused and prec == "ieee")
     gpb, cpb = _chunking(G, c_in // G, 32, whole_groups=False)
     block_co = min(64, max(16, _next_pow2(c_out)))
-    prec, interp_bf16 = _dot_settings(x)
     grid = (tiles_h * tiles_w, n, triton.cdiv(c_out, block_co))        # tiles fastest: one image at a time in L2
+    off = off.contiguous()
     with _on_device(x):
         _dcn_fwd_kernel[grid](
-            x_cl, offset.contiguous(), mask.contiguous(), w_kcc, bias if bias is not None else w_kcc, out,
+            x_cl, off, msk.contiguous() if not fused else off, flows.contiguous() if fused else off,
+            w_kcc, bias if bias is not None else w_kcc, out,
             h, w, ho, wo, c_in, c_out, G, tiles_w,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            float(mag), G // (flows.shape[1] // 2) if fused else 1,
             CG=c_in // G, KH=kh, KW=kw, HAS_BIAS=bias is not None, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb,
-            BLOCK_CO=block_co, PREC=prec, INTERP_BF16=interp_bf16, num_warps=warps, num_stages=1)
+            BLOCK_CO=block_co, PREC=prec, INTERP_BF16=interp_bf16, FUSED=fused, num_warps=warps, num_stages=1)
     return out
+
+
+def _forward(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
+    size = _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+    _launch_checks("deform_conv2d", x, weight, bias, offset=offset, mask=mask)
+    return _launch_forward(x, offset, mask, None, 0.0, weight, bias, stride, padding, dilation, deform_groups, size)
+
+
+def _forward_fused(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups):
+    op = "flow_guided_deform_conv2d"
+    ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
+    _check_glue(conv_offset, flows, deform_groups, weight.shape[2] * weight.shape[3], op, (x.shape[0], ho, wo))
+    _launch_checks(op, x, weight, bias, conv_offset=conv_offset, flows=flows)
+    return _launch_forward(x, conv_offset, None, flows, max_residue_magnitude, weight, bias,
+                           stride, padding, dilation, deform_groups, (ho, wo))
 
 
 def _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups):
     """grad_x, grad_offset, grad_mask, grad_weight (grad_bias, a plain sum, is left to autograd)."""
     ho, wo = _check(x, offset, mask, weight, None, stride, padding, dilation, deform_groups)
-    _launch_checks(x, offset, mask, weight, None)
+    _launch_checks("deform_conv2d", x, weight, None, offset=offset, mask=mask)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     G, K = deform_groups, kh * kw
@@ -444,6 +562,27 @@ def _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, defo
     grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype)
     grad_w.copy_(gw.sum(0).permute(2, 1, 0).view(c_out, c_in, kh, kw))
     return grad_x, g_off, g_msk, grad_w
+
+
+def _backward_fused(grad_out, x, conv_offset, flows, weight, max_residue_magnitude, stride, padding, dilation,
+                    deform_groups):
+    """grad_x, grad_conv_offset, grad_flows, grad_weight: the glue recomputed in fp32 (as the
+    kernel built it), the plain DCN backward, then the chain rule through the glue."""
+    op = "flow_guided_deform_conv2d"
+    G, K = deform_groups, weight.shape[2] * weight.shape[3]
+    ho, wo = _conv_size(x, weight, None, stride, padding, dilation, G, op)
+    F = _check_glue(conv_offset, flows, G, K, op, (x.shape[0], ho, wo))
+    acc = torch.promote_types(torch.promote_types(conv_offset.dtype, flows.dtype), torch.float32)
+    logits = conv_offset.to(acc)
+    t = torch.tanh(logits[:, :2 * G * K])
+    mask = torch.sigmoid(logits[:, 2 * G * K:])
+    offset = _add_flows(max_residue_magnitude * t, flows, G)
+    grad_x, g_off, g_msk, grad_w = _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, G)
+    n = x.shape[0]
+    # d tanh = 1 - tanh^2, d sigmoid = s (1 - s); each flow gets the sum over its groups' taps.
+    g_logits = torch.cat((g_off * (max_residue_magnitude * (1 - t * t)), g_msk * (mask * (1 - mask))), 1)
+    g_flows = g_off.view(n, F, -1, 2, ho, wo).sum(2).flip(2).reshape(n, 2 * F, ho, wo)
+    return grad_x, g_logits.to(conv_offset.dtype), g_flows.to(flows.dtype), grad_w
 
 
 # ----------------------------------------------------------------------------------------
@@ -496,8 +635,71 @@ def _autograd_backward(ctx, grad_out):
 _deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("vsr::flow_guided_deform_conv2d", mutates_args=())
+def _flow_guided_op(x: torch.Tensor, conv_offset: torch.Tensor, flows: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], max_residue_magnitude: float, stride: List[int], padding: List[int],
+                    dilation: List[int], deform_groups: int) -> torch.Tensor:
+    return _forward_fused(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation,
+                          deform_groups)
+
+
+@_flow_guided_op.register_fake
+def _(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups):
+    op = "flow_guided_deform_conv2d"
+    ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
+    _check_glue(conv_offset, flows, deform_groups, weight.shape[2] * weight.shape[3], op, (x.shape[0], ho, wo))
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.custom_op("vsr::flow_guided_deform_conv2d_backward", mutates_args=())
+def _flow_guided_backward_op(grad_out: torch.Tensor, x: torch.Tensor, conv_offset: torch.Tensor, flows: torch.Tensor,
+                             weight: torch.Tensor, max_residue_magnitude: float, stride: List[int], padding: List[int],
+                             dilation: List[int], deform_groups: int
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_fused(grad_out, x, conv_offset, flows, weight, max_residue_magnitude, stride, padding, dilation,
+                           deform_groups)
+
+
+@_flow_guided_backward_op.register_fake
+def _(grad_out, x, conv_offset, flows, weight, max_residue_magnitude, stride, padding, dilation, deform_groups):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, conv_offset, flows, weight))
+
+
+def _setup_context_fused(ctx, inputs, output):
+    x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups = inputs
+    ctx.save_for_backward(x, conv_offset, flows, weight)
+    ctx.conv = (max_residue_magnitude, stride, padding, dilation, deform_groups)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _autograd_backward_fused(ctx, grad_out):
+    x, conv_offset, flows, weight = ctx.saved_tensors
+    grads = torch.ops.vsr.flow_guided_deform_conv2d_backward(grad_out, x, conv_offset, flows, weight, *ctx.conv)
+    grad_bias = None
+    if ctx.bias_dtype is not None:
+        grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+    return *grads, grad_bias, None, None, None, None, None
+
+
+_flow_guided_op.register_autograd(_autograd_backward_fused, setup_context=_setup_context_fused)
+
+
 # ----------------------------------------------------------------------------------------
 # Public function.
+
+def _use_triton(op, backend, x):
+    """Whether `backend` (an op's argument) means the Triton kernels for x."""
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend is None:
+        from . import get_backend  # kernels.use_backend's default; the package is loaded by now
+        backend = get_backend()
+    use_triton = backend == "triton" or (backend is None and x.is_cuda)
+    if use_triton and not x.is_cuda and not _INTERPRET:
+        raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                           "before triton is imported to run on the CPU")
+    return use_triton
+
 
 def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, deform_groups=1, backend=None):
     """Modulated deformable convolution; see the module docstring for layouts.
@@ -507,17 +709,9 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilat
     Under torch.autocast, x, mask, weight and bias run in the autocast dtype and the offsets in
     fp32. Otherwise mask, weight and bias follow x's dtype.
     """
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"deform_conv2d: backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend is None:
-        from . import get_backend  # kernels.use_backend's default; the package is loaded by now
-        backend = get_backend()
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    use_triton = _use_triton("deform_conv2d", backend, x)
     _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
-    use_triton = backend == "triton" or (backend is None and x.is_cuda)
-    if use_triton and not x.is_cuda and not _INTERPRET:
-        raise RuntimeError("deform_conv2d: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                           "before triton is imported to run on the CPU")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -529,4 +723,37 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilat
     with torch.autocast(device_type, enabled=False):
         if use_triton:
             return torch.ops.vsr.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+        return deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+
+
+def flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias=None, max_residue_magnitude=10.0,
+                              stride=1, padding=0, dilation=1, deform_groups=1, backend=None):
+    """deform_conv2d with BasicVSR++'s offsets and mask, built from the offset branch's raw
+    output conv_offset (n, 3GK, ho, wo) and the flows (n, 2F, ho, wo): see the module docstring.
+    The Triton kernel builds them on the fly in fp32; the reference path is flow_guided_offsets
+    followed by deform_conv2d_reference. backend as in deform_conv2d.
+    Under torch.autocast, x, weight and bias run in the autocast dtype, conv_offset is read in
+    its own dtype (e.g. the bf16 conv output) and the flows in fp32. Otherwise weight and bias
+    follow x's dtype. Offsets and mask are fp32 in both cases.
+    """
+    op = "flow_guided_deform_conv2d"
+    stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    use_triton = _use_triton(op, backend, x)
+    ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
+    taps = weight.shape[2] * weight.shape[3]
+    _check_glue(conv_offset, flows, deform_groups, taps, op, (x.shape[0], ho, wo))
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        flows = flows.to(torch.float32)
+    else:
+        dtype = x.dtype
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    mag = float(max_residue_magnitude)
+    with torch.autocast(device_type, enabled=False):
+        if use_triton:
+            return torch.ops.vsr.flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias, mag,
+                                                           stride, padding, dilation, deform_groups)
+        offset, mask = flow_guided_offsets(conv_offset, flows, mag, deform_groups, taps)
         return deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)

@@ -10,7 +10,8 @@ CPU (CI, Triton's interpreter from conftest.py):
   train.py's Trainer; its inputs and target arithmetic.
 
 CUDA, error measures of tests/test_deform_conv.py and tests/test_flow_warp.py:
-- both ops at BasicVSR++'s shapes, output and every gradient, fp32 / bf16 / fp16;
+- both ops, and the DCN with BasicVSR++'s offset glue fused in (flow_guided_deform_conv2d), at
+  BasicVSR++'s shapes, output and every gradient, fp32 / bf16 / fp16;
 - BasicVSR++, BasicVSR and RealBasicVSR, use_backend("triton") vs ("torch"), TF32 off:
   fp32 outputs: max |diff| <= 1e-4 x max |reference - bilinear x4 of the input| (what the
   network adds to its skip); BasicVSR++'s parameter gradients within rel 1e-3 (all gradients
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 import basicvsr
 import kernels
 from kernels import bench
-from test_deform_conv import check_triton
+from test_deform_conv import check_fused, check_triton
 from test_flow_warp import check_low_precision, rel, run
 
 dc = importlib.import_module("kernels.deform_conv")
@@ -235,6 +236,24 @@ def test_cuda_dcn_at_basicvsrpp_layer(dtype):
     }
     conv = dict(stride=1, padding=1, dilation=1, deform_groups=16)
     check_triton({k: v.cuda() for k, v in inputs.items()}, conv, dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_flow_guided_dcn_at_basicvsrpp_layer(dtype):
+    # The same layer on flow_guided_deform_conv2d: the offset branch's logits (conv_offset in
+    # `dtype`, as under autocast) and two smooth flows, residues of up to 10 px.
+    n, h, w = 2, 48, 80
+    torch.manual_seed(0)
+    inputs = {
+        "x": torch.randn(n, 128, h, w),
+        "conv_offset": 0.3 * torch.randn(n, 3 * 16 * 9, h, w),
+        "flows": torch.cat([bench.smooth_flow(n, h, w, 4.0, "cpu") for _ in range(2)], 1),
+        "weight": torch.randn(64, 128, 3, 3) / math.sqrt(128 * 9),
+        "bias": torch.randn(64),
+    }
+    conv = dict(max_residue_magnitude=10.0, stride=1, padding=1, dilation=1, deform_groups=16)
+    check_fused({k: v.cuda() for k, v in inputs.items()}, conv, dtype)
 
 
 @cuda
