@@ -362,18 +362,12 @@ class SecondOrderDeformableAlignment(nn.Module):
 
     def forward(self, x, extra_feat, flow_1, flow_2):
         out = self.conv_offset(torch.cat([extra_feat, flow_1, flow_2], dim=1))
-        o1, o2, mask = torch.chunk(out, 3, dim=1)
-
-        # offsets are (dy, dx) pairs, the flow is (dx, dy): flip, then one copy per tap and group
-        offset = self.max_residue_magnitude * torch.tanh(torch.cat((o1, o2), dim=1))
-        offset_1, offset_2 = torch.chunk(offset, 2, dim=1)
-        offset_1 = offset_1 + flow_1.flip(1).repeat(1, offset_1.size(1) // 2, 1, 1)
-        offset_2 = offset_2 + flow_2.flip(1).repeat(1, offset_2.size(1) // 2, 1, 1)
-        offset = torch.cat([offset_1, offset_2], dim=1)
-        mask = torch.sigmoid(mask)
-
-        return kernels.deform_conv2d(x, offset, mask, self.weight, self.bias, stride=1, padding=self.padding,
-                                     dilation=1, deform_groups=self.deform_groups)
+        # out holds, per group and tap, the (dy, dx) offset residues (groups 0-7 around flow_1, 8-15
+        # around flow_2), bounded by max_residue_magnitude * tanh, then the mask logits (sigmoid).
+        # The kernel builds offsets and mask on the fly (kernels.flow_guided_offsets is the reference).
+        return kernels.flow_guided_deform_conv2d(x, out, torch.cat([flow_1, flow_2], dim=1), self.weight, self.bias,
+                                                 self.max_residue_magnitude, stride=1, padding=self.padding,
+                                                 dilation=1, deform_groups=self.deform_groups)
 
 
 class BasicVSRPlusPlus(nn.Module):
@@ -547,6 +541,10 @@ def compile_network(model, mode=None):
     and the upsampling convolutions. Keys and weights are unchanged (nn.Module.compile). The first
     clip of each new frame size pays the compilation. mode: torch.compile's (None: the default;
     CUDA-graph modes do not suit the per-frame features kept across calls)."""
+    # The compiled code is shared per module class; BasicVSR++ alone needs ~6 variants of
+    # ResidualBlocksWithInputConv (input widths, depths) per dtype, more than dynamo's default limit
+    # of 8 recompilations, past which it would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for m in model.modules():
         if isinstance(m, COMPILED_MODULES):
             m.compile(mode=mode)

@@ -266,7 +266,10 @@ def bench_warp(batch, dtype_name, reps, peak, device):
 # iteration of train.py, each run with three implementations of the two ops inside the same
 # networks (see the module docstring), in fp32 and in bf16 (torch.autocast).
 
-MODEL_PATHS = ("triton", "torch reference", "torchvision")
+MODEL_PATHS = ("triton", "triton + host cache", "triton + compile", "torch reference", "torchvision")
+# Variants of the Triton path that only inference runs: BasicVSR++ with its features in pinned host
+# memory (HostCache, cpu_cache_length = 0), and the network after basicvsr.compile_network.
+INFERENCE_ONLY_PATHS = ("triton + host cache", "triton + compile")
 MODEL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 # Random weights, scaled where the timing depends on them (see realistic_init). Calibrated on
@@ -405,6 +408,14 @@ def torchvision_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padd
     return tv_deform_conv2d(x, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask=mask)
 
 
+def torchvision_flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias=None, max_residue_magnitude=10.0,
+                                          stride=1, padding=0, dilation=1, deform_groups=1, backend=None):
+    """kernels.flow_guided_deform_conv2d's signature: the PyTorch glue, then torchvision's DCN."""
+    offset, mask = flow_guided_offsets(conv_offset, flows, max_residue_magnitude, deform_groups,
+                                       weight.shape[2] * weight.shape[3])
+    return torchvision_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+
+
 def grid_sample_flow_warp(x, flow, padding_mode="zeros", backend=None):
     """mmagic's flow_warp: plain F.grid_sample on the grid built from the flow, in fp32 positions."""
     n, _, h, w = x.shape
@@ -419,24 +430,26 @@ def grid_sample_flow_warp(x, flow, padding_mode="zeros", backend=None):
 @contextlib.contextmanager
 def torchvision_ops():
     """BENCHMARK-ONLY PATCH, not a fallback of the library: while the block runs, the names the
-    networks call, kernels.deform_conv2d and kernels.flow_warp, are torchvision's DCN and plain
+    networks call, kernels.deform_conv2d, kernels.flow_guided_deform_conv2d (its PyTorch glue, then
+    the DCN) and kernels.flow_warp, are torchvision's DCN and plain
     grid_sample, i.e. what users of mmagic-style code without mmcv run today. torchvision's DCN
     differs from mmcv's only in the gradient at exactly -1, which does not matter for timing."""
     if tv_deform_conv2d is None:
         raise RuntimeError("kernels.bench: the torchvision path needs torchvision")
-    saved = kernels.deform_conv2d, kernels.flow_warp
-    kernels.deform_conv2d, kernels.flow_warp = torchvision_deform_conv2d, grid_sample_flow_warp
+    saved = kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp
+    kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp = (
+        torchvision_deform_conv2d, torchvision_flow_guided_deform_conv2d, grid_sample_flow_warp)
     try:
         yield
     finally:
-        kernels.deform_conv2d, kernels.flow_warp = saved
+        kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp = saved
 
 
 def ops_path(path):
     """Context in which the networks run on `path` (one of MODEL_PATHS)."""
     if path == "torchvision":
         return torchvision_ops()
-    return kernels.use_backend("triton" if path == "triton" else "torch")
+    return kernels.use_backend("triton" if path.startswith("triton") else "torch")
 
 
 # ----------------------------------------------------------------------------------------
@@ -503,16 +516,25 @@ def bench_inference(wl, paths, dtypes, reps, warmup, device, weights, notes):
                      f"(the clip pans about 2.2 px per frame)")
         del flow
 
-    def run(dtype):
+    import basicvsr
+    if wl["arch"] != "basicvsrpp":  # only BasicVSR++ has the host cache
+        paths = [p for p in paths if p != "triton + host cache"]
+    compiled = basicvsr.compile_network(copy.deepcopy(net)) if "triton + compile" in paths else None
+
+    def run(dtype, path):
+        model = compiled if path == "triton + compile" else net
+
         def fn():
+            if wl["arch"] == "basicvsrpp":  # 100: mmagic's threshold, so a 100-frame clip stays on the GPU
+                model.cpu_cache_length = 0 if path == "triton + host cache" else 100
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                return net(lqs)
+                return model(lqs)
         return fn
 
     cells, fp32_out = {}, {}
     for path in paths:
         for name in dtypes:
-            cell = run_cell(run(MODEL_DTYPES[name]), reps, warmup, device, path, f"{wl['name']} {name} {path}")
+            cell = run_cell(run(MODEL_DTYPES[name], path), reps, warmup, device, path, f"{wl['name']} {name} {path}")
             if "out" in cell:
                 out = cell.pop("out").float().cpu()  # the clip stays off the GPU between cells
                 if not torch.isfinite(out).all():
@@ -537,7 +559,7 @@ def bench_training(wl, paths, dtypes, reps, warmup, device, notes):
     if device.type == "cuda":  # as train.py's loader delivers it
         batch = {k: v.pin_memory() for k, v in batch.items()}
     cells = {}
-    for path in paths:
+    for path in [p for p in paths if p not in INFERENCE_ONLY_PATHS]:
         for name in dtypes:
             trainer = build_trainer(wl["recipe"], wl["cfg"], "bf16" if name == "bf16" else "none", device)
             cell = run_cell(lambda: trainer.train_step(batch), reps, warmup, device, path, f"{wl['name']} {name} {path}")
@@ -565,7 +587,7 @@ def model_rows(wl, cells, paths, dtypes):
     unit = "ms/frame" if wl["kind"] == "infer" else "ms/iter"
     for name in dtypes:
         tri = cells.get((name, "triton"), {})
-        for path in paths:
+        for path in [p for p in paths if (name, p) in cells]:
             cell = cells[(name, path)]
             if "status" in cell:
                 rows.append(f"| {wl['title']} | {name} | {path} | " + " | ".join([cell["status"]] * 6) + " |")
@@ -581,41 +603,58 @@ def model_rows(wl, cells, paths, dtypes):
     return rows
 
 
-def _ratio(results, workload, a, b, key):
-    """results[workload][b][key] / results[workload][a][key] or None; a, b are (dtype, path)."""
-    cells = results.get(workload, {})
-    x, y = cells.get(a, {}).get(key), cells.get(b, {}).get(key)
-    return None if x is None or y is None else y / x
+def _best_triton(cells, dtype, key):
+    """(path, value) of the Triton variant with the lowest `key` ("seconds" or "peak") in `dtype`, or
+    (None, None)."""
+    found = [(c[key], path) for (d, path), c in cells.items() if d == dtype and path.startswith("triton")
+             and c.get(key) is not None]
+    return (min(found)[1], min(found)[0]) if found else (None, None)
 
 
 def target_lines(results, frames):
-    """Issue 8's targets next to what this run measured ('not measured' where a cell is missing)."""
+    """Issue 8's targets next to what this run measured ('not measured' where a cell is missing). Each
+    target takes the best Triton variant of the run (plain, host cache, compiled) and names it."""
     def fmt(v, spec="{:.2f}x"):
         return "not measured" if v is None else spec.format(v)
 
     def verdict(ok):
         return "" if ok is None else (" -> met" if ok else " -> NOT met")
 
-    T, R = "triton", "torch reference"
+    def ratio(x, y):
+        return None if x is None or y is None else x / y
+
+    def named(path):
+        return f" [{path}]" if path not in (None, "triton") else ""
+
+    R = "torch reference"
     c = results.get("bvsrpp-180x320", {})
-    fps = None if "seconds" not in c.get(("bf16", T), {}) else frames / c[("bf16", T)]["seconds"]
-    up = _ratio(results, "bvsrpp-180x320", ("bf16", T), ("bf16", R), "seconds")
-    up_fp32 = _ratio(results, "bvsrpp-180x320", ("bf16", T), ("fp32", R), "seconds")
-    tr = {d: _ratio(results, "bvsrpp-train", (d, T), (d, R), "seconds") for d in MODEL_DTYPES}
-    mem = {d: _ratio(results, "bvsrpp-180x320", (d, R), (d, T), "peak") for d in MODEL_DTYPES}
-    mem_mixed = _ratio(results, "bvsrpp-180x320", ("fp32", R), ("bf16", T), "peak")
-    psnrs = [f"{k} {results[k][('bf16', T)]['psnr']:.1f} dB" for k in results
-             if "psnr" in results[k].get(("bf16", T), {})]
+    fast_path, fast = _best_triton(c, "bf16", "seconds")
+    fps = ratio(frames, fast)
+    up = ratio(c.get(("bf16", R), {}).get("seconds"), fast)
+    up_fp32 = ratio(c.get(("fp32", R), {}).get("seconds"), fast)
+    tr = {}
+    for d in MODEL_DTYPES:
+        path, t = _best_triton(results.get("bvsrpp-train", {}), d, "seconds")
+        tr[d] = (path, ratio(results.get("bvsrpp-train", {}).get((d, R), {}).get("seconds"), t))
+    mem = {}
+    for d in MODEL_DTYPES:
+        path, peak = _best_triton(c, d, "peak")
+        mem[d] = (path, ratio(peak, c.get((d, R), {}).get("peak")))
+    mem_mixed = ratio(_best_triton(c, "bf16", "peak")[1], c.get(("fp32", R), {}).get("peak"))
+    psnrs = [f"{k} {results[k][('bf16', 'triton')]['psnr']:.1f} dB" for k in results
+             if "psnr" in results[k].get(("bf16", "triton"), {})]
     clip = "" if frames in (None, 100) else f" (measured on {frames} frames; the target is for 100)"
     return [
         f"- BasicVSR++ 180x320 inference, bf16, Triton: >= {TARGET_FPS} frames/s: "
-        f"{fmt(fps, '{:.1f} frames/s')}{verdict(None if fps is None else fps >= TARGET_FPS)}{clip}",
+        f"{fmt(fps, '{:.1f} frames/s')}{verdict(None if fps is None else fps >= TARGET_FPS)}{named(fast_path)}{clip}",
         f"- the same, speedup over the reference path in bf16: >= {TARGET_INFER_SPEEDUP:g}x: {fmt(up)}"
         f"{verdict(None if up is None else up >= TARGET_INFER_SPEEDUP)} (over the reference in fp32: {fmt(up_fp32)})",
         f"- BasicVSR++ training iteration, speedup over the reference path: >= {TARGET_TRAIN_SPEEDUP:g}x: "
-        + ", ".join(f"{d} {fmt(v)}{verdict(None if v is None else v >= TARGET_TRAIN_SPEEDUP)}" for d, v in tr.items()),
+        + ", ".join(f"{d} {fmt(v)}{verdict(None if v is None else v >= TARGET_TRAIN_SPEEDUP)}{named(p)}"
+                    for d, (p, v) in tr.items()),
         f"- peak memory of the 180x320 clip, Triton / reference: <= {TARGET_MEMORY_RATIO:g}: "
-        + ", ".join(f"{d} {fmt(v)}{verdict(None if v is None else v <= TARGET_MEMORY_RATIO)}" for d, v in mem.items())
+        + ", ".join(f"{d} {fmt(v)}{verdict(None if v is None else v <= TARGET_MEMORY_RATIO)}{named(p)}"
+                    for d, (p, v) in mem.items())
         + f"; Triton bf16 / reference fp32 {fmt(mem_mixed)}{clip}",
         "- PSNR(bf16 output, fp32 output), Triton: " + (", ".join(psnrs) if psnrs else "not measured"),
     ]

@@ -448,17 +448,17 @@ def _dot_settings(x):
     return ("ieee" if exact else "tf32"), _INTERPRET and x.dtype == torch.bfloat16
 
 
-def _tiles(ho, wo, backward, fused_ieee=False):
+def _tiles(ho, wo, backward, ieee=False):
     """(TILE_H, TILE_W, tiles_h, tiles_w, num_warps). Rows of 16 pixels keep offset/mask/out
     accesses coalesced. Sizes come from register counts of an offline sm_90 compile (no
-    spills: forward 4x16 px x 32 ch at 4 warps, backward 2x16 px x 32 ch at 8 warps, ~115-165
-    registers), not from timings. The interpreter pays per program, so it gets big tiles.
-    fused_ieee: the flow-guided forward with exact fp32 dots (FMA, no tensor cores) spills at 4
-    warps (255 registers) and not at 8 (~160) in that compile; so does the plain one, unchanged."""
+    spills: forward 4x16 px x 32 ch at 4 warps, backward 2x16 px x 32 ch at 8 warps, ~115-236
+    registers), not from timings. ieee: a forward with exact fp32 dots (FMA, no tensor cores)
+    spills at 4 warps (255 registers) and not at 8 (~160), so it gets 8. The interpreter pays per
+    program, so it gets big tiles."""
     if _INTERPRET:
         th, tw, warps = 16, 16, 4
     else:
-        th, tw, warps = (2, 16, 8) if backward else (4, 16, 8 if fused_ieee else 4)
+        th, tw, warps = (2, 16, 8) if backward else (4, 16, 8 if ieee else 4)
     return th, tw, triton.cdiv(ho, th), triton.cdiv(wo, tw), warps
 
 
@@ -494,7 +494,7 @@ def _launch_forward(x, off, msk, flows, mag, weight, bias, stride, padding, dila
     w_kcc = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
     prec, interp_bf16 = _dot_settings(x)
-    th, tw, tiles_h, tiles_w, warps = _tiles(ho, wo, backward=False, fused_ieee=fused and prec == "ieee")
+    th, tw, tiles_h, tiles_w, warps = _tiles(ho, wo, backward=False, ieee=prec == "ieee")
     gpb, cpb = _chunking(G, c_in // G, 32, whole_groups=False)
     block_co = min(64, max(16, _next_pow2(c_out)))
     grid = (tiles_h * tiles_w, n, triton.cdiv(c_out, block_co))        # tiles fastest: one image at a time in L2

@@ -51,6 +51,7 @@ def calls(monkeypatch):
         monkeypatch.setattr(module, name, counted)
 
     count(dc, "_forward", "dcn triton")  # the body of the vsr::deform_conv2d custom op
+    count(dc, "_forward_fused", "dcn triton")  # and of vsr::flow_guided_deform_conv2d, which BasicVSR++ calls
     count(dc, "deform_conv2d_reference", "dcn torch")
     count(fw, "_flow_warp_triton", "warp triton")
     count(fw, "flow_warp_reference", "warp torch")
@@ -151,7 +152,7 @@ def test_bench_torchvision_patch_runs_the_same_network(monkeypatch):
         return standin_torchvision_deform_conv2d(*args, **kwargs)
 
     monkeypatch.setattr(bench, "tv_deform_conv2d", standin)
-    original = kernels.deform_conv2d, kernels.flow_warp
+    original = kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp
     step = tiny_alignment()
     with kernels.use_backend("torch"):
         reference = step()
@@ -161,7 +162,7 @@ def test_bench_torchvision_patch_runs_the_same_network(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         with bench.ops_path("torchvision"):
             1 / 0
-    assert (kernels.deform_conv2d, kernels.flow_warp) == original
+    assert (kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp) == original
     assert len(standin_calls) > 0
     assert rel(patched, reference) <= 1e-5
 
@@ -211,6 +212,13 @@ def test_bench_psnr_and_targets_arithmetic():
     assert "fp32 not measured" in lines[2] and "bf16 2.50x -> met" in lines[2]
     assert "fp32 0.50x -> NOT met" in lines[3] and "bf16 0.20x -> met" in lines[3] and "fp32 0.17x" in lines[3]
     assert "48.0 dB" in lines[4]
+    # the best Triton variant counts, and is named
+    results["bvsrpp-180x320"][("bf16", "triton + host cache")] = dict(seconds=0.8, peak=0.5)
+    results["bvsrpp-180x320"][("bf16", "triton + compile")] = dict(seconds=0.4, peak=1.2)
+    lines = bench.target_lines(results, frames=100)
+    assert "250.0 frames/s -> met [triton + compile]" in lines[0]
+    assert "5.00x -> met" in lines[1]
+    assert "bf16 0.10x -> met [triton + host cache]" in lines[3] and "fp32 0.50x -> NOT met," in lines[3]
 
 
 # ----------------------------------------------------------------------------------------
