@@ -19,6 +19,7 @@ CUDA, error measures of tests/test_deform_conv.py and tests/test_flow_warp.py:
   the fp32 reference at most 2x the reference path's own bf16 RMS error + 1e-3.
 """
 import collections
+import copy
 import importlib
 import math
 
@@ -340,3 +341,23 @@ def test_cuda_basicvsrpp_gradients_triton_vs_reference(no_tf32):
         grads[backend] = {name: p.grad.flatten() for name, p in net.named_parameters() if p.grad is not None}
     assert grads["triton"].keys() == grads["torch"].keys()
     assert rel(torch.cat(list(grads["triton"].values())), torch.cat(list(grads["torch"].values()))) <= 1e-3
+
+
+@cuda
+def test_cuda_compiled_and_host_cache_basicvsrpp_equal_eager(no_tf32):
+    """The two Triton variants of the model benchmark compute the same network: compile_network
+    (inductor around the Triton custom ops) and the pinned-host feature cache with its copy stream."""
+    net = build_model("basicvsrpp").cuda().eval()
+    lqs = bench.moving_clip(6, 64, 96).cuda()
+    compiled = basicvsr.compile_network(copy.deepcopy(net))
+    for dtype in (None, torch.bfloat16):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            eager = net(lqs).float()
+            out_compiled = compiled(lqs).float()
+            net.cpu_cache_length = 0
+            out_cached = net(lqs).float()
+            net.cpu_cache_length = 100
+        assert out_cached.device.type == "cpu"
+        tol = 1e-4 if dtype is None else 2e-2  # bf16: inductor fuses and rounds the glue differently
+        assert (out_compiled - eager).abs().max().item() <= tol
+        assert (out_cached - eager.cpu()).abs().max().item() <= 1e-6  # the same kernels in the same order
