@@ -1053,6 +1053,9 @@ def add_upscale_args(parser):
                             "(default: 20)")
     video.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 for frame folders)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    video.add_argument("--no-audio", action="store_true",
+                       help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
+                            "hold the codec; cut to the written video)")
     return net
 
 
@@ -1067,7 +1070,12 @@ def run_upscale(args, build_network):
         reader = data.read_video(args.input, fps=args.fps)
         if os.path.abspath(args.input) == os.path.abspath(args.output):
             raise ValueError(f"OUTPUT is the INPUT: {args.output}")
-        with data.VideoWriter(args.output, reader.fps, overwrite=args.overwrite) as writer:
+        audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
+        with data.VideoWriter(args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from) as writer:
+            reencoded = [codec for codec, mode in writer.audio if mode == "aac"]
+            if reencoded:
+                print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
+                      f"input as it is: re-encoding it to AAC", file=sys.stderr)
             model = load_weights(build_network(args), args.weights)
             if args.compile:
                 compile_network(model)
@@ -1075,7 +1083,8 @@ def run_upscale(args, build_network):
                                  overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
                                  scene_threshold=args.scene_threshold, max_frames=args.max_frames, progress=True):
                 writer.write(frame)
-        print(f"{args.output}: {writer.count} frames of {writer.size[1]}x{writer.size[0]} at {reader.fps:g} fps",
+        audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
+        print(f"{args.output}: {writer.count} frames of {writer.size[1]}x{writer.size[0]} at {reader.fps:g} fps{audio}",
               file=sys.stderr)
         return 0
     except torch.OutOfMemoryError:

@@ -1133,11 +1133,19 @@ class VideoWriter:
     """Write RGB uint8 frames to a video (by extension: .mp4/.mov/.mkv/...; H.264 via libx264,
     crf 18, yuv420p) or, for any other path, to a folder of {index:08d}.png frames.
 
+    audio_from: a video file whose audio streams go into the output video (frame folders take
+    none). A stream is copied packet for packet where the container can hold its codec, else
+    re-encoded to AAC; .audio lists (codec, "copy" | "aac") per stream. The audio is cut at the
+    end of the written video with packet granularity: packets starting at or after the end of the
+    last frame are dropped, so it ends less than one packet (AAC at 44.1 kHz: 23 ms) after the
+    video. Its timing is kept, so fps must be the source's frame rate (else the audio would drift).
+
     Everything goes to a temporary sibling, renamed to `path` by close(); used as a context
     manager, an exception removes the temporary instead. An existing `path` is an error unless
     overwrite=True. Odd frame sizes are padded by one replicated row/column for yuv420p."""
 
-    def __init__(self, path, fps, crf=18, overwrite=False, compression=3):
+    def __init__(self, path, fps, crf=18, overwrite=False, compression=3, audio_from=None):
+        from fractions import Fraction
         self.path = os.fspath(path)
         if os.path.exists(self.path) and not overwrite:
             raise FileExistsError(f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it): {self.path}")
@@ -1150,9 +1158,73 @@ class VideoWriter:
         root, ext = os.path.splitext(self.path)
         self.tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}{ext if self.is_video else ''}"
         self.fps, self.crf, self.compression = fps, crf, compression
+        self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
         self.size, self.count, self._container = None, 0, None
+        self.audio, self._source = [], None
+        if self.is_video and audio_from is not None:
+            self._plan_audio(os.fspath(audio_from))
         if not self.is_video:
             os.makedirs(self.tmp)
+
+    def _plan_audio(self, source):
+        """Open `source` and choose, per audio stream, a copy or (the container cannot hold the codec) AAC."""
+        import av
+        try:
+            self._source = av.open(source)
+        except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read audio ({e.__class__.__name__}): {source}") from None
+        try:
+            streams = self._source.streams
+            video = streams.video[0] if streams.video else None
+            # output time 0 is the source's first video frame
+            self._audio_start = video.start_time * video.time_base if video and video.start_time else 0
+            rate = video and (video.average_rate or video.guessed_rate)
+            if streams.audio and rate and abs(rate - self.rate) > 1e-3 * rate:
+                raise ValueError(f"fps {float(self.rate):g} differs from the {float(rate):g} fps of {source}, "
+                                 f"whose audio would drift (drop it: audio_from=None, --no-audio): {self.path}")
+            for stream in streams.audio:
+                codec = stream.codec_context.codec.canonical_name  # "mp3", not the decoder's "mp3float"
+                if self._takes(lambda probe: probe.add_stream_from_template(stream)):
+                    self.audio.append((codec, "copy"))
+                elif self._takes(lambda probe: self._add_aac(probe, stream)):
+                    self.audio.append((codec, "aac"))
+                else:
+                    ctx = stream.codec_context
+                    raise ValueError(f"the container takes neither the {codec} audio of {source} nor AAC at "
+                                     f"{ctx.sample_rate} Hz, {ctx.layout.name} (drop it: audio_from=None, "
+                                     f"--no-audio): {self.path}")
+        except BaseException:
+            self._source.close()
+            raise
+        if not self.audio:
+            self._source.close()
+            self._source = None
+
+    def _takes(self, add_stream):
+        """Whether the output's container format takes the stream that add_stream(container) adds:
+        writes the header of an in-memory file of that format."""
+        import io
+
+        import av
+        probe_file = io.BytesIO()
+        probe_file.name = self.path  # the format comes from the extension
+        with av.open(probe_file, "w") as probe:
+            try:
+                add_stream(probe)
+                probe.start_encoding()
+            except (ValueError, av.error.FFmpegError):
+                return False
+        return True
+
+    @staticmethod
+    def _add_aac(container, source_stream):
+        """An AAC stream with the source's sample rate and channels."""
+        import av
+        ctx = source_stream.codec_context
+        layout = ctx.layout
+        if layout.name.endswith(" channels"):  # channel order unknown: FFmpeg's default for that count
+            layout = av.AudioLayout(f"{layout.nb_channels}c")
+        return container.add_stream("aac", rate=ctx.sample_rate, layout=layout)
 
     def write(self, frame):
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
@@ -1171,42 +1243,118 @@ class VideoWriter:
             vf.pts = self.count
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
+            if self.audio:  # interleaved: the audio up to the end of this frame
+                self._mux_audio((self.count + 1) / self.rate)
         else:
             write_image(os.path.join(self.tmp, f"{self.count:08d}.png"), frame, self.compression)
         self.count += 1
 
     def _open_video(self):
         import av
-        from fractions import Fraction
         check_video_codec("libx264")
         self._container = av.open(self.tmp, "w")
-        rate = self.fps if isinstance(self.fps, Fraction) else Fraction(self.fps).limit_denominator(1001)
-        self._stream = self._container.add_stream("libx264", rate=rate)
+        self._stream = self._container.add_stream("libx264", rate=self.rate)
         self._stream.height, self._stream.width = self.size[0] + self.size[0] % 2, self.size[1] + self.size[1] % 2
         self._stream.pix_fmt = "yuv420p"
         self._stream.options = {"crf": str(self.crf)}
+        if self.audio:
+            sources = list(self._source.streams.audio)
+            self._audio_out = {}  # source stream index -> (output stream, mode)
+            for src, (codec, mode) in zip(sources, self.audio):
+                if mode == "copy":
+                    out = self._container.add_stream_from_template(src)
+                else:
+                    out = self._add_aac(self._container, src)
+                if src.language:
+                    out.metadata["language"] = src.language
+                self._audio_out[src.index] = out, mode
+            self._packets = (p for p in self._source.demux(*sources) if p.dts is not None)
+            self._packet = None  # the next source packet, read ahead
+            self._audio_pts = {}  # output stream index -> pts of the next re-encoded sample
+
+    def _mux_audio(self, end, flush=False):
+        """Mux the source's audio packets that start before `end` seconds of output video; with
+        flush, the AAC re-encoders' last packets too."""
+        import av
+        try:
+            while True:
+                if self._packet is None:
+                    self._packet = next(self._packets, None)
+                packet = self._packet
+                if packet is None:
+                    break
+                # time of the packet on the output's clock, in seconds (a Fraction, exact)
+                start = packet.pts if packet.pts is not None else packet.dts
+                if start * packet.time_base - self._audio_start >= end:
+                    break
+                self._packet = None
+                out, mode = self._audio_out[packet.stream.index]
+                if mode == "copy":
+                    shift = round(self._audio_start / packet.time_base)
+                    if packet.pts is not None:
+                        packet.pts -= shift
+                    packet.dts -= shift
+                    packet.stream = out
+                    self._container.mux(packet)
+                    continue
+                for frame in packet.decode():
+                    self._encode_audio(frame, out)
+            if flush:
+                for index, (out, mode) in self._audio_out.items():
+                    if mode == "aac":
+                        for frame in self._source.streams[index].decode(None):
+                            self._encode_audio(frame, out)
+                        self._container.mux(out.encode(None))
+        except av.error.FFmpegError as e:
+            raise ValueError(f"cannot write the audio of {self._source.name} ({e.__class__.__name__}: {e}): "
+                             f"{self.path}") from None
+
+    def _encode_audio(self, frame, out):
+        from fractions import Fraction
+        # samples follow each other without gaps, from the first frame's time on the output clock
+        if out.index not in self._audio_pts:
+            self._audio_pts[out.index] = round((frame.time - self._audio_start) * frame.sample_rate)
+        frame.pts, frame.time_base = self._audio_pts[out.index], Fraction(1, frame.sample_rate)
+        self._audio_pts[out.index] += frame.samples
+        self._container.mux(out.encode(frame))
 
     def close(self):
-        """Finish the file and move it into place."""
+        """Finish the file and move it into place; on failure, drop it."""
         if self.count == 0:
             self.abort()
             raise ValueError(f"no frames were written: {self.path}")
-        if self.is_video:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-        if os.path.isdir(self.path) and not os.path.islink(self.path):
-            shutil.rmtree(self.path)  # only reached with overwrite=True
-        os.replace(self.tmp, self.path)
+        try:
+            if self.is_video:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+                if self.audio:
+                    self._mux_audio(self.count / self.rate, flush=True)
+                self._container.close()
+                self._container = None
+                self._close_source()
+            if os.path.isdir(self.path) and not os.path.islink(self.path):
+                shutil.rmtree(self.path)  # only reached with overwrite=True
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self):
         """Drop everything written so far."""
         if self._container is not None:
-            self._container.close()
+            with contextlib.suppress(Exception):  # the file is removed next, its end does not matter
+                self._container.close()
+            self._container = None
+        self._close_source()
         if os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+    def _close_source(self):
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     def __enter__(self):
         return self

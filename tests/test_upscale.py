@@ -319,3 +319,156 @@ def test_failure_mid_run_leaves_nothing(tmp_path, weights, monkeypatch, capsys, 
             basicvsr.main(args)
     assert len(calls) == 2
     assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+# ----------------------------------------------------------------------------------------
+# Audio: the input's audio streams go into an output video, copied (or AAC where the container
+# cannot hold the codec), cut at the end of the written video with packet granularity
+
+AAC_SNR = 25.0  # dB, pcm_u8 sine re-encoded to AAC vs the source (measured 31.4)
+
+
+def write_video_with_audio(path, frames, fps, codec, sample_rate, layout, seconds=None):
+    """H.264 frames and a 440 Hz sine in `codec`, `seconds` long (default: as long as the video)."""
+    import av
+    seconds = len(frames) / fps if seconds is None else seconds
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    sine = np.repeat(0.3 * np.sin(2 * np.pi * 440 * t)[None], av.AudioLayout(layout).nb_channels, 0)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.height, video.width = frames[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        audio = out.add_stream(codec, rate=sample_rate, layout=layout)
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts = i
+            out.mux(video.encode(vf))
+        for s in range(0, len(t), 1024):  # the encoder converts and regroups the samples
+            af = av.AudioFrame.from_ndarray(sine[:, s:s + 1024].astype(np.float32), format="fltp", layout=layout)
+            af.sample_rate, af.pts = sample_rate, s
+            out.mux(audio.encode(af))
+        out.mux(video.encode())
+        out.mux(audio.encode())
+    return str(path)
+
+
+def audio_of(path):
+    """The audio streams of a file: [{codec, rate, channels, packets: [(start s, end s, bytes)], samples}]."""
+    import av
+    with av.open(str(path)) as c:
+        streams = {s.index: {"codec": s.codec_context.codec.canonical_name, "rate": s.codec_context.sample_rate,
+                             "channels": s.codec_context.channels, "packets": []} for s in c.streams.audio}
+        for p in c.demux(*c.streams.audio) if streams else []:  # (no streams: demux() reads them all)
+            if p.dts is not None:
+                start = p.pts * p.time_base
+                streams[p.stream.index]["packets"].append((start, start + p.duration * p.time_base, bytes(p)))
+    streams = list(streams.values())
+    for i, s in enumerate(streams):
+        with av.open(str(path)) as c:
+            s["samples"] = np.concatenate([f.to_ndarray() for f in c.decode(c.streams.audio[i])], axis=1)
+    return streams
+
+
+def upscale_cli(src, out, weights, *extra):
+    return basicvsr.main([str(src), str(out), "--weights", weights["basicvsr"], "--arch", "basicvsr",
+                          "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("ext, encoder, codec, sample_rate, layout", [
+    (".mp4", "aac", "aac", 48000, "stereo"), (".mkv", "libmp3lame", "mp3", 44100, "mono")])
+def test_cli_copies_the_audio(tmp_path, weights, capsys, ext, encoder, codec, sample_rate, layout):
+    src = write_video_with_audio(tmp_path / f"in{ext}", clip(15, 6, 32), 24, encoder, sample_rate, layout)
+    out = tmp_path / f"out{ext}"
+    assert upscale_cli(src, out, weights) == 0
+    err = capsys.readouterr().err
+    assert f"{codec} audio copied" in err and "note:" not in err
+    (a_in,), (a_out,) = audio_of(src), audio_of(out)
+    assert (a_out["codec"], a_out["rate"], a_out["channels"]) == (codec, sample_rate, 1 + (layout == "stereo"))
+    # remuxed: the same packets, bytes and times, so the same decoded samples
+    assert [p[2] for p in a_out["packets"]] == [p[2] for p in a_in["packets"]] and len(a_in["packets"]) > 5
+    assert [p[0] for p in a_out["packets"]] == [p[0] for p in a_in["packets"]]
+    assert np.array_equal(a_out["samples"], a_in["samples"])
+    assert len(list(data.read_video(out))) == 6
+    end, longest = a_out["packets"][-1][1], max(p[1] - p[0] for p in a_out["packets"])
+    assert abs(end - 6 / 24) <= longest  # as long as the video, within a packet
+    assert sorted(os.listdir(tmp_path)) == sorted([f"in{ext}", f"out{ext}"])
+
+
+def test_cli_max_frames_cuts_the_audio_at_the_video_end(tmp_path, weights):
+    src = write_video_with_audio(tmp_path / "in.mp4", clip(16, 6, 32), 24, "aac", 44100, "mono")
+    assert upscale_cli(src, tmp_path / "out.mp4", weights, "--max-frames", "3") == 0
+    (a_in,), (a_out,) = audio_of(src), audio_of(tmp_path / "out.mp4")
+    kept = [p for p in a_in["packets"] if p[0] < 3 / 24]  # packets that start within the 3 frames
+    assert 3 < len(kept) < len(a_in["packets"])
+    assert [p[2] for p in a_out["packets"]] == [p[2] for p in kept]
+    assert 3 / 24 <= a_out["packets"][-1][1] < 3 / 24 + 1024 / 44100
+
+
+def test_cli_reencodes_audio_the_container_cannot_hold(tmp_path, weights, capsys):
+    # pcm_u8 goes into Matroska but not into MP4
+    src = write_video_with_audio(tmp_path / "in.mkv", clip(17, 6, 32), 24, "pcm_u8", 22050, "mono")
+    assert upscale_cli(src, tmp_path / "out.mp4", weights) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "pcm_u8" in notes[0] and "AAC" in notes[0], err
+    (a_in,), (a_out,) = audio_of(src), audio_of(tmp_path / "out.mp4")
+    assert (a_in["codec"], a_out["codec"], a_out["rate"], a_out["channels"]) == ("pcm_u8", "aac", 22050, 1)
+    # lossy but in place: the same sine at the same time (the MP4 edit list drops the AAC priming)
+    x = (a_in["samples"][0].astype(np.float64) - 128) / 128
+    y = a_out["samples"][0, :len(x)].astype(np.float64)
+    assert len(a_out["samples"][0]) - len(x) < 1024 and len(x) == 22050 // 4
+    inner = slice(500, len(x) - 500)  # away from the encoder's edge effects
+    snr = 10 * math.log10(np.mean(x[inner] ** 2) / np.mean((y[inner] - x[inner]) ** 2))
+    assert snr > AAC_SNR, snr
+
+
+def test_cli_no_audio(tmp_path, weights, capsys):
+    with_audio = write_video_with_audio(tmp_path / "a.mp4", clip(18, 3, 32), 24, "aac", 44100, "mono")
+    silent = write_video(tmp_path / "b.mp4", clip(18, 3, 32), fps=24)
+    folder = write_frames(tmp_path / "c", clip(18, 3, 32))
+    for src, name, extra in [(with_audio, "a_out.mp4", ["--no-audio"]), (silent, "b_out.mp4", []),
+                             (folder, "c_out.mp4", [])]:
+        assert upscale_cli(src, tmp_path / name, weights, *extra) == 0
+        assert audio_of(tmp_path / name) == [] and len(list(data.read_video(tmp_path / name))) == 3
+    err = capsys.readouterr().err
+    assert "audio copied" not in err and "AAC" not in err
+    # another frame rate would make the audio drift: refused, unless it is dropped
+    assert upscale_cli(with_audio, tmp_path / "d.mp4", weights, "--fps", "30") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: fps 30 differs from the 24 fps") and "--no-audio" in err
+    assert upscale_cli(with_audio, tmp_path / "d.mp4", weights, "--fps", "30", "--no-audio") == 0
+    assert data.read_video(tmp_path / "d.mp4").fps == 30
+
+
+@pytest.mark.parametrize("when", ["write", "close"])
+def test_cli_audio_failure_is_one_line_and_leaves_nothing(tmp_path, weights, monkeypatch, capsys, when):
+    import av
+    src = write_video_with_audio(tmp_path / "in.mp4", clip(19, 4, 32), 24, "aac", 44100, "mono")
+    if when == "write":  # the source's audio turns out broken after two packets
+        open_video = data.VideoWriter._open_video
+
+        def open_broken(self):
+            open_video(self)
+            packets = self._packets
+
+            def broken():
+                yield next(packets)
+                yield next(packets)
+                raise av.error.InvalidDataError(22, "Invalid data found when processing input")
+            self._packets = broken()
+        monkeypatch.setattr(data.VideoWriter, "_open_video", open_broken)
+        words = ["cannot write the audio of", "in.mp4", "InvalidDataError"]
+    else:  # the last audio, muxed while the file is finished, fails
+        mux_audio = data.VideoWriter._mux_audio
+
+        def mux_failing_at_the_end(self, end, flush=False):
+            if flush:
+                raise OSError(28, "No space left on device")
+            return mux_audio(self, end)
+        monkeypatch.setattr(data.VideoWriter, "_mux_audio", mux_failing_at_the_end)
+        words = ["No space left on device"]
+    assert upscale_cli(src, tmp_path / "out.mp4", weights) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words) and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in.mp4"]
