@@ -24,7 +24,8 @@ Public names, in file order:
         degrade_sequence(frames, rng, lq_size), check_video_codec(name); recipe dicts BLUR_1 ... FINAL_SINC
     RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data
     read_video(path, fps=None) -> VideoReader      iterate RGB uint8 frames; .fps .num_frames .width .height
-    VideoWriter(path, fps, crf=18, overwrite=False)  .write(frame), atomic close(); context manager
+    VideoWriter(path, fps, crf=18, overwrite=False, audio_from=None)  .write(frame), atomic close();
+        context manager; audio_from: a video whose audio streams are copied in (AAC where they do not fit)
     prepare_test_set(src, dst, "bi"|"bd", scale=4)
 
 Command line: `python data.py --bench-degradation` (RealBasicVSR samples/s, one worker) and
