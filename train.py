@@ -151,6 +151,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the generator's per-frame modules (basicvsr.compile_network)")
     g.add_argument("--resume", help="run folder or checkpoint file to continue exactly")
     g.add_argument("--val-interval", type=int)
     g.add_argument("--save-interval", type=int)
@@ -170,7 +172,7 @@ def build_parser():
     return p
 
 
-RUN_DEFAULTS = dict(seed=0, amp="none", log_interval=10, keep_last=3, max_nonfinite=10, synthetic_clips=200)
+RUN_DEFAULTS = dict(seed=0, amp="none", compile=False, log_interval=10, keep_last=3, max_nonfinite=10, synthetic_clips=200)
 FLAG_ONLY = ("model", "data_root", "val_root", "out_dir", "device", "resume", "init", "spynet_weights",
              "vgg_weights", "inject_nan_at", "debug_rank_weights", "eval", "weights", "eval_set")
 
@@ -811,6 +813,8 @@ def train(args, ddp, rank, world_size, device):
     ema = copy.deepcopy(g_raw).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     if args.init:
         load_init(g_raw, ema, args.init, rank)
+    if cfg.get("compile"):  # after the EMA copy: the EMA only evaluates, and stays eager
+        basicvsr.compile_network(g_raw)
     d_raw = realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train() if cfg["gan_weight"] > 0 else None
     percep = None
     if cfg["perceptual_weight"] > 0:
