@@ -1046,6 +1046,8 @@ def add_upscale_args(parser):
                      help="LR pixels shared by neighbouring tiles, blended linearly (default: 16)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the per-frame modules (compile_network); the first window is slower")
+    run.add_argument("--channels-last", action="store_true",
+                     help="run the network in channels-last (NHWC) memory format, native to cuDNN's bf16 convolutions")
     video = parser.add_argument_group("video")
     video.add_argument("--max-frames", type=int, metavar="N", help="upscale only the first N frames")
     video.add_argument("--scene-threshold", type=float, default=20.0, metavar="D",
@@ -1077,6 +1079,8 @@ def run_upscale(args, build_network):
                 print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
                       f"input as it is: re-encoding it to AAC", file=sys.stderr)
             model = load_weights(build_network(args), args.weights)
+            if args.channels_last:
+                model = model.to(memory_format=torch.channels_last)
             if args.compile:
                 compile_network(model)
             for frame in upscale(model, reader, device=args.device, precision=args.precision, chunk=args.chunk,

@@ -266,10 +266,12 @@ def bench_warp(batch, dtype_name, reps, peak, device):
 # iteration of train.py, each run with three implementations of the two ops inside the same
 # networks (see the module docstring), in fp32 and in bf16 (torch.autocast).
 
-MODEL_PATHS = ("triton", "triton + host cache", "triton + compile", "torch reference", "torchvision")
+MODEL_PATHS = ("triton", "triton + host cache", "triton + compile", "triton + channels_last", "torch reference",
+               "torchvision")
 # Variants of the Triton path that only inference runs: BasicVSR++ with its features in pinned host
-# memory (HostCache, cpu_cache_length = 0), and the network after basicvsr.compile_network.
-INFERENCE_ONLY_PATHS = ("triton + host cache", "triton + compile")
+# memory (HostCache, cpu_cache_length = 0), the network after basicvsr.compile_network, and the
+# network in channels-last memory format (NHWC convolutions; the clip stays as it is).
+INFERENCE_ONLY_PATHS = ("triton + host cache", "triton + compile", "triton + channels_last")
 MODEL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 # Random weights, scaled where the timing depends on them (see realistic_init). Calibrated on
@@ -520,9 +522,10 @@ def bench_inference(wl, paths, dtypes, reps, warmup, device, weights, notes):
     if wl["arch"] != "basicvsrpp":  # only BasicVSR++ has the host cache
         paths = [p for p in paths if p != "triton + host cache"]
     compiled = basicvsr.compile_network(copy.deepcopy(net)) if "triton + compile" in paths else None
+    nhwc = copy.deepcopy(net).to(memory_format=torch.channels_last) if "triton + channels_last" in paths else None
 
     def run(dtype, path):
-        model = compiled if path == "triton + compile" else net
+        model = {"triton + compile": compiled, "triton + channels_last": nhwc}.get(path, net)
 
         def fn():
             if wl["arch"] == "basicvsrpp":  # 100: mmagic's threshold, so a 100-frame clip stays on the GPU
@@ -613,7 +616,7 @@ def _best_triton(cells, dtype, key):
 
 def target_lines(results, frames):
     """Issue 8's targets next to what this run measured ('not measured' where a cell is missing). Each
-    target takes the best Triton variant of the run (plain, host cache, compiled) and names it."""
+    target takes the best Triton variant of the run (plain, host cache, compiled, channels-last) and names it."""
     def fmt(v, spec="{:.2f}x"):
         return "not measured" if v is None else spec.format(v)
 

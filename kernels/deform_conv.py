@@ -13,6 +13,10 @@ conv_offset (n, 3*G*K, ho, wo): channels [0, 2GK) offset logits in the offset la
 flows       (n, 2F, ho, wo): F flows, each (dx, dy) in pixels; deform group g uses flow g // (G/F)
 offset = max_residue_magnitude * tanh(offset logits) + the group's flow as (dy, dx)
 mask   = sigmoid(mask logits)
+
+Layouts: the output takes x's memory format (kernels.flow_warp.memory_format: channels-last x,
+channels-last output), on both paths; offset, mask, conv_offset and flows are read in whatever
+strides they come.
 """
 import contextlib
 from typing import List, Optional, Tuple
@@ -21,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.nn.modules.utils import _pair
+
+from .flow_warp import memory_format
 
 
 def _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op):
@@ -122,7 +128,7 @@ def deform_conv2d_reference(x, offset, mask, weight, bias=None, stride=1, paddin
     out = weight.reshape(c_out, c_in * K).to(x.dtype) @ cols
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, c_out, 1)
-    return out.view(n, c_out, ho, wo)
+    return out.view(n, c_out, ho, wo).contiguous(memory_format=memory_format(x))
 
 
 # The flow-guided glue in PyTorch: the reference path's first half, and the backward's chain rule.
@@ -150,7 +156,9 @@ def flow_guided_offsets(conv_offset, flows, max_residue_magnitude, deform_groups
 # ----------------------------------------------------------------------------------------
 # Triton kernels. Layouts inside: x channels-last (n, h, w, c_in) so that one corner of one
 # deform group is a contiguous channel vector; weight reordered once to (K, c_in, c_out);
-# offset, mask and out stay NCHW, where a tile of output pixels reads contiguous rows.
+# offset, mask, flows, out and grad_out through their strides (S<tensor>_<dim>): NCHW, a tile of
+# output pixels reads and writes contiguous rows; channels-last, the [pixels, c_out] output tile
+# writes contiguous channel runs.
 # A channel chunk is a [GPB groups, CPB channels] block, flattened to GPB*CPB >= 16 columns
 # for tl.dot. CPB is the group width padded to a power of two, so groups narrower than 16
 # channels share a chunk (the forward cuts groups wider than 32 into 32-channel slices);
@@ -200,33 +208,39 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _taps(off_ptr, msk_ptr, flow_ptr, MAG, GPF, b, g, g_ok, k, oy, ox, p_ok, H, W, HO, WO, G,
+def _at(ptr, b, chan, oy, ox, S_N, S_C, S_H, S_W):
+    """[BP, GPB] pointers to channels chan [GPB] of pixels (oy, ox) [BP] of image b (int64 offsets)."""
+    pix = oy.to(tl.int64) * S_H + ox.to(tl.int64) * S_W
+    return ptr + (b.to(tl.int64) * S_N + chan.to(tl.int64) * S_C)[None, :] + pix[:, None]
+
+
+@triton.jit
+def _taps(off_ptr, msk_ptr, flow_ptr, MAG, GPF, b, g, g_ok, k, oy, ox, p_ok, H, W, G,
+          SO_N, SO_C, SO_H, SO_W, SM_N, SM_C, SM_H, SM_W, SF_N, SF_C, SF_H, SF_W,
           SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr, FUSED: tl.constexpr):
     """Sampling position of tap k for a tile of pixels [BP] and a block of groups [GPB]:
     floor corner (y0, x0), fractions (ly, lx), mask m (0 outside the guard), inside.
     Computed once per (pixel, group, tap) and broadcast over the group's channels.
-    FUSED: off_ptr is conv_offset (offset logits, then mask logits) and flow_ptr the flows,
-    GPF groups per flow; offset and mask are built here in fp32 (module docstring)."""
+    SO_*, SM_*, SF_*: strides of off, msk and flow.
+    FUSED: off_ptr is conv_offset (offset logits, then mask logits; msk_ptr and SM_* unused) and
+    flow_ptr the flows, GPF groups per flow; offset and mask are built here in fp32 (module docstring)."""
     K: tl.constexpr = KH * KW
-    hw_o = HO * WO  # one map fits in int32; the channel offsets it multiplies are int64
-    pix = (oy * WO + ox).to(tl.int64)
     ok = p_ok[:, None] & g_ok[None, :]
     if FUSED:
-        img = b.to(tl.int64) * (3 * K) * G                             # channels of the images before
-        lg_at = off_ptr + ((img + g * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+        lg_at = _at(off_ptr, b, g * (2 * K) + 2 * k, oy, ox, SO_N, SO_C, SO_H, SO_W)
         dy = MAG * _tanh(tl.load(lg_at, mask=ok, other=0.0).to(tl.float32))
-        dx = MAG * _tanh(tl.load(lg_at + hw_o, mask=ok, other=0.0).to(tl.float32))
-        m_at = off_ptr + ((img + 2 * K * G + g * K + k) * hw_o)[None, :] + pix[:, None]
+        dx = MAG * _tanh(tl.load(lg_at + SO_C, mask=ok, other=0.0).to(tl.float32))
+        m_at = _at(off_ptr, b, 2 * K * G + g * K + k, oy, ox, SO_N, SO_C, SO_H, SO_W)
         m = _sigmoid(tl.load(m_at, mask=ok, other=0.0).to(tl.float32))
-        fl_at = flow_ptr + ((b.to(tl.int64) * (G // GPF) + g // GPF) * 2 * hw_o)[None, :] + pix[:, None]
+        fl_at = _at(flow_ptr, b, (g // GPF) * 2, oy, ox, SF_N, SF_C, SF_H, SF_W)
         dx += tl.load(fl_at, mask=ok, other=0.0).to(tl.float32)
-        dy += tl.load(fl_at + hw_o, mask=ok, other=0.0).to(tl.float32)
+        dy += tl.load(fl_at + SF_C, mask=ok, other=0.0).to(tl.float32)
     else:
-        bg = b.to(tl.int64) * G + g                                    # [GPB]
-        off_at = off_ptr + ((bg * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+        off_at = _at(off_ptr, b, g * (2 * K) + 2 * k, oy, ox, SO_N, SO_C, SO_H, SO_W)
         dy = tl.load(off_at, mask=ok, other=0.0).to(tl.float32)
-        dx = tl.load(off_at + hw_o, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(msk_ptr + ((bg * K + k) * hw_o)[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
+        dx = tl.load(off_at + SO_C, mask=ok, other=0.0).to(tl.float32)
+        m_at = _at(msk_ptr, b, g * K + k, oy, ox, SM_N, SM_C, SM_H, SM_W)
+        m = tl.load(m_at, mask=ok, other=0.0).to(tl.float32)
     # Positions in fp32 whatever the data dtype.
     py = (oy * SH - PH + (k // KW) * DH).to(tl.float32)[:, None] + dy
     px = (ox * SW - PW + (k % KW) * DW).to(tl.float32)[:, None] + dx
@@ -255,13 +269,16 @@ def _corner(y, x, ok, H, W, C_IN):
 def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, flow_ptr, w_ptr, bias_ptr, out_ptr,
                     H, W, HO, WO, C_IN, C_OUT, G, TILES_W,
                     SH, SW, PH, PW, DH, DW, MAG, GPF,
+                    SO_N, SO_C, SO_H, SO_W, SM_N, SM_C, SM_H, SM_W, SF_N, SF_C, SF_H, SF_W,
+                    SY_N, SY_C, SY_H, SY_W,
                     CG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, GPB: tl.constexpr, CPB: tl.constexpr,
                     BLOCK_CO: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
                     FUSED: tl.constexpr):
     """One program: a TILE_H x TILE_W tile of output pixels x BLOCK_CO output channels of one image.
     out[p, co] = sum over taps k and channels c of sample[p, k, c] * w[k, c, co] (implicit GEMM).
-    FUSED: the flow-guided variant (see _taps); flow_ptr, MAG and GPF are unused otherwise."""
+    FUSED: the flow-guided variant (see _taps); flow_ptr, MAG and GPF are unused otherwise.
+    SY_*: the output's strides; the others as in _taps."""
     BP: tl.constexpr = TILE_H * TILE_W
     CHUNK: tl.constexpr = GPB * CPB
     pid_t = tl.program_id(0)
@@ -282,7 +299,8 @@ def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, flow_ptr, w_ptr, bias_ptr, out_ptr,
         g_ok = g < G
         for k in range(KH * KW):
             y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, flow_ptr, MAG, GPF, b, g, g_ok, k, oy, ox, p_ok,
-                                              H, W, HO, WO, G, SH, SW, PH, PW, DH, DW, KH, KW, FUSED)
+                                              H, W, G, SO_N, SO_C, SO_H, SO_W, SM_N, SM_C, SM_H, SM_W,
+                                              SF_N, SF_C, SF_H, SF_W, SH, SW, PH, PW, DH, DW, KH, KW, FUSED)
             a00, v00 = _corner(y0, x0, inside, H, W, C_IN)
             a01, v01 = _corner(y0, x0 + 1, inside, H, W, C_IN)
             a10, v10 = _corner(y0 + 1, x0, inside, H, W, C_IN)
@@ -311,8 +329,7 @@ def _dcn_fwd_kernel(x_ptr, off_ptr, msk_ptr, flow_ptr, w_ptr, bias_ptr, out_ptr,
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    hw_o = HO * WO  # one map fits in int32; the channel offsets it multiplies are int64
-    out_at = out_ptr + ((b.to(tl.int64) * C_OUT + co) * hw_o)[None, :] + (oy * WO + ox)[:, None]
+    out_at = _at(out_ptr, b, co, oy, ox, SY_N, SY_C, SY_H, SY_W)
     tl.store(out_at, _cast(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=p_ok[:, None] & co_ok[None, :])
 
 
@@ -341,6 +358,7 @@ def _bwd_corner(xb, gxb, y, x, inside, wt, d_dy, d_dx, gcol, gm, ch3, ok3, H, W,
 def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmsk_ptr, gw_ptr,
                     N, H, W, HO, WO, C_IN, C_OUT, G, TILES_W, TILES, N_CHUNK, SPLITS,
                     SH, SW, PH, PW, DH, DW,
+                    SO_N, SO_C, SO_H, SO_W, SM_N, SM_C, SM_H, SM_W, SG_N, SG_C, SG_H, SG_W,
                     CG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, GPB: tl.constexpr, CPB: tl.constexpr,
                     BLOCK_CO: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
@@ -363,7 +381,6 @@ def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, 
     # w[k, rows, :] transposed: [BLOCK_CO, CHUNK].
     wk_t = tl.load(w_ptr + (k * C_IN + rows).to(tl.int64)[None, :] * C_OUT + co[:, None],
                    mask=rows_ok[None, :] & co_ok[:, None], other=0.0)
-    hw_o = HO * WO  # one map fits in int32; the channel offsets it multiplies are int64
     r = tl.arange(0, BP)
 
     gw = tl.zeros((CHUNK, BLOCK_CO), dtype=tl.float32)
@@ -372,15 +389,15 @@ def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, 
         oy = ((t % TILES) // TILES_W) * TILE_H + r // TILE_W
         ox = ((t % TILES) % TILES_W) * TILE_W + r % TILE_W
         p_ok = (oy < HO) & (ox < WO)
-        pix = (oy * WO + ox).to(tl.int64)
-        gout = tl.load(gout_ptr + ((b.to(tl.int64) * C_OUT + co) * hw_o)[None, :] + pix[:, None],
+        gout = tl.load(_at(gout_ptr, b, co, oy, ox, SG_N, SG_C, SG_H, SG_W),
                        mask=p_ok[:, None] & co_ok[None, :], other=0.0)  # [BP, BLOCK_CO]
         # Gradient of the sampled columns, gcol[p, c] = sum_co gout[p, co] w[k, c, co].
         gcol = _mma(gout, wk_t, tl.zeros((BP, CHUNK), dtype=tl.float32), PREC, INTERP_BF16)
         gcol = tl.reshape(gcol, (BP, GPB, CPB))
 
         y0, x0, ly, lx, m, inside = _taps(off_ptr, msk_ptr, off_ptr, 0.0, 1, b, g, g_ok, k, oy, ox, p_ok,
-                                          H, W, HO, WO, G, SH, SW, PH, PW, DH, DW, KH, KW, False)
+                                          H, W, G, SO_N, SO_C, SO_H, SO_W, SM_N, SM_C, SM_H, SM_W,
+                                          SO_N, SO_C, SO_H, SO_W, SH, SW, PH, PW, DH, DW, KH, KW, False)
         # Corner by corner: the unmasked sample s, the per-group sums of gcol times the sample and
         # its y/x derivatives (outside corners read as 0, as in mmcv), and grad_x's scatter.
         xb = x_ptr + b.to(tl.int64) * H * W * C_IN
@@ -400,16 +417,16 @@ def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, 
                                             gcol, gm, ch3, ok3, H, W, C_IN, s, g_mask, g_dy, g_dx)
 
         # Owned writes of the segmented reductions, 0 outside the guard.
+        # grad_offset and grad_mask have the strides of offset and mask (the launcher sees to it).
         ok2 = p_ok[:, None] & g_ok[None, :]
-        bg = b.to(tl.int64) * G + g
         g_mask = tl.where(inside, g_mask, 0.0)
         g_dy = tl.where(inside, m * g_dy, 0.0)
         g_dx = tl.where(inside, m * g_dx, 0.0)
-        tl.store(gmsk_ptr + ((bg * K + k) * hw_o)[None, :] + pix[:, None],
+        tl.store(_at(gmsk_ptr, b, g * K + k, oy, ox, SM_N, SM_C, SM_H, SM_W),
                  _cast(g_mask, gmsk_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
-        goff_at = goff_ptr + ((bg * (2 * K) + 2 * k) * hw_o)[None, :] + pix[:, None]
+        goff_at = _at(goff_ptr, b, g * (2 * K) + 2 * k, oy, ox, SO_N, SO_C, SO_H, SO_W)
         tl.store(goff_at, _cast(g_dy, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
-        tl.store(goff_at + hw_o, _cast(g_dx, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
+        tl.store(goff_at + SO_C, _cast(g_dx, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
 
         # grad_w[k, c, co] += sum_p cols[p, c] gout[p, co], with the same rounded columns as the forward.
         cols = _cast(tl.reshape(s * m[:, :, None], (BP, CHUNK)), gout_ptr.dtype.element_ty, INTERP_BF16)
@@ -423,8 +440,8 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)  # read when the kernels above
 
 
 # ----------------------------------------------------------------------------------------
-# Launchers: plain tensors in, plain tensors out. Inputs are only read; non-contiguous ones
-# are copied into the layouts the kernels expect.
+# Launchers: plain tensors in, plain tensors out. Inputs are only read. x is copied to
+# channels-last unless it is so already; the others are read through their strides.
 
 def _next_pow2(v):
     return 1 << max(0, int(v) - 1).bit_length()
@@ -483,6 +500,11 @@ def _on_device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _empty_output(x, c_out, ho, wo):
+    """The forward's output (n, c_out, ho, wo) in x's memory format; the real and fake paths share it."""
+    return torch.empty((x.shape[0], c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
+
+
 def _launch_forward(x, off, msk, flows, mag, weight, bias, stride, padding, dilation, deform_groups, size):
     """The forward kernel. flows None: off and msk are offset and mask; otherwise off is
     conv_offset (msk unused), flows the flows and mag max_residue_magnitude."""
@@ -492,20 +514,20 @@ def _launch_forward(x, off, msk, flows, mag, weight, bias, stride, padding, dila
     fused = flows is not None
     x_cl = x.contiguous(memory_format=torch.channels_last)             # (n, h, w, c_in) in memory
     w_kcc = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
-    out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
+    out = _empty_output(x, c_out, ho, wo)
     prec, interp_bf16 = _dot_settings(x)
     th, tw, tiles_h, tiles_w, warps = _tiles(ho, wo, backward=False, ieee=prec == "ieee")
     gpb, cpb = _chunking(G, c_in // G, 32, whole_groups=False)
     block_co = min(64, max(16, _next_pow2(c_out)))
     grid = (tiles_h * tiles_w, n, triton.cdiv(c_out, block_co))        # tiles fastest: one image at a time in L2
-    off = off.contiguous()
+    msk, flows = (off, flows) if fused else (msk, off)                 # the unused one: any tensor
     with _on_device(x):
         _dcn_fwd_kernel[grid](
-            x_cl, off, msk.contiguous() if not fused else off, flows.contiguous() if fused else off,
-            w_kcc, bias if bias is not None else w_kcc, out,
+            x_cl, off, msk, flows, w_kcc, bias if bias is not None else w_kcc, out,
             h, w, ho, wo, c_in, c_out, G, tiles_w,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             float(mag), G // (flows.shape[1] // 2) if fused else 1,
+            *off.stride(), *msk.stride(), *flows.stride(), *out.stride(),
             CG=c_in // G, KH=kh, KW=kw, HAS_BIAS=bias is not None, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb,
             BLOCK_CO=block_co, PREC=prec, INTERP_BF16=interp_bf16, FUSED=fused, num_warps=warps, num_stages=1)
     return out
@@ -535,7 +557,11 @@ def _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, defo
     G, K = deform_groups, kh * kw
     x_cl = x.contiguous(memory_format=torch.channels_last)
     w_kcc = weight.permute(2, 3, 1, 0).reshape(K, c_in, c_out).contiguous()
-    grad_out = grad_out.to(x.dtype).contiguous()                      # e.g. the stride-0 grad of a sum()
+    grad_out = grad_out.to(x.dtype)                                    # read through its strides, 0 included
+    # grad_offset and grad_mask come in the memory formats of offset and mask; the kernel writes
+    # them with the strides of offset and mask, which are the same once those are dense.
+    off_format, msk_format = memory_format(offset), memory_format(mask)
+    offset, mask = offset.contiguous(memory_format=off_format), mask.contiguous(memory_format=msk_format)
     th, tw, tiles_h, tiles_w, warps = _tiles(ho, wo, backward=True)
     gpb, cpb = _chunking(G, c_in // G, 32, whole_groups=True)
     n_chunk = triton.cdiv(G, gpb)
@@ -546,20 +572,22 @@ def _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, defo
     else:          # interpreter: few programs, but keep the split path exercised
         splits = min(2, n * tiles)
     gx = torch.zeros((n, h, w, c_in), device=x.device, dtype=torch.float32)
-    g_off = torch.empty(offset.shape, device=x.device, dtype=offset.dtype)
-    g_msk = torch.empty(mask.shape, device=x.device, dtype=mask.dtype)
+    g_off = torch.empty(offset.shape, device=x.device, dtype=offset.dtype, memory_format=off_format)
+    g_msk = torch.empty(mask.shape, device=x.device, dtype=mask.dtype, memory_format=msk_format)
     gw = torch.empty((splits, K, c_in, c_out), device=x.device, dtype=torch.float32)
     prec, interp_bf16 = _dot_settings(x)
     with _on_device(x):
         _dcn_bwd_kernel[(K * n_chunk, splits)](
-            x_cl, offset.contiguous(), mask.contiguous(), w_kcc, grad_out, gx, g_off, g_msk, gw,
+            x_cl, offset, mask, w_kcc, grad_out, gx, g_off, g_msk, gw,
             n, h, w, ho, wo, c_in, c_out, G, tiles_w, tiles, n_chunk, splits,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *offset.stride(), *mask.stride(), *grad_out.stride(),
             CG=c_in // G, KH=kh, KW=kw, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb,
             BLOCK_CO=max(16, _next_pow2(c_out)), PREC=prec, INTERP_BF16=interp_bf16, num_warps=warps, num_stages=1)
-    # One pass each: cast + back to NCHW; sum of the partials + back to (c_out, c_in, kh, kw).
-    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype).copy_(gx.permute(0, 3, 1, 2))
-    grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype)
+    # Each gradient in its input's memory format. grad_x: for a channels-last fp32 x the buffer
+    # itself, else one pass (cast and/or back to NCHW); grad_w: the partials summed, reordered.
+    grad_x = gx.permute(0, 3, 1, 2).to(x.dtype, memory_format=memory_format(x))
+    grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype, memory_format=memory_format(weight))
     grad_w.copy_(gw.sum(0).permute(2, 1, 0).view(c_out, c_in, kh, kw))
     return grad_x, g_off, g_msk, grad_w
 
@@ -580,9 +608,13 @@ def _backward_fused(grad_out, x, conv_offset, flows, weight, max_residue_magnitu
     grad_x, g_off, g_msk, grad_w = _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, G)
     n = x.shape[0]
     # d tanh = 1 - tanh^2, d sigmoid = s (1 - s); each flow gets the sum over its groups' taps.
-    g_logits = torch.cat((g_off * (max_residue_magnitude * (1 - t * t)), g_msk * (mask * (1 - mask))), 1)
+    # Both gradients in the memory formats of their inputs.
+    g_logits = torch.empty(conv_offset.shape, device=x.device, dtype=conv_offset.dtype,
+                           memory_format=memory_format(conv_offset))
+    g_logits[:, :2 * G * K] = g_off * (max_residue_magnitude * (1 - t * t))
+    g_logits[:, 2 * G * K:] = g_msk * (mask * (1 - mask))
     g_flows = g_off.view(n, F, -1, 2, ho, wo).sum(2).flip(2).reshape(n, 2 * F, ho, wo)
-    return grad_x, g_logits.to(conv_offset.dtype), g_flows.to(flows.dtype), grad_w
+    return grad_x, g_logits, g_flows.to(flows.dtype, memory_format=memory_format(flows)), grad_w
 
 
 # ----------------------------------------------------------------------------------------
@@ -598,7 +630,7 @@ def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
 @_deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
     ho, wo = _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
-    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+    return _empty_output(x, weight.shape[0], ho, wo)
 
 
 @torch.library.custom_op("vsr::deform_conv2d_backward", mutates_args=())
@@ -608,12 +640,14 @@ def _deform_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: 
     return _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups)
 
 
+def _empty_grads(*inputs):
+    """Fake gradients of the backward ops: each in its input's memory format, as the real ones."""
+    return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype, memory_format=memory_format(t)) for t in inputs)
+
+
 @_deform_conv2d_backward_op.register_fake
 def _(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(offset, memory_format=torch.contiguous_format),
-            torch.empty_like(mask, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format))
+    return _empty_grads(x, offset, mask, weight)
 
 
 def _setup_context(ctx, inputs, output):
@@ -648,7 +682,7 @@ def _(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, paddin
     op = "flow_guided_deform_conv2d"
     ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
     _check_glue(conv_offset, flows, deform_groups, weight.shape[2] * weight.shape[3], op, (x.shape[0], ho, wo))
-    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+    return _empty_output(x, weight.shape[0], ho, wo)
 
 
 @torch.library.custom_op("vsr::flow_guided_deform_conv2d_backward", mutates_args=())
@@ -662,7 +696,7 @@ def _flow_guided_backward_op(grad_out: torch.Tensor, x: torch.Tensor, conv_offse
 
 @_flow_guided_backward_op.register_fake
 def _(grad_out, x, conv_offset, flows, weight, max_residue_magnitude, stride, padding, dilation, deform_groups):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, conv_offset, flows, weight))
+    return _empty_grads(x, conv_offset, flows, weight)
 
 
 def _setup_context_fused(ctx, inputs, output):

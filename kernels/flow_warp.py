@@ -9,6 +9,9 @@ mmagic's flow_warp does. Two conventions come with that:
 Non-finite or far-outside positions are pinned to -2 (just outside) before anything else, so
 they sample zeros ("zeros") or the border ("border", NaN goes to 0, +inf to w-1) and get no
 flow gradient. CUDA grid_sample does the same; CPU grid_sample would return NaN.
+
+The output takes x's memory format (memory_format below): a channels-last x gives a channels-last
+output, on both paths, so a network converted with .to(memory_format=torch.channels_last) stays so.
 """
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,21 @@ def _check(x, flow, padding_mode):
         raise ValueError(f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in batch or spatial size")
     if padding_mode not in ("zeros", "border"):
         raise ValueError(f"flow_warp: padding_mode must be 'zeros' or 'border', got {padding_mode!r}")
+
+
+def memory_format(x):
+    """torch.channels_last where x's strides order its dims C, W, H, N from fastest to slowest, else
+    torch.contiguous_format: torch's suggest_memory_format rule, so a layout the strides leave
+    ambiguous (1x1 maps, or one channel, of an NCHW tensor) stays NCHW. Real and fake paths of
+    both ops take their output layouts from it, so torch.compile sees the strides they return."""
+    if x.dim() != 4 or x.stride(1) == 0:
+        return torch.contiguous_format
+    least = 0
+    for d in (1, 3, 2, 0):
+        if x.shape[d] == 0 or x.stride(d) < least or (d == 0 and least == x.stride(1)):
+            return torch.contiguous_format
+        least = x.stride(d) * x.shape[d]
+    return torch.channels_last
 
 
 # ----------------------------------------------------------------------------------------
@@ -47,7 +65,7 @@ def flow_warp_reference(x, flow, padding_mode="zeros"):
     gy = _pin(grid_y + flow[:, 1].to(acc), h)
     grid = torch.stack((2.0 * gx / max(w - 1, 1) - 1.0, 2.0 * gy / max(h - 1, 1) - 1.0), dim=3)
     out = F.grid_sample(x.to(acc), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
-    return out.to(x.dtype)
+    return out.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,9 +168,10 @@ def _flow_warp_bwd_kernel(
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     sfn, sfc, sfh, sfw,
+    sdn, sdc, sdh, sdw,
     BORDER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grad_x (fp32, contiguous (n, C, h, w)) gets the four weighted scatters; grad_flow (fp32,
+    # grad_x (fp32, strides sd*: x's memory format) gets the four weighted scatters; grad_flow (fp32,
     # contiguous (n, 2, h, w)) gets sum_c g * d(sample)/d(position), chained through the clamp.
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -175,8 +194,8 @@ def _flow_warp_bwd_kernel(
     m10 = (ok_p & oky1 & okx0)[None, :]
     m11 = (ok_p & oky1 & okx1)[None, :]
     g_off = (i * sgh + j * sgw)[None, :]
-    # grad_x is contiguous; skip the scatter of corners whose weight is 0 (3 of 4 for integer flows).
-    b00 = (y0 * w + x0)[None, :]
+    # Skip the scatter of corners whose weight is 0 (3 of 4 for integer flows).
+    d00 = (y0 * sdh + x0 * sdw)[None, :]
     a00 = m00 & (w00 != 0.0)
     a01 = m01 & (w01 != 0.0)
     a10 = m10 & (w10 != 0.0)
@@ -184,7 +203,7 @@ def _flow_warp_bwd_kernel(
 
     x_base = x_ptr + n * sxn
     g_base = gout_ptr + n * sgn
-    gx_base = gx_ptr + n * C * h * w
+    gx_base = gx_ptr + n * sdn
     acc_x = tl.zeros((BLOCK_P,), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -200,11 +219,11 @@ def _flow_warp_bwd_kernel(
         acc_x += tl.sum(g * ((1.0 - ly1) * (v01 - v00) + ly1 * (v11 - v10)), axis=0)
         acc_y += tl.sum(g * ((1.0 - lx1) * (v10 - v00) + lx1 * (v11 - v01)), axis=0)
 
-        gxc = gx_base + (cc.to(tl.int64) * h * w)[:, None] + b00
+        gxc = gx_base + (cc.to(tl.int64) * sdc)[:, None] + d00
         tl.atomic_add(gxc, g * w00, mask=ok_c & a00, sem="relaxed")
-        tl.atomic_add(gxc + 1, g * w01, mask=ok_c & a01, sem="relaxed")
-        tl.atomic_add(gxc + w, g * w10, mask=ok_c & a10, sem="relaxed")
-        tl.atomic_add(gxc + w + 1, g * w11, mask=ok_c & a11, sem="relaxed")
+        tl.atomic_add(gxc + sdw, g * w01, mask=ok_c & a01, sem="relaxed")
+        tl.atomic_add(gxc + sdh, g * w10, mask=ok_c & a10, sem="relaxed")
+        tl.atomic_add(gxc + sdh + sdw, g * w11, mask=ok_c & a11, sem="relaxed")
 
     gf_base = gflow_ptr + n * 2 * h * w
     tl.store(gf_base + p, acc_x * gclip_x, mask=ok_p)
@@ -240,7 +259,7 @@ def _blocks(C):
 def _flow_warp_triton(x, flow, padding_mode):
     _launch_check(x, flow)
     n, C, h, w = x.shape
-    out = torch.empty((n, C, h, w), device=x.device, dtype=x.dtype)
+    out = torch.empty((n, C, h, w), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     if out.numel() == 0:
         return out
     block_p, block_c = _blocks(C)
@@ -253,16 +272,17 @@ def _flow_warp_triton(x, flow, padding_mode):
 
 
 def _flow_warp_backward_triton(grad_out, x, flow, padding_mode):
-    _launch_check(x, flow, grad_out)
     n, C, h, w = x.shape
-    grad_x = torch.zeros((n, C, h, w), device=x.device, dtype=torch.float32)
+    # grad_x in x's memory format (scattered in fp32, then cast); grad_flow NCHW.
+    grad_x = torch.empty((n, C, h, w), device=x.device, dtype=torch.float32, memory_format=memory_format(x)).zero_()
     grad_flow = torch.zeros((n, 2, h, w), device=x.device, dtype=torch.float32)
+    _launch_check(x, flow, grad_out, grad_x)
     if n * h * w > 0:
         block_p, block_c = _blocks(C)
         grid = (triton.cdiv(h * w, block_p), n)
         _flow_warp_bwd_kernel[grid](
             grad_out, x, flow, grad_x, grad_flow, C, h, w, float(w > 1), float(h > 1),
-            *grad_out.stride(), *x.stride(), *flow.stride(),
+            *grad_out.stride(), *x.stride(), *flow.stride(), *grad_x.stride(),
             BORDER=padding_mode == "border", BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return grad_x.to(x.dtype), grad_flow.to(flow.dtype)
 
@@ -277,7 +297,7 @@ def _flow_warp_op(x: torch.Tensor, flow: torch.Tensor, padding_mode: str) -> tor
 
 @_flow_warp_op.register_fake
 def _(x, flow, padding_mode):
-    return x.new_empty(x.shape)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format(x))
 
 
 @torch.library.custom_op("vsr::flow_warp_backward", mutates_args=())
@@ -288,7 +308,8 @@ def _flow_warp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, flow: torch.
 
 @_flow_warp_backward_op.register_fake
 def _(grad_out, x, flow, padding_mode):
-    return x.new_empty(x.shape), flow.new_empty(flow.shape)
+    return (torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format(x)),
+            flow.new_empty(flow.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -16,7 +16,9 @@ CUDA, error measures of tests/test_deform_conv.py and tests/test_flow_warp.py:
   fp32 outputs: max |diff| <= 1e-4 x max |reference - bilinear x4 of the input| (what the
   network adds to its skip); BasicVSR++'s parameter gradients within rel 1e-3 (all gradients
   as one vector, max |diff| / max |reference|); bf16 (autocast) outputs: the RMS error against
-  the fp32 reference at most 2x the reference path's own bf16 RMS error + 1e-3.
+  the fp32 reference at most 2x the reference path's own bf16 RMS error + 1e-3;
+- BasicVSR++ converted to channels-last vs NCHW, both on Triton: outputs max |diff| <= 1e-4
+  (fp32) / 2e-2 (bf16), eager and compiled; parameter gradients within rel 5e-3.
 """
 import collections
 import copy
@@ -361,3 +363,38 @@ def test_cuda_compiled_and_host_cache_basicvsrpp_equal_eager(no_tf32):
         tol = 1e-4 if dtype is None else 2e-2  # bf16: inductor fuses and rounds the glue differently
         assert (out_compiled - eager).abs().max().item() <= tol
         assert (out_cached - eager.cpu()).abs().max().item() <= 1e-6  # the same kernels in the same order
+
+
+@cuda
+def test_cuda_channels_last_basicvsrpp_equals_nchw(no_tf32):
+    """The "triton + channels_last" variant (--channels-last) computes the same network: outputs in
+    fp32 and bf16, compiled too, and the parameter gradients of a training step; its propagation
+    features stay channels-last."""
+    cl = torch.channels_last
+    net = build_model("basicvsrpp").cuda().eval()
+    nhwc = copy.deepcopy(net).to(memory_format=cl)
+    compiled = basicvsr.compile_network(copy.deepcopy(nhwc))
+    lqs = bench.moving_clip(6, 64, 96).cuda()
+    layouts = []
+    hook = nhwc.backbone["forward_2"].register_forward_hook(
+        lambda m, i, o: layouts.append(o.is_contiguous(memory_format=cl) and not o.is_contiguous()))
+    for dtype in (None, torch.bfloat16):
+        with kernels.use_backend("triton"), torch.inference_mode(), \
+                torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            ref, out, out_compiled = net(lqs).float(), nhwc(lqs).float(), compiled(lqs).float()
+        tol = 1e-4 if dtype is None else 2e-2  # bf16: other convolution algorithms, rounded differently
+        assert (out - ref).abs().max().item() <= tol
+        assert (out_compiled - ref).abs().max().item() <= tol
+    hook.remove()
+    assert len(layouts) == 2 * 6 and all(layouts)
+
+    target = F.interpolate(lqs[0, :3], scale_factor=4, mode="bicubic", align_corners=False)[None]
+    grads = []
+    for model in (net.train(), nhwc.train()):
+        model.zero_grad(set_to_none=True)
+        with kernels.use_backend("triton"):
+            torch.sqrt((model(lqs[:, :3]) - target) ** 2 + 1e-12).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    # 5e-3: the two layouts' convolutions sum in different orders, and conv_last's bias gradient is
+    # a sum over every output pixel of terms of both signs (on the CPU, fp32: rel 9e-4 from it alone).
+    assert rel(grads[1], grads[0]) <= 5e-3

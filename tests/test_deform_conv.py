@@ -11,6 +11,7 @@ the reference run in float64 on the same (already rounded) inputs.
 - fp32: rel <= 1e-5.
 - bf16/fp16: rel(triton) <= 2 * rel(reference run in that dtype) + a floor of eps(dtype) / 8.
 """
+import copy
 import math
 import os
 import subprocess
@@ -24,9 +25,16 @@ from torch.nn.modules.utils import _pair
 from triton.backends import backends as TRITON_BACKENDS
 
 import kernels.deform_conv as dc
+import kernels
 from kernels import deform_conv2d, deform_conv2d_reference, flow_guided_deform_conv2d, flow_guided_offsets, flow_warp
 
 CUDA = torch.cuda.is_available()
+CL = torch.channels_last
+
+
+def is_cl(t):
+    """Channels-last and not NCHW-contiguous: the layout is not ambiguous."""
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
 
 
 def rel_err(a, b):
@@ -322,7 +330,7 @@ def test_bench_compulsory_bytes_match_kernels_md():
 # specialisation, layouts, tl.dot shapes) at the launcher's BasicVSR++ configuration.
 
 AOT_SCRIPT = r"""
-import os, re, subprocess, tempfile
+import itertools, os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -349,23 +357,33 @@ def compile_for_sm90(kernel, pointers, constexprs, num_warps):
     return re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
 
 # The fused backward is the plain backward kernel, with the fp32 mask the glue recomputes.
-for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
-    for variant in ("forward", "fused_forward", "backward", "fused_backward"):
-        backward, fused = variant.endswith("backward"), variant.startswith("fused")
-        kernel = dc._dcn_bwd_kernel if backward else dc._dcn_fwd_kernel
-        th, tw, _, _, warps = dc._tiles(180, 320, backward, ieee=prec == "ieee")
-        gpb, cpb = dc._chunking(16, 8, 32, whole_groups=backward)
-        consts = dict(CG=8, KH=3, KW=3, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb, BLOCK_CO=64, PREC=prec, INTERP_BF16=False)
-        if not backward:
-            consts.update(HAS_BIAS=True, FUSED=fused)
-        pointers = {name: dt for name in kernel.arg_names if name.endswith("_ptr")}
-        # Offsets and flows fp32 (autocast); the fused forward reads conv_offset in the conv's dtype.
-        pointers.update(off_ptr=dt if fused and not backward else "fp32", flow_ptr="fp32",
-                        gx_ptr="fp32", goff_ptr="fp32", gw_ptr="fp32")
-        if fused and backward:
-            pointers.update(msk_ptr="fp32", gmsk_ptr="fp32")
-        regs, stack = compile_for_sm90(kernel, pointers, consts, warps)
-        print(f"usage {dt} {variant} {regs} {stack}")
+# Layouts: offset, mask, flows, out and grad_out NCHW, or channels-last for the fused variants
+# (those of BasicVSR++). A launch specialises a stride of 1 to a constant (the W strides of NCHW,
+# the C strides of channels-last); so does this.
+VARIANTS = ("forward", "fused_forward", "backward", "fused_backward")
+for (dt, prec), (layout, unit), variant in itertools.product(
+        (("bf16", "tf32"), ("fp32", "ieee")), (("nchw", "W"), ("channels_last", "C")), VARIANTS):
+    if layout == "channels_last" and not variant.startswith("fused"):
+        continue
+    backward, fused = variant.endswith("backward"), variant.startswith("fused")
+    kernel = dc._dcn_bwd_kernel if backward else dc._dcn_fwd_kernel
+    th, tw, _, _, warps = dc._tiles(180, 320, backward, ieee=prec == "ieee")
+    gpb, cpb = dc._chunking(16, 8, 32, whole_groups=backward)
+    consts = dict(CG=8, KH=3, KW=3, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb, BLOCK_CO=64, PREC=prec, INTERP_BF16=False)
+    if not backward:
+        consts.update(HAS_BIAS=True, FUSED=fused)
+    # Memory strides are named S<tensor>_<dim>: SO_C, SG_W, ...
+    unit_strides = [name for name in kernel.arg_names if re.fullmatch("S[A-Z]_" + unit, name)]
+    assert len(unit_strides) >= 3, kernel.arg_names
+    consts.update({name: 1 for name in unit_strides})
+    pointers = {name: dt for name in kernel.arg_names if name.endswith("_ptr")}
+    # Offsets and flows fp32 (autocast); the fused forward reads conv_offset in the conv's dtype.
+    pointers.update(off_ptr=dt if fused and not backward else "fp32", flow_ptr="fp32",
+                    gx_ptr="fp32", goff_ptr="fp32", gw_ptr="fp32")
+    if fused and backward:
+        pointers.update(msk_ptr="fp32", gmsk_ptr="fp32")
+    regs, stack = compile_for_sm90(kernel, pointers, consts, warps)
+    print(f"usage {dt}_{layout} {variant} {regs} {stack}")
 print("compiled")
 """
 
@@ -377,7 +395,7 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
     usage = {(dt, variant): (int(regs), int(stack))
              for dt, variant, regs, stack in (line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("usage"))}
-    assert len(usage) == 8, proc.stdout
+    assert len(usage) == 12, proc.stdout
     for key, (regs, stack) in usage.items():
         assert regs <= 255 and stack == 0, f"{key}: {regs} registers, {stack} bytes of stack (spills)"
 
@@ -596,3 +614,143 @@ def test_flow_guided_torch_compile_matches_eager():
 
     for a, b in zip(out_and_grads(compiled), out_and_grads(model)):
         assert rel_err(a, b) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# Channels-last: both ops give the output in x's memory format (Triton and reference), the
+# Triton backward each gradient in its input's; values are those of the NCHW float64 oracle.
+
+@pytest.mark.parametrize("layout", ["all", "x_only", "offset_mask_only"])
+def test_channels_last_matches_nchw_reference(layout):
+    inputs, conv = make_inputs(2, 8, 16, 5, 6, 2)
+    truth = oracle(inputs, conv)
+    converted = {"all": ("x", "offset", "mask", "weight"), "x_only": ("x",), "offset_mask_only": ("offset", "mask")}[layout]
+    mixed = {k: (v.contiguous(memory_format=CL) if k in converted else v) for k, v in inputs.items()}
+    for backend in ("triton", "torch"):
+        got = run(mixed, conv, backend)
+        for name, a, b in zip(("out", *inputs), got, truth):
+            assert rel_err(a, b) <= 1e-5, f"{backend} {name}: rel {rel_err(a, b):.2e}"
+        assert is_cl(got[0]) == ("x" in converted), backend
+        if backend == "triton":
+            assert [is_cl(g) for g in got[1:5]] == [k in converted for k in ("x", "offset", "mask", "weight")]
+
+
+@pytest.mark.parametrize("flows_cl", [True, False], ids=["cl_flows", "nchw_flows"])
+def test_flow_guided_channels_last_conv_offset_from_a_conv(flows_cl):
+    # conv_offset as BasicVSR++ makes it in a channels-last network: the output of a channels-last conv.
+    inputs, conv = make_fused_inputs(1, 16, 16, 6, 7, 4, 2)
+    torch.manual_seed(1)
+    offset_branch = nn.Conv2d(8, 4 * 27, 3, padding=1).to(memory_format=CL)
+    with torch.no_grad():
+        inputs["conv_offset"] = offset_branch(torch.randn(1, 8, 6, 7).contiguous(memory_format=CL))
+    truth = oracle({k: v.contiguous() for k, v in inputs.items()}, conv, op=flow_guided_deform_conv2d)
+    inputs["x"] = inputs["x"].contiguous(memory_format=CL)
+    if flows_cl:
+        inputs["flows"] = inputs["flows"].contiguous(memory_format=CL)
+    assert is_cl(inputs["conv_offset"])
+    for backend in ("triton", "torch"):
+        got = run(inputs, conv, backend, op=flow_guided_deform_conv2d)
+        for name, a, b in zip(("out", *inputs), got, truth):
+            assert rel_err(a, b) <= 1e-5, f"{backend} {name}: rel {rel_err(a, b):.2e}"
+        assert is_cl(got[0]), backend
+        if backend == "triton":
+            assert [is_cl(g) for g in got[1:4]] == [True, True, flows_cl]
+
+
+class TinyWarpAlign(TinySecondOrderAlign):
+    """The two ops BasicVSR++ calls: a warp of the neighbour, then the fused alignment."""
+
+    def forward(self, feat, feat_n, flow_1, flow_2):
+        return super().forward(feat + flow_warp(feat_n, flow_1, backend="triton"), flow_1, flow_2)
+
+
+def test_torch_compile_channels_last_matches_eager():
+    # Inductor's code indexes the ops' outputs and gradients with the strides of the fake impls:
+    # with the module and its inputs channels-last, those must be the real channels-last ones
+    # (test_fake_strides_match_real checks the fakes of all four ops directly).
+    torch.manual_seed(0)
+    model = TinyWarpAlign().to(memory_format=CL)
+    inputs = [t.contiguous(memory_format=CL) for t in (torch.randn(1, 4, 6, 7), torch.randn(1, 4, 6, 7),
+                                                        2 * torch.randn(1, 2, 6, 7), 2 * torch.randn(1, 2, 6, 7))]
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+
+    def out_and_grads(fn):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out.square().sum(), [*leaves, *model.parameters()])]
+
+    got, want = out_and_grads(compiled), out_and_grads(model)
+    assert is_cl(got[0]) and is_cl(want[0])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_fake_strides_match_real():
+    # Forward and backward ops of both DCNs, fake vs real, on clear and ambiguous layouts: one
+    # channel (x, and the mask of a 1x1 kernel), 1x1 maps, channels-last x with NCHW offsets and
+    # the reverse. A 1x1 kernel keeps the interpreter quick.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cases = [((1, 4, 4, 5), {"x", "offset", "mask", "weight"}), ((2, 4, 3, 4), {"x"}), ((1, 4, 3, 4), {"offset"}),
+             ((2, 1, 3, 4), {"x", "offset", "mask"}), ((1, 4, 1, 1), {"x", "offset", "mask", "weight"})]
+    conv_args = ([1, 1], [0, 0], [1, 1], 1)
+    for (n, c, h, w), converted in cases:
+        inputs, _ = make_inputs(n, c, 4, h, w, 1, kernel=(1, 1), padding=0)
+        d = {k: (torch.empty(v.shape, memory_format=CL).copy_(v) if k in converted else v) for k, v in inputs.items()}
+        logits = torch.empty(n, 3, h, w, memory_format=CL if "offset" in converted else torch.contiguous_format)
+        logits.copy_(torch.randn(n, 3, h, w))
+        flows = torch.randn(n, 2, h, w)
+        grad_out = torch.randn(n, 4, h, w).contiguous(memory_format=CL)
+        calls = [
+            (torch.ops.vsr.deform_conv2d, (d["x"], d["offset"], d["mask"], d["weight"], d["bias"], *conv_args)),
+            (torch.ops.vsr.deform_conv2d_backward, (grad_out, d["x"], d["offset"], d["mask"], d["weight"], *conv_args)),
+            (torch.ops.vsr.flow_guided_deform_conv2d, (d["x"], logits, flows, d["weight"], d["bias"], 3.0, *conv_args)),
+            (torch.ops.vsr.flow_guided_deform_conv2d_backward, (grad_out, d["x"], logits, flows, d["weight"], 3.0,
+                                                                *conv_args)),
+        ]
+        for op, args in calls:
+            real = op(*args)
+            with FakeTensorMode() as mode:
+                fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+            for r, f in zip(*[(t,) if isinstance(t, torch.Tensor) else t for t in (real, fake)]):
+                assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), (op, (n, c, h, w), converted)
+
+
+def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
+    # A tiny BasicVSR++ converted with .to(memory_format=torch.channels_last) on the reference path:
+    # the NCHW network's output, and the propagation runs channels-last throughout. In float64:
+    # in fp32 the two layouts' convolutions sum in different orders, ~1e-5 apart after the four
+    # recurrent branches. Then one alignment step (the fused DCN) and one warp of the channels-last
+    # network on Triton (fp32), on the inputs that step saw.
+    import basicvsr
+    torch.manual_seed(0)
+    net = basicvsr.BasicVSRPlusPlus(mid_channels=8, num_blocks=1).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():  # the zero-initialised last layer of the offset branch too
+            p.add_(0.02 * torch.randn_like(p))
+    net_cl = copy.deepcopy(net).to(memory_format=CL)
+    base = torch.rand(1, 1, 3, 70, 74, generator=torch.Generator().manual_seed(2))
+    lqs = torch.cat([base[..., i:i + 64, 2 * i:2 * i + 64] for i in range(3)], 1).double()  # moving 1-2 px a frame
+
+    seen, layouts = {}, []
+    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append((is_cl(i[0]), is_cl(o)))) for m in net_cl.backbone.values()]
+    for name, model in (("nchw", net), ("cl", net_cl)):
+        step = model.deform_align["forward_2"]
+        hooks.append(step.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i, o))))
+    with torch.no_grad(), kernels.use_backend("torch"):
+        out, out_cl = net(lqs), net_cl(lqs)
+    for h in hooks:
+        h.remove()
+    assert rel_err(out_cl, out) <= 1e-5
+    assert len(layouts) == 4 * 3 and all(a and b for a, b in layouts), layouts
+
+    (args, step_out), (args_cl, _) = seen["nchw"], seen["cl"]
+    x, extra_feat, flow_1, flow_2 = [t.float() for t in args_cl]
+    assert is_cl(x) and is_cl(extra_feat) and flow_2.abs().mean() > 0.5   # the last step: both flows real
+    step = copy.deepcopy(net_cl.deform_align["forward_2"]).float()
+    # One 64x64 tile: the interpreter pays per program (16 of them would take ~5 s).
+    monkeypatch.setattr(dc, "_tiles", lambda ho, wo, backward, ieee=False: (64, 64, -(-ho // 64), -(-wo // 64), 4))
+    with torch.no_grad(), kernels.use_backend("triton"):
+        step_cl = step(x, extra_feat, flow_1, flow_2)
+        warped_cl = flow_warp(x, flow_2)
+    assert is_cl(step_cl) and rel_err(step_cl, step_out) <= 1e-5
+    assert is_cl(warped_cl) and rel_err(warped_cl, flow_warp(args[0], args[3], backend="torch")) <= 1e-5

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kernels.flow_warp import flow_warp, flow_warp_reference
+from kernels.flow_warp import flow_warp, flow_warp_reference, memory_format
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton_bk = dict(backend="triton")
@@ -179,6 +179,66 @@ def test_triton_non_contiguous_inputs_unmutated():
     xl = x.contiguous(memory_format=torch.channels_last)
     assert rel(flow_warp(xl, flow, **triton_bk), flow_warp_reference(x, flow)) <= 1e-5
     assert torch.equal(x, x_before) and torch.equal(flow, flow_before)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory formats: the output (both paths) and grad_x take x's; real and fake strides agree.
+
+CL = torch.channels_last
+
+
+def is_cl(t):
+    """Channels-last and not NCHW-contiguous: the layout is not ambiguous."""
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def test_memory_format_is_torchs_rule():
+    # torch's suggest_memory_format (its Python twin in _prims_common is the oracle), on the
+    # ambiguous shapes: one channel, 1x1 maps, non-dense slices, stride-0 expands.
+    from torch._prims_common import suggest_memory_format
+    clip = torch.randn(2, 3, 4, 5, 6)                                    # (n, t, c, h, w) or (n, t, h, w, c)
+    cases = [torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).contiguous(memory_format=CL),
+             torch.randn(2, 1, 4, 5), torch.empty(2, 1, 4, 5, memory_format=CL),
+             torch.randn(2, 3, 1, 1), torch.empty(2, 3, 1, 1, memory_format=CL), torch.empty(1, 1, 1, 1, memory_format=CL),
+             clip[:, 1], clip.permute(0, 1, 4, 2, 3)[:, 1], torch.randn(1, 3, 1, 1).expand(2, 3, 4, 5),
+             torch.randn(2, 4, 5, 3).permute(0, 3, 1, 2)[:, :, 1:3], torch.randn(2, 3, 4, 5).transpose(2, 3)]
+    got = [memory_format(t) for t in cases]
+    assert got == [suggest_memory_format(t) for t in cases]
+    # channels-last: the plain one, one channel, 1x1 maps, a frame of an NHWC clip, an NHWC crop
+    assert [i for i, f in enumerate(got) if f == CL] == [1, 3, 5, 8, 10]
+
+
+@pytest.mark.parametrize("mode", ["zeros", "border"])
+def test_triton_channels_last_matches_nchw_reference(mode):
+    # x channels-last with a channels-last or an NCHW flow, and an NCHW x with a channels-last flow:
+    # values and both gradients as the NCHW reference, the output and grad_x in x's format.
+    x, flow, g = random_case(2, 5, 6, 7, seed=12)
+    ref = run(flow_warp_reference, x, flow, g, padding_mode=mode)
+    for x_cl, flow_cl in ((True, True), (True, False), (False, True)):
+        xi = x.contiguous(memory_format=CL) if x_cl else x
+        fi = flow.contiguous(memory_format=CL) if flow_cl else flow
+        for fn, kw in ((flow_warp, triton_bk), (flow_warp_reference, {})):
+            out, gx, gf = run(fn, xi, fi, g.contiguous(memory_format=CL), padding_mode=mode, **kw)
+            for a, b in zip((out, gx, gf), ref):
+                assert rel(a, b) <= 1e-5
+            assert is_cl(out) == x_cl, (fn.__name__, x_cl, flow_cl)
+            if fn is flow_warp:
+                assert is_cl(gx) == x_cl
+
+
+def test_fake_strides_match_real():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, flow, g = random_case(2, 3, 4, 5, seed=13)
+    for xi, fi in ((x.contiguous(memory_format=CL), flow), (x, flow.contiguous(memory_format=CL)),
+                   (torch.randn(2, 1, 4, 5).contiguous(memory_format=CL), flow),   # one channel
+                   (torch.randn(1, 3, 1, 1).contiguous(memory_format=CL), flow[:1, :, :1, :1])):
+        args = (g[:, :xi.shape[1], :xi.shape[2], :xi.shape[3]].contiguous(memory_format=CL), xi, fi, "border")
+        real = [torch.ops.vsr.flow_warp(*args[1:]), *torch.ops.vsr.flow_warp_backward(*args)]
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = [torch.ops.vsr.flow_warp(*fake_args[1:]), *torch.ops.vsr.flow_warp_backward(*fake_args)]
+        for r, f in zip(real, fake):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
 
 
 # ----------------------------------------------------------------------------------------
