@@ -245,6 +245,25 @@ def test_cli_basicvsrpp_is_the_default(tmp_path, weights):
     assert np.array_equal(np.stack(got), expected)
 
 
+def test_cli_channels_last_and_compile_give_the_same_frames(tmp_path, weights, monkeypatch):
+    """--channels-last converts the network, --compile runs compile_network on it (counted here, not
+    compiled: test_basicvsr covers the compiled values); the frames equal the plain run's (to 1 level)."""
+    frames = clip(9, 2, 64)
+    src = write_frames(tmp_path / "in", frames)
+    args = [src, "--weights", weights["basicvsrpp"], "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu",
+            "--scene-threshold", "0"]
+    compiled = []
+    monkeypatch.setattr(basicvsr, "compile_network", lambda model: compiled.append(
+        next(model.parameters()).is_contiguous(memory_format=torch.channels_last) or model))
+    assert basicvsr.main(args[:1] + [str(tmp_path / "plain")] + args[1:]) == 0
+    assert basicvsr.main(args[:1] + [str(tmp_path / "nhwc")] + args[1:] + ["--channels-last", "--compile"]) == 0
+    assert compiled == [True]  # compiled after the conversion
+    for name in sorted(os.listdir(tmp_path / "plain")):
+        a = data.read_image(str(tmp_path / "plain" / name)).astype(int)
+        b = data.read_image(str(tmp_path / "nhwc" / name)).astype(int)
+        assert np.abs(a - b).max() <= 1, name  # conv sums in another order may flip a rounding
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     """name -> (INPUT, extra args, words the one-line message must contain)."""
