@@ -43,13 +43,16 @@ the same networks:
   torch reference  kernels.use_backend("torch"): the PyTorch references, mmagic's semantics;
   torchvision      torchvision.ops.deform_conv2d and plain grid_sample, patched in by this file
                    only (torchvision_ops), where torchvision is installed.
+Inference also runs three variants of the Triton path (INFERENCE_ONLY_PATHS): "triton + host
+cache" (BasicVSR++ only, features in pinned host memory), "triton + compile" (compile_network) and
+"triton + channels_last" (the network in NHWC). The target lines take the best Triton row.
 Time per frame (inference) or per iteration: the median over --reps runs, after a warm-up, of
 the wall clock between torch.cuda.synchronize() calls around a whole clip or iteration. Peak
 memory: torch.cuda.max_memory_allocated() over the cell's runs, reset before each cell. A cell
 that runs out of memory shows OOM. Inference also reports PSNR(bf16 output, fp32 output).
 Weights are random (timings do not depend on them, except through where the samplers read:
 see realistic_init) unless --basicvsrpp-weights / --realbasicvsr-weights name checkpoints.
-The whole --models run takes several minutes on an H100; --workloads splits it.
+--workloads splits the --models run (its length on a GPU has not been measured yet).
 """
 import argparse
 import contextlib
