@@ -103,8 +103,10 @@ def _sample_position(i, j, flow_base, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_
 
 
 @triton.jit
-def _corners(ix, iy, h, w):
-    """Top-left corner (x0, y0), validity of the four corners and the fractional parts."""
+def _corners(ix, iy, h, w, ok_p):
+    """Top-left corner (x0, y0), fractional parts (lx, ly), and for the corners 00, 01, 10, 11
+    (row, column) their bilinear weights and whether they lie inside (and the pixel is real);
+    weights and validity come as (1, P), ready to broadcast over a block of channels."""
     fx = tl.floor(ix)
     fy = tl.floor(iy)
     lx = ix - fx
@@ -116,7 +118,25 @@ def _corners(ix, iy, h, w):
     okx1 = (x0 >= -1) & (x0 < w - 1)
     oky0 = (y0 >= 0) & (y0 < h)
     oky1 = (y0 >= -1) & (y0 < h - 1)
-    return x0, y0, lx, ly, okx0, okx1, oky0, oky1
+    w00 = ((1.0 - ly) * (1.0 - lx))[None, :]
+    w01 = ((1.0 - ly) * lx)[None, :]
+    w10 = (ly * (1.0 - lx))[None, :]
+    w11 = (ly * lx)[None, :]
+    m00 = (ok_p & oky0 & okx0)[None, :]
+    m01 = (ok_p & oky0 & okx1)[None, :]
+    m10 = (ok_p & oky1 & okx0)[None, :]
+    m11 = (ok_p & oky1 & okx1)[None, :]
+    return x0, y0, lx, ly, w00, w01, w10, w11, m00, m01, m10, m11
+
+
+@triton.jit
+def _gather(xc, off00, sxh, sxw, ok_c, m00, m01, m10, m11):
+    """The four corners of each pixel for a block of channels, fp32, 0 where outside."""
+    v00 = tl.load(xc + off00, mask=ok_c & m00, other=0.0).to(tl.float32)
+    v01 = tl.load(xc + off00 + sxw, mask=ok_c & m01, other=0.0).to(tl.float32)
+    v10 = tl.load(xc + off00 + sxh, mask=ok_c & m10, other=0.0).to(tl.float32)
+    v11 = tl.load(xc + off00 + sxh + sxw, mask=ok_c & m11, other=0.0).to(tl.float32)
+    return v00, v01, v10, v11
 
 
 @triton.jit
@@ -137,25 +157,14 @@ def _flow_warp_fwd_kernel(
     j = p % w
 
     ix, iy, _, _ = _sample_position(i, j, flow_ptr + n * sfn, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER)
-    x0, y0, lx, ly, okx0, okx1, oky0, oky1 = _corners(ix, iy, h, w)
-    w00 = ((1.0 - ly) * (1.0 - lx))[None, :]  # (1, P)
-    w01 = ((1.0 - ly) * lx)[None, :]
-    w10 = (ly * (1.0 - lx))[None, :]
-    w11 = (ly * lx)[None, :]
+    x0, y0, lx, ly, w00, w01, w10, w11, m00, m01, m10, m11 = _corners(ix, iy, h, w, ok_p)
     off00 = (y0 * sxh + x0 * sxw)[None, :]
-    m00 = (ok_p & oky0 & okx0)[None, :]
-    m01 = (ok_p & oky0 & okx1)[None, :]
-    m10 = (ok_p & oky1 & okx0)[None, :]
-    m11 = (ok_p & oky1 & okx1)[None, :]
     o_off = (i * soh + j * sow)[None, :]
 
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (C_blk,)
     ok_c = (cc < C)[:, None]
     xc = x_ptr + n * sxn + (cc.to(tl.int64) * sxc)[:, None]  # (C_blk, 1) pointers
-    v00 = tl.load(xc + off00, mask=ok_c & m00, other=0.0).to(tl.float32)
-    v01 = tl.load(xc + off00 + sxw, mask=ok_c & m01, other=0.0).to(tl.float32)
-    v10 = tl.load(xc + off00 + sxh, mask=ok_c & m10, other=0.0).to(tl.float32)
-    v11 = tl.load(xc + off00 + sxh + sxw, mask=ok_c & m11, other=0.0).to(tl.float32)
+    v00, v01, v10, v11 = _gather(xc, off00, sxh, sxw, ok_c, m00, m01, m10, m11)
     val = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
     oc = out_ptr + n * son + (cc.to(tl.int64) * soc)[:, None]
     tl.store(oc + o_off, val.to(out_ptr.dtype.element_ty), mask=ok_c & ok_p[None, :])
@@ -181,18 +190,10 @@ def _flow_warp_bwd_kernel(
     j = p % w
 
     ix, iy, gclip_x, gclip_y = _sample_position(i, j, flow_ptr + n * sfn, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER)
-    x0, y0, lx, ly, okx0, okx1, oky0, oky1 = _corners(ix, iy, h, w)
-    w00 = ((1.0 - ly) * (1.0 - lx))[None, :]
-    w01 = ((1.0 - ly) * lx)[None, :]
-    w10 = (ly * (1.0 - lx))[None, :]
-    w11 = (ly * lx)[None, :]
+    x0, y0, lx, ly, w00, w01, w10, w11, m00, m01, m10, m11 = _corners(ix, iy, h, w, ok_p)
     ly1 = ly[None, :]
     lx1 = lx[None, :]
     off00 = (y0 * sxh + x0 * sxw)[None, :]
-    m00 = (ok_p & oky0 & okx0)[None, :]
-    m01 = (ok_p & oky0 & okx1)[None, :]
-    m10 = (ok_p & oky1 & okx0)[None, :]
-    m11 = (ok_p & oky1 & okx1)[None, :]
     g_off = (i * sgh + j * sgw)[None, :]
     # Skip the scatter of corners whose weight is 0 (3 of 4 for integer flows).
     d00 = (y0 * sdh + x0 * sdw)[None, :]
@@ -211,10 +212,7 @@ def _flow_warp_bwd_kernel(
         ok_c = (cc < C)[:, None]
         g = tl.load(g_base + (cc.to(tl.int64) * sgc)[:, None] + g_off, mask=ok_c & ok_p[None, :], other=0.0).to(tl.float32)
         xc = x_base + (cc.to(tl.int64) * sxc)[:, None]
-        v00 = tl.load(xc + off00, mask=ok_c & m00, other=0.0).to(tl.float32)
-        v01 = tl.load(xc + off00 + sxw, mask=ok_c & m01, other=0.0).to(tl.float32)
-        v10 = tl.load(xc + off00 + sxh, mask=ok_c & m10, other=0.0).to(tl.float32)
-        v11 = tl.load(xc + off00 + sxh + sxw, mask=ok_c & m11, other=0.0).to(tl.float32)
+        v00, v01, v10, v11 = _gather(xc, off00, sxh, sxw, ok_c, m00, m01, m10, m11)
         # d(sample)/d(ix) and d(sample)/d(iy), out-of-range corners counted as 0.
         acc_x += tl.sum(g * ((1.0 - ly1) * (v01 - v00) + ly1 * (v11 - v10)), axis=0)
         acc_y += tl.sum(g * ((1.0 - lx1) * (v10 - v00) + lx1 * (v11 - v01)), axis=0)
