@@ -303,23 +303,9 @@ class BasicVSRPlusPlusNet(nn.Module):
         self.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
         self.is_mirror_extended = False
 
-    def check_if_mirror_extended(self, lqs):
-        self.is_mirror_extended = False
-        if lqs.size(1) % 2 == 0:
-            lqs_1, lqs_2 = torch.chunk(lqs, 2, dim=1)
-            if torch.norm(lqs_1 - lqs_2.flip(1)) == 0:
-                self.is_mirror_extended = True
-
-    def compute_flow(self, lqs):
-        n, t, c, h, w = lqs.size()
-        lqs_1 = lqs[:, :-1, :, :, :].reshape(-1, c, h, w)
-        lqs_2 = lqs[:, 1:, :, :, :].reshape(-1, c, h, w)
-        flows_backward = self.spynet(lqs_1, lqs_2).view(n, t - 1, 2, h, w)
-        if self.is_mirror_extended:
-            flows_forward = None
-        else:
-            flows_forward = self.spynet(lqs_2, lqs_1).view(n, t - 1, 2, h, w)
-        return flows_forward, flows_backward
+    # the same mirror test and batched flows as BasicVSR's
+    check_if_mirror_extended = BasicVSRNet.check_if_mirror_extended
+    compute_flow = BasicVSRNet.compute_flow
 
     def propagate(self, feats, flows, module_name):
         n, t, _, h, w = flows.size()

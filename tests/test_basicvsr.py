@@ -361,20 +361,14 @@ def test_basicvsr_input_errors(vsr):
 
 
 @pytest.fixture(scope="module")
-def tiny_pp():
-    torch.manual_seed(4)
-    return randomize(BasicVSRPlusPlus(mid_channels=8, num_blocks=1), seed=5)
-
-
-@pytest.fixture(scope="module")
 def tiny_lqs():
     return clip(1, 64, 64, seed=15)  # one frame keeps these cheap; SPyNet is covered by the exact state check
 
 
 @pytest.fixture(scope="module")
-def tiny_out(tiny_pp, tiny_lqs):
+def tiny_out(pp_lr, tiny_lqs):
     with torch.no_grad():
-        return tiny_pp(tiny_lqs)
+        return pp_lr(tiny_lqs)
 
 
 def to_basicsr(state):
@@ -405,8 +399,8 @@ def fresh():
     return BasicVSRPlusPlus(mid_channels=8, num_blocks=1)
 
 
-def test_load_mmagic(tmp_path, tiny_pp, tiny_out, tiny_lqs):
-    state = tiny_pp.state_dict()
+def test_load_mmagic(tmp_path, pp_lr, tiny_out, tiny_lqs):
+    state = pp_lr.state_dict()
     other = {k: torch.randn_like(v) for k, v in state.items()}
     disc = torch.nn.Conv2d(3, 4, 3)
     path = tmp_path / "mmagic.pth"
@@ -415,7 +409,7 @@ def test_load_mmagic(tmp_path, tiny_pp, tiny_out, tiny_lqs):
                                **{f"generator_ema.{k}": v for k, v in state.items()},
                                **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}}}, path)
     model = load_weights(fresh(), path)  # default: generator_ema
-    assert_same_outputs(model, tiny_out, tiny_lqs, tiny_pp)
+    assert_same_outputs(model, tiny_out, tiny_lqs, pp_lr)
     for prefix in ["generator", "generator."]:
         model = load_weights(fresh(), path, prefix=prefix)
         assert all(torch.equal(model.state_dict()[k], other[k]) for k in other)
@@ -427,34 +421,34 @@ def test_load_mmagic(tmp_path, tiny_pp, tiny_out, tiny_lqs):
     torch.save({"meta": {"obj": OpaqueMeta()}, "state_dict": {f"generator.{k}": v for k, v in state.items()}}, path2)
     with pytest.raises(Exception):
         torch.load(path2, weights_only=True)
-    assert_same_outputs(load_weights(fresh(), path2), tiny_out, tiny_lqs, tiny_pp)
+    assert_same_outputs(load_weights(fresh(), path2), tiny_out, tiny_lqs, pp_lr)
 
 
 @pytest.mark.parametrize("part", ["params", "params_ema"])
-def test_load_basicsr(tmp_path, tiny_pp, tiny_out, tiny_lqs, part):
-    state = to_basicsr(tiny_pp.state_dict())
+def test_load_basicsr(tmp_path, pp_lr, tiny_out, tiny_lqs, part):
+    state = to_basicsr(pp_lr.state_dict())
     assert "spynet.basic_module.0.basic_module.8.weight" in state and "upconv2.weight" in state
     ckpt = {"params": state} if part == "params" else {
         "params": {k: torch.zeros_like(v) for k, v in state.items()}, "params_ema": state}
     torch.save(ckpt, tmp_path / "bsr.pth")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "bsr.pth"), tiny_out, tiny_lqs, tiny_pp)
+    assert_same_outputs(load_weights(fresh(), tmp_path / "bsr.pth"), tiny_out, tiny_lqs, pp_lr)
     if part == "params_ema":  # an explicit part
         model = load_weights(fresh(), tmp_path / "bsr.pth", prefix="params")
         assert model.conv_last.weight.abs().max() == 0
 
 
-def test_load_plain_and_safetensors(tmp_path, tiny_pp, tiny_out, tiny_lqs):
-    torch.save(tiny_pp.state_dict(), tmp_path / "plain.pth")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "plain.pth"), tiny_out, tiny_lqs, tiny_pp)
-    save_weights(tiny_pp, tmp_path / "ours.safetensors")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs, tiny_pp)
-    save_weights(tiny_pp.state_dict(), tmp_path / "ours.bin")  # detected by content, not extension
-    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.bin"), tiny_out, tiny_lqs, tiny_pp)
+def test_load_plain_and_safetensors(tmp_path, pp_lr, tiny_out, tiny_lqs):
+    torch.save(pp_lr.state_dict(), tmp_path / "plain.pth")
+    assert_same_outputs(load_weights(fresh(), tmp_path / "plain.pth"), tiny_out, tiny_lqs, pp_lr)
+    save_weights(pp_lr, tmp_path / "ours.safetensors")
+    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs, pp_lr)
+    save_weights(pp_lr.state_dict(), tmp_path / "ours.bin")  # detected by content, not extension
+    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.bin"), tiny_out, tiny_lqs, pp_lr)
 
 
 @pytest.mark.parametrize("layout", ["mmagic", "basicsr"])
-def test_load_standalone_spynet(tmp_path, tiny_pp, layout):
-    spynet_state = {k[len("spynet."):]: v for k, v in tiny_pp.state_dict().items()
+def test_load_standalone_spynet(tmp_path, pp_lr, layout):
+    spynet_state = {k[len("spynet."):]: v for k, v in pp_lr.state_dict().items()
                     if k.startswith("spynet.") and not k.endswith(("mean", "std"))}
     assert len(spynet_state) == 60
     if layout == "mmagic":
@@ -468,11 +462,11 @@ def test_load_standalone_spynet(tmp_path, tiny_pp, layout):
     assert torch.equal(model.spynet.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))  # kept, not in the file
     a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model.spynet(a, b), tiny_pp.spynet(a, b))
+        assert torch.equal(model.spynet(a, b), pp_lr.spynet(a, b))
 
 
-def test_strict_load_errors(tmp_path, tiny_pp):
-    state = dict(tiny_pp.state_dict())
+def test_strict_load_errors(tmp_path, pp_lr):
+    state = dict(pp_lr.state_dict())
     missing = dict(state)
     del missing["conv_hr.bias"]
     unexpected = {**state, "conv_extra.weight": torch.zeros(1)}
@@ -502,25 +496,25 @@ def _save(path, obj):
     return path
 
 
-def test_save_weights_atomic_overwrite(tmp_path, tiny_pp):
+def test_save_weights_atomic_overwrite(tmp_path, pp_lr):
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"old")
-    save_weights(tiny_pp, path)
+    save_weights(pp_lr, path)
     assert os.listdir(tmp_path) == ["w.safetensors"]  # no temporary left behind
     shared = torch.zeros(4)
     save_weights({"a": shared, "b": shared[:2]}, path)  # views of one storage are fine
     assert torch.equal(read_state_dict(path)["b"], torch.zeros(2))
 
 
-def test_convert_cli(tmp_path, tiny_pp, tiny_out, tiny_lqs):
+def test_convert_cli(tmp_path, pp_lr, tiny_out, tiny_lqs):
     src, dst = tmp_path / "ckpt.pth", tmp_path / "out.safetensors"
-    torch.save({"state_dict": {f"generator.{k}": v for k, v in to_basicsr(tiny_pp.state_dict()).items()}}, src)
+    torch.save({"state_dict": {f"generator.{k}": v for k, v in to_basicsr(pp_lr.state_dict()).items()}}, src)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "basicvsr.py"), "--convert", str(src), str(dst),
                           "--prefix", "generator"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "out.safetensors" in res.stdout
-    assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs, tiny_pp)
+    assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs, pp_lr)
     basicvsr.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
     assert (tmp_path / "again.safetensors").read_bytes() == dst.read_bytes()
     with pytest.raises(SystemExit):
