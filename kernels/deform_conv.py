@@ -146,11 +146,17 @@ def flow_guided_offsets(conv_offset, flows, max_residue_magnitude, deform_groups
     docstring): offset (n, 2GK, h, w) = max_residue_magnitude * tanh(logits) + flows,
     mask (n, GK, h, w) = sigmoid(logits). Computed in fp32 (fp64 stays fp64)."""
     _check_glue(conv_offset, flows, deform_groups, taps, "flow_guided_offsets")
+    _, offset, mask = _glue(conv_offset, flows, max_residue_magnitude, deform_groups, taps)
+    return offset, mask
+
+
+def _glue(conv_offset, flows, max_residue_magnitude, deform_groups, taps):
+    """(tanh of the offset logits, offset, mask), unchecked; the backward needs the tanh too."""
     acc = torch.promote_types(torch.promote_types(conv_offset.dtype, flows.dtype), torch.float32)
     logits = conv_offset.to(acc)
     split = 2 * deform_groups * taps
-    offset = _add_flows(max_residue_magnitude * torch.tanh(logits[:, :split]), flows, deform_groups)
-    return offset, torch.sigmoid(logits[:, split:])
+    t = torch.tanh(logits[:, :split])
+    return t, _add_flows(max_residue_magnitude * t, flows, deform_groups), torch.sigmoid(logits[:, split:])
 
 
 # ----------------------------------------------------------------------------------------
@@ -600,11 +606,7 @@ def _backward_fused(grad_out, x, conv_offset, flows, weight, max_residue_magnitu
     G, K = deform_groups, weight.shape[2] * weight.shape[3]
     ho, wo = _conv_size(x, weight, None, stride, padding, dilation, G, op)
     F = _check_glue(conv_offset, flows, G, K, op, (x.shape[0], ho, wo))
-    acc = torch.promote_types(torch.promote_types(conv_offset.dtype, flows.dtype), torch.float32)
-    logits = conv_offset.to(acc)
-    t = torch.tanh(logits[:, :2 * G * K])
-    mask = torch.sigmoid(logits[:, 2 * G * K:])
-    offset = _add_flows(max_residue_magnitude * t, flows, G)
+    t, offset, mask = _glue(conv_offset, flows, max_residue_magnitude, G, K)
     grad_x, g_off, g_msk, grad_w = _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, G)
     n = x.shape[0]
     # d tanh = 1 - tanh^2, d sigmoid = s (1 - s); each flow gets the sum over its groups' taps.
