@@ -10,20 +10,17 @@ Videos are (n, t, 3, h, w) RGB in [0, 1]; flows are (n, 2, h, w) in pixels, chan
 Module and parameter names are mmagic's, so `model.state_dict()` keys equal the published checkpoints'.
 The two irregular ops, flow warping and modulated deformable convolution, come from `kernels`.
 """
-import argparse
-import itertools
-import math
 import os
 import pickle
 import re
-import sys
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 import kernels
+from data import atomic_path
 
 # ----------------------------------------------------------------------------------------
 # Building blocks
@@ -212,8 +209,7 @@ class HostCache:
     cpu_cache, without its stalls). On CUDA every copy runs on a stream of its own, so copies overlap
     the convolutions: `put` sends a map down once the kernels that made it are done, and `upload`
     starts bringing maps back up a step before `wait` hands them to the compute stream.
-    Disabled (the plain path), every call is the identity; on CPU tensors (force_cpu_cache, the tests)
-    the bookkeeping runs with no-op copies."""
+    Disabled (the plain path) or on CPU, every call is the identity."""
 
     def __init__(self, device, enabled):
         self.device, self.enabled = device, enabled
@@ -269,7 +265,8 @@ def compute_flow(spynet, lqs, mirror, cache=None, chunk=None):
         out = []
         for s in range(0, t - 1, chunk):
             r, p = ref[:, s:s + chunk], supp[:, s:s + chunk]
-            f = spynet(r.reshape(-1, c, h, w), p.reshape(-1, c, h, w)).view(n, r.shape[1], 2, h, w)
+            f = spynet(rearrange(r, "n t c h w -> (n t) c h w"), rearrange(p, "n t c h w -> (n t) c h w"))
+            f = rearrange(f, "(n t) c h w -> n t c h w", n=n)
             out += [f[:, i] if cache is None else cache.put(f[:, i]) for i in range(r.shape[1])]
         return out
 
@@ -374,12 +371,11 @@ class BasicVSRPlusPlus(nn.Module):
     """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, 4h, 4w), or (n, t, 3, h, w) when is_low_res_input=False
     (then h, w are multiples of 4 and the network works at h/4 x w/4). The LR size must be >= 64x64.
 
-    Long clips: when t > cpu_cache_length and the input is on a GPU, per-frame features and flows live
-    in pinned CPU memory (HostCache) and only the maps a step needs are on the GPU, so GPU memory stays
-    a few frames' worth; the output is then returned on the CPU. The copies run on their own stream,
-    one step ahead, and features and flows are computed cpu_cache_chunk frames at a time. Setting
-    cpu_cache_length = 0 takes that path for any clip; `force_cpu_cache = True` takes it for CPU
-    inputs too (the copies are no-ops), which is how the tests exercise it.
+    Long clips: when t > cpu_cache_length, features and flows are computed cpu_cache_chunk frames at
+    a time, and on a GPU the per-frame maps live in pinned CPU memory (HostCache): only the maps a
+    step needs are on the GPU, so GPU memory stays a few frames' worth, and the output is returned on
+    the CPU. The copies run on their own stream, one step ahead. cpu_cache_length = 0 takes this path
+    for any clip (upscale.py --host-cache); on CPU its copies are no-ops.
     """
 
     def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True,
@@ -389,7 +385,6 @@ class BasicVSRPlusPlus(nn.Module):
         self.is_low_res_input = is_low_res_input
         self.cpu_cache_length = cpu_cache_length
         self.cpu_cache_chunk = 8  # frames per feature-extraction / SPyNet call when caching
-        self.force_cpu_cache = False
 
         self.spynet = SPyNet()
 
@@ -493,7 +488,7 @@ class BasicVSRPlusPlus(nn.Module):
     def forward(self, lqs):
         # SPyNet's flows need LR frames of at least 64x64 (the reference asserts it)
         n, t, c, h, w = check_video(lqs, "BasicVSRPlusPlus", min_size=64 if self.is_low_res_input else 256)
-        cache = HostCache(lqs.device, t > self.cpu_cache_length and (lqs.is_cuda or self.force_cpu_cache))
+        cache = HostCache(lqs.device, t > self.cpu_cache_length)
         # all frames in one batch, as mmagic does, unless caching: then chunks bound the activations
         chunk = self.cpu_cache_chunk if cache.enabled else t
 
@@ -503,14 +498,15 @@ class BasicVSRPlusPlus(nn.Module):
             if h % 4 or w % 4:
                 raise ValueError(f"BasicVSRPlusPlus: with is_low_res_input=False the frame size must be a "
                                  f"multiple of 4, got {h}x{w}")
-            lqs_downsample = F.interpolate(lqs.reshape(-1, c, h, w), scale_factor=0.25, mode="bicubic")
-            lqs_downsample = lqs_downsample.view(n, t, c, h // 4, w // 4)
+            lqs_downsample = F.interpolate(rearrange(lqs, "n t c h w -> (n t) c h w"), scale_factor=0.25,
+                                           mode="bicubic")
+            lqs_downsample = rearrange(lqs_downsample, "(n t) c h w -> n t c h w", n=n)
 
         # spatial features, one list entry per frame (n, C, h', w')
         feats = {"spatial": []}
         for s in range(0, t, chunk):
-            feat = self.feat_extract(lqs[:, s:s + chunk].reshape(-1, c, h, w))
-            feats["spatial"] += [cache.put(f) for f in feat.view(n, -1, *feat.shape[1:]).unbind(1)]
+            feat = self.feat_extract(rearrange(lqs[:, s:s + chunk], "n t c h w -> (n t) c h w"))
+            feats["spatial"] += [cache.put(f) for f in rearrange(feat, "(n t) c h w -> n t c h w", n=n).unbind(1)]
 
         flows_forward, flows_backward = compute_flow(self.spynet, lqs_downsample, is_mirror_extended(lqs),
                                                      cache if cache.enabled else None, chunk)
@@ -638,11 +634,17 @@ def read_state_dict(path, prefix=None):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if _is_safetensors(path):
-        import safetensors.torch
-        state = safetensors.torch.load_file(path)
-    else:
-        obj = _torch_load(path)
+    is_safetensors = _is_safetensors(path)
+    try:
+        if is_safetensors:
+            import safetensors.torch
+            state = safetensors.torch.load_file(path)
+        else:
+            obj = _torch_load(path)
+    except Exception as e:  # truncated or not a checkpoint; the loaders' own messages vary
+        raise ValueError(f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+                         f"is the file complete?") from None
+    if not is_safetensors:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
         if isinstance(obj.get("state_dict"), dict):  # mmagic / mmediting
@@ -673,15 +675,11 @@ def _few(keys, n=5):
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})")
 
 
-def load_weights(model, path, prefix=None):
-    """Load any supported checkpoint into `model`, strictly: a missing, unexpected or mis-shaped key
-    raises one ValueError naming the keys and the file. SPyNet's mean/std may be absent (they are
-    constants). Returns the model."""
-    state = read_state_dict(path, prefix)
+def load_strict(model, state, path, optional=()):
+    """model.load_state_dict(state), where a missing key (other than `optional` ones), an unexpected
+    or a mis-shaped one raises one ValueError naming the keys and the file. Returns the model."""
     own = model.state_dict()
-    constants = {f"{name}.{b}".lstrip(".") for name, m in model.named_modules() if isinstance(m, SPyNet)
-                 for b in ("mean", "std")}
-    missing = set(own) - set(state) - constants
+    missing = set(own) - set(state) - set(optional)
     unexpected = set(state) - set(own)
     misshaped = [f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
                  for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
@@ -694,450 +692,23 @@ def load_weights(model, path, prefix=None):
         if misshaped:
             problems.append(f"mis-shaped {_few(misshaped, 3)}")
         raise ValueError(f"{os.fspath(path)} does not fit {type(model).__name__}: " + "; ".join(problems))
-    for k in constants - set(state):
-        state[k] = own[k]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({**{k: own[k] for k in optional if k not in state}, **state}, strict=True)
     return model
 
 
+def load_weights(model, path, prefix=None):
+    """Load any supported checkpoint into `model`, strictly (load_strict). SPyNet's mean/std may be
+    absent (they are constants). Returns the model."""
+    constants = {f"{name}.{b}".lstrip(".") for name, m in model.named_modules() if isinstance(m, SPyNet)
+                 for b in ("mean", "std")}
+    return load_strict(model, read_state_dict(path, prefix), path, optional=constants)
+
+
 def save_weights(model_or_state_dict, path):
-    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically:
-    a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically."""
     import safetensors.torch
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     # safetensors wants contiguous CPU tensors that share no storage
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# ----------------------------------------------------------------------------------------
-# Upscaling videos. The LR stream is cut into scenes where the mean grey-level difference of
-# two consecutive thumbnails jumps; each scene into chunks of `chunk` frames, each run with
-# up to `overlap` neighbouring frames on either side that warm the recurrence and whose
-# outputs are dropped; each frame, optionally, into overlapping tiles blended with linear
-# ramps. Peak memory depends on chunk and tile size, never on the length of the video.
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MIN_TILE = 64        # smaller tiles starve SPyNet's coarsest level (and BasicVSR++ refuses them)
-MIN_CHUNK, MAX_CHUNK = 15, 60   # automatic chunk lengths: RealBasicVSR's training length .. diminishing returns
-CPU_BUDGET = 4 << 30            # bytes the automatic settings aim for on CPU
-
-
-def min_input_size(model):
-    """Smallest LR height and width `model` accepts: 64 for BasicVSR++ (SPyNet), else 1."""
-    for m in model.modules():
-        if isinstance(m, BasicVSRPlusPlus):
-            if not m.is_low_res_input:
-                raise ValueError("upscale: BasicVSRPlusPlus(is_low_res_input=False) restores at the input size; "
-                                 "upscale needs a x4 network")
-            return 64
-    return 1
-
-
-def _precision_dtype(precision, device):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA device, got {device}; on CPU use bf16 or fp32")
-    if precision == "bf16" and device.type not in ("cuda", "cpu"):
-        raise ValueError(f"precision bf16 runs on CUDA or CPU, got {device}")
-    return PRECISIONS[precision]
-
-
-# Peak memory of one run on a window of t frames of h x w LR pixels, an estimate:
-#   t * h * w * (maps * C * b + 60)  +  h * w * K * b  +  parameters
-# maps * C * b: the features each frame keeps until its reconstruction (BasicVSR++: the spatial
-# map and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
-# (4 for fp32, 2 under autocast); 60: flows, input and output frames. K: what one step needs
-# on top, mostly the 64-channel x4 upsampling of one frame (K = 3300), and on CPU for BasicVSR++
-# the sampling buffers of the reference DCN (K = 8300).
-# Calibrated on CPU from the peak RSS of one forward pass (C = 64, 64x64 and 128x128 frames,
-# t = 3..12, fp32 and bf16); it matches those runs within 20%. The CUDA figures are not
-# measured: they assume the Triton DCN needs no such buffers, and the caching allocator adds
-# slack, so the automatic settings keep 25% of the free GPU memory in reserve. BasicVSR++'s
-# CPU offload (windows longer than cpu_cache_length on CUDA) makes this an overestimate.
-
-
-def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
-    """Estimated peak bytes of model(lqs) for lqs of shape (1, t, 3, h, w); see the note above."""
-    b = 4 if PRECISIONS[precision] is None else 2
-    net = next(m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus)))
-    maps = 5 if isinstance(net, BasicVSRPlusPlus) else 1
-    k = 8300 if maps == 5 and torch.device(device).type == "cpu" else 3300
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b + params
-
-
-def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4, tile=None):
-    """Fill in chunk and tile for h x w frames; chunk None and tile None mean automatic, tile 0
-    whole frames. Automatic: the longest chunk, up to MAX_CHUNK, that fits the memory budget with
-    whole frames; if fewer than MIN_CHUNK (or the given chunk) fit, the largest tile, a multiple
-    of 32, with which they do. Budget: 75% of the free GPU memory on CUDA, CPU_BUDGET elsewhere.
-    Returns (chunk, tile or None, estimated peak bytes, budget bytes)."""
-    if device.type == "cuda":
-        budget = int(0.75 * torch.cuda.mem_get_info(device)[0])
-    else:
-        budget = CPU_BUDGET
-    if tile is None:
-        sizes = [None] + [s for s in range(max(h, w) // 32 * 32, MIN_TILE - 1, -32) if s < max(h, w)]
-    else:
-        sizes = [None if tile == 0 or tile >= max(h, w) else tile]
-
-    def cost(t, size):
-        th, tw = (h, w) if size is None else (min(h, size), min(w, size))
-        return estimate_memory(model, t, th, tw, precision, device)
-
-    for size in sizes:
-        fixed, per_frame = cost(0, size), cost(1, size) - cost(0, size)  # linear in the window length
-        fit = min(MAX_CHUNK, (budget - fixed) // per_frame - 2 * overlap)
-        if fit >= (chunk or MIN_CHUNK):
-            break
-    # if nothing fits, the smallest tile and whatever chunk fits: the estimate may be pessimistic
-    chunk = chunk or max(1, fit)
-    return chunk, size, cost(chunk + 2 * overlap, size), budget
-
-
-def _grey_thumbnail(frame):
-    """RGB uint8 (h, w, 3) -> 32 x 32 mean grey levels (0-255), the scene-cut signature."""
-    grey = torch.from_numpy(frame).float() @ torch.tensor([0.299, 0.587, 0.114])
-    return F.adaptive_avg_pool2d(grey[None, None], (32, 32))[0, 0]
-
-
-class SceneCuts:
-    """Callable on consecutive frames: True when a frame starts a new scene, i.e. the mean absolute
-    difference of its grey thumbnail to the previous frame's exceeds `threshold` grey levels.
-    A threshold of None or 0 never cuts."""
-
-    def __init__(self, threshold):
-        self.threshold, self.previous = threshold, None
-
-    def __call__(self, frame):
-        if not self.threshold:
-            return False
-        thumb = _grey_thumbnail(frame)
-        cut = self.previous is not None and (thumb - self.previous).abs().mean().item() > self.threshold
-        self.previous = thumb
-        return cut
-
-
-def plan_windows(frames, chunk, overlap, is_cut):
-    """Group a stream of frames into model runs, yielding (window, first, last): a list of frames
-    and the range window[first:last] whose outputs are kept. Every frame is kept exactly once.
-
-    Within a scene, chunk [a, a+chunk) runs on [a-overlap, a+chunk+overlap) as soon as that
-    many frames have arrived. The last chunk of a scene, of any length, reaches back so that its
-    run still sees chunk + overlap frames where the scene has them. Windows never cross a cut."""
-    buf, base, done = [], 0, 0   # frames still needed, scene index of buf[0], frames emitted
-
-    def tail():
-        end = base + len(buf)
-        if done < end:
-            start = max(0, min(done, end - chunk) - overlap)
-            yield buf[start - base:], done - start, end - start
-
-    for frame in frames:
-        if is_cut(frame):
-            yield from tail()
-            buf, base, done = [], 0, 0
-        buf.append(frame)
-        if base + len(buf) - done >= chunk + overlap:
-            start = max(0, done - overlap)
-            yield buf[start - base:done + chunk + overlap - base], done - start, done + chunk - start
-            done += chunk
-            # the longest look-back is the last chunk's: chunk + overlap frames before the scene's end
-            drop = max(0, done + 1 - chunk - overlap) - base
-            if drop > 0:
-                del buf[:drop]
-                base += drop
-    yield from tail()
-
-
-def tile_starts(size, tile, overlap):
-    """Start offsets of tiles of length `tile` covering [0, size), overlapping by at least
-    `overlap`, spread evenly with the first at 0 and the last flush with the edge."""
-    if tile >= size:
-        return [0]
-    n = math.ceil((size - overlap) / (tile - overlap))
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def _ramp(starts, tile, i, scale):
-    """Blend weights along one axis for tile i, in output pixels: a linear ramp across each overlap
-    with a neighbour (the two ramps sum to 1 there), 1 elsewhere, never 0."""
-    weight = torch.ones(tile * scale)
-    if i > 0:
-        ov = (starts[i - 1] + tile - starts[i]) * scale
-        weight[:ov] = torch.minimum(weight[:ov], (torch.arange(ov) + 0.5) / ov)
-    if i < len(starts) - 1:
-        ov = (starts[i] + tile - starts[i + 1]) * scale
-        weight[-ov:] = torch.minimum(weight[-ov:], (torch.arange(ov, 0, -1) - 0.5) / ov)
-    return weight
-
-
-def _run(model, lqs, dtype, frames_desc):
-    with torch.autocast(lqs.device.type, dtype=dtype, enabled=dtype is not None):
-        out = model(lqs)
-    if not torch.isfinite(out).all():
-        raise FloatingPointError(f"upscale: the network produced inf/NaN for {frames_desc}"
-                                 + ("; try precision bf16 or fp32" if dtype == torch.float16 else ""))
-    return out.float()
-
-
-@torch.inference_mode()
-def upscale_window(model, window, first, last, device, dtype, tile=None, tile_overlap=16):
-    """Run `model` on a list of RGB uint8 (h, w, 3) frames and return the x4 outputs of
-    window[first:last] as uint8 (last - first, 4h, 4w, 3) on the CPU, tiled if tile < h or w."""
-    lqs = torch.from_numpy(np.stack(window)).to(device).permute(0, 3, 1, 2).float().div_(255)[None]
-    t, _, h, w = lqs.shape[1:]
-    desc = f"frames {first}..{last - 1} of a window of {t}"
-    if tile is None or (tile >= h and tile >= w):
-        out = _run(model, lqs, dtype, desc)[0, first:last]
-    else:
-        ys, xs = tile_starts(h, tile, tile_overlap), tile_starts(w, tile, tile_overlap)
-        th, tw = min(tile, h), min(tile, w)
-        out = torch.zeros(last - first, 3, 4 * h, 4 * w)
-        weight_sum = torch.zeros(4 * h, 4 * w)
-        for i, y in enumerate(ys):
-            for j, x in enumerate(xs):
-                patch = _run(model, lqs[..., y:y + th, x:x + tw], dtype, f"{desc}, tile at x={x}, y={y}")
-                weight = _ramp(ys, th, i, 4)[:, None] * _ramp(xs, tw, j, 4)[None, :]
-                out[..., 4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += patch[0, first:last].cpu() * weight
-                weight_sum[4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += weight
-        out /= weight_sum
-    return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
-
-
-def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=4, tile=None, tile_overlap=16,
-            scene_threshold=20.0, max_frames=None, progress=False):
-    """Upscale a video x4, streaming: yields RGB uint8 (4h, 4w, 3) frames in order.
-
-    model: BasicVSRPlusPlus, BasicVSR or RealBasicVSR (moved to `device`, set to eval).
-    frames: an iterable of RGB uint8 (h, w, 3) frames, or a path (video file or frame folder,
-        read with data.read_video). Frames are read as the chunks need them.
-    device: default CUDA if available, else CPU. precision: fp32, bf16 or fp16 (CUDA only),
-        through torch.autocast; a non-finite output raises FloatingPointError.
-    chunk, overlap: frames per run, and context frames on each side whose outputs are dropped.
-        Measured on a random BasicVSR with strengthened propagation (chunk 4, 12 frames), the
-        output is 42.5, 46.8, 50.7, 56.9 dB from the whole clip's for overlap 0, 1, 2, 4.
-    tile, tile_overlap: LR tile size (>= 64) and overlap in pixels; tiles are blended with ramps.
-        chunk=None / tile=None pick settings from the frame size and the free memory
-        (choose_settings); tile=0 forces whole frames.
-    scene_threshold: mean grey-level difference (0-255) of 32x32 thumbnails that starts a new
-        scene; no run crosses a cut. None or 0 disables.
-    max_frames: stop after this many input frames. progress: print the settings and show a bar.
-    """
-    import tqdm
-    import data  # the video reader pulls in cv2 and PyAV, which the networks do not need
-
-    if isinstance(frames, (str, os.PathLike)):
-        frames = data.read_video(frames)
-    source = getattr(frames, "path", "frames")  # for messages
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"not a device: {device!r} (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: CUDA is not available")
-    dtype = _precision_dtype(precision, device)
-    for name, value, lo in [("chunk", chunk, 1), ("overlap", overlap, 0), ("tile", tile, 0),
-                            ("tile_overlap", tile_overlap, 0), ("max_frames", max_frames, 1)]:
-        if value is not None and (not isinstance(value, int) or value < lo):
-            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    if tile and tile < MIN_TILE:
-        raise ValueError(f"tile must be at least {MIN_TILE} LR pixels, got {tile}")
-
-    total = getattr(frames, "num_frames", None)
-    stream = iter(frames) if max_frames is None else itertools.islice(frames, max_frames)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError(f"{source}: no frames to upscale")
-    h, w = _check_frame(first, None, 0, source)
-    min_size = min_input_size(model)
-    if h < min_size or w < min_size:
-        raise ValueError(f"{source}: frames of {w}x{h} are too small for {type(model).__name__}, which needs "
-                         f"at least {min_size}x{min_size}")
-
-    model = model.to(device).eval()
-    chunk, tile, estimate, budget = choose_settings(model, h, w, device, precision, chunk, overlap, tile)
-    if tile and 2 * tile_overlap > tile:
-        raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
-    if progress:
-        where = "free on " + str(device) if device.type == "cuda" else "CPU budget"
-        print(f"upscale: {w}x{h} -> {4 * w}x{4 * h}, {type(model).__name__} on {device} ({precision}); "
-              f"chunk {chunk} + {overlap} context frames each side; "
-              f"{f'tiles of {tile} px, {tile_overlap} px overlap' if tile else 'whole frames'}; "
-              f"scene cuts {f'at a grey-level change > {scene_threshold:g}' if scene_threshold else 'off'}; "
-              f"estimated peak {estimate / 2**30:.2f} GiB "
-              f"(budget {budget / 2**30:.1f} GiB {where})", file=sys.stderr)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def checked(stream):
-        yield first
-        for i, frame in enumerate(stream, 1):
-            _check_frame(frame, (h, w), i, source)
-            yield frame
-
-    if total is not None and max_frames is not None:
-        total = min(total, max_frames)
-    bar = tqdm.tqdm(total=total, unit="frame", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for window, a, b in plan_windows(checked(stream), chunk, overlap, SceneCuts(scene_threshold)):
-            out = upscale_window(model, window, a, b, device, dtype, tile, tile_overlap)
-            for frame in out.numpy():
-                yield frame
-            bar.update(b - a)
-    finally:
-        bar.close()
-    if progress and device.type == "cuda":
-        print(f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
-              f"(estimated {estimate / 2**30:.2f} GiB)", file=sys.stderr)
-
-
-def _check_frame(frame, size, index, source):
-    if not hasattr(frame, "dtype") or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"{source}: frame {index} is not RGB uint8 (h, w, 3): "
-                         f"{getattr(frame, 'dtype', type(frame).__name__)} {getattr(frame, 'shape', '')}")
-    if size is not None and frame.shape[:2] != size:
-        raise ValueError(f"{source}: frame {index} is {frame.shape[1]}x{frame.shape[0]}, the first frame "
-                         f"{size[1]}x{size[0]}; all frames must have the same size")
-    return frame.shape[:2]
-
-
-# ----------------------------------------------------------------------------------------
-# Command line. `python basicvsr.py INPUT OUTPUT --weights FILE` upscales with BasicVSR++
-# (--arch basicvsr: BasicVSR); `python basicvsr.py --convert SRC DST` converts a checkpoint.
-# realbasicvsr.py's command line reuses add_upscale_args and run_upscale with its own network.
-
-UPSCALE_ERRORS = (ValueError, OSError, FloatingPointError)
-
-
-def add_upscale_args(parser):
-    """INPUT, OUTPUT, --weights and the upscaling options; returns the "network" group, where a
-    script adds its own architecture flags."""
-    parser.add_argument("input", nargs="?", metavar="INPUT",
-                        help="video file (.mp4 .mov .mkv .avi ...) or a folder of frames")
-    parser.add_argument("output", nargs="?", metavar="OUTPUT",
-                        help="video file (.mp4 .mkv .mov: H.264 crf 18, the input's fps) or a folder for PNG frames")
-    parser.add_argument("--weights", metavar="FILE", help="checkpoint: mmagic/mmediting or BasicSR .pth, safetensors")
-    net = parser.add_argument_group("network (default: the published architecture)")
-    net.add_argument("--mid-channels", type=int, metavar="C", help="feature channels (published: 64)")
-    net.add_argument("--num-blocks", type=int, metavar="B", help="residual blocks per propagation branch")
-    run = parser.add_argument_group("memory and speed (by default chunk and tile fit the free memory)")
-    run.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
-    run.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                     help="autocast dtype; fp16 needs CUDA (default: fp32)")
-    run.add_argument("--chunk", type=int, metavar="N", help="frames per run of the network")
-    run.add_argument("--overlap", type=int, default=4, metavar="K",
-                     help="context frames on each side of a chunk, run and then dropped (default: 4)")
-    run.add_argument("--tile", type=int, metavar="T", help=f"LR tile size in pixels, >= {MIN_TILE}; 0: whole frames")
-    run.add_argument("--tile-overlap", type=int, default=16, metavar="P",
-                     help="LR pixels shared by neighbouring tiles, blended linearly (default: 16)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the per-frame modules (compile_network); the first window is slower")
-    run.add_argument("--channels-last", action="store_true",
-                     help="run the network in channels-last (NHWC) memory format, native to cuDNN's bf16 convolutions")
-    video = parser.add_argument_group("video")
-    video.add_argument("--max-frames", type=int, metavar="N", help="upscale only the first N frames")
-    video.add_argument("--scene-threshold", type=float, default=20.0, metavar="D",
-                       help="mean grey-level change (0-255) between frames that restarts the recurrence; 0: off "
-                            "(default: 20)")
-    video.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 for frame folders)")
-    video.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    video.add_argument("--no-audio", action="store_true",
-                       help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
-                            "hold the codec; cut to the written video)")
-    return net
-
-
-def run_upscale(args, build_network):
-    """The upscaling command: read args.input, build_network(args), load args.weights, write
-    args.output. Returns the exit status; an expected failure prints one line `error: ...` and
-    leaves nothing behind (the output is written under a temporary name, renamed at the end)."""
-    import data
-    try:
-        if not args.weights:
-            raise ValueError("--weights FILE is required")
-        reader = data.read_video(args.input, fps=args.fps)
-        if os.path.abspath(args.input) == os.path.abspath(args.output):
-            raise ValueError(f"OUTPUT is the INPUT: {args.output}")
-        audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
-        with data.VideoWriter(args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from) as writer:
-            reencoded = [codec for codec, mode in writer.audio if mode == "aac"]
-            if reencoded:
-                print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
-                      f"input as it is: re-encoding it to AAC", file=sys.stderr)
-            model = load_weights(build_network(args), args.weights)
-            if args.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            if args.compile:
-                compile_network(model)
-            for frame in upscale(model, reader, device=args.device, precision=args.precision, chunk=args.chunk,
-                                 overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
-                                 scene_threshold=args.scene_threshold, max_frames=args.max_frames, progress=True):
-                writer.write(frame)
-        audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
-        print(f"{args.output}: {writer.count} frames of {writer.size[1]}x{writer.size[0]} at {reader.fps:g} fps{audio}",
-              file=sys.stderr)
-        return 0
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; pass a smaller --chunk or --tile, or --precision bf16/fp16", file=sys.stderr)
-        return 1
-    except UPSCALE_ERRORS as e:
-        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
-        return 1
-
-
-def _build_network(args):
-    if args.arch == "basicvsr":
-        return BasicVSR(args.mid_channels or 64, args.num_blocks or 30)
-    return BasicVSRPlusPlus(args.mid_channels or 64, args.num_blocks or 7)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Upscale a video x4 with BasicVSR++ (or BasicVSR), or convert a checkpoint.",
-        epilog="examples:\n"
-               "  python basicvsr.py input.mp4 output.mp4 --weights basicvsr_plusplus_reds4.pth\n"
-               "  python basicvsr.py frames/ out_frames/ --weights w.safetensors --arch basicvsr --tile 256\n"
-               "  python basicvsr.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    net = add_upscale_args(parser)
-    net.add_argument("--arch", choices=["basicvsrpp", "basicvsr"], default="basicvsrpp",
-                     help="BasicVSR++ (default) or BasicVSR")
-    convert = parser.add_argument_group("convert a checkpoint (mmagic/mmediting, BasicSR, plain .pth, safetensors) "
-                                        "to our safetensors")
-    convert.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help="checkpoint to read, safetensors to write")
-    convert.add_argument("--prefix", default=None,
-                         help="part of the file to take, e.g. generator, generator_ema, discriminator, params "
-                              "(default: generator_ema, else generator; BasicSR: params_ema, else params)")
-    args = parser.parse_args(argv)
-
-    if args.convert:
-        src, dst = args.convert
-        try:
-            state = read_state_dict(src, args.prefix)
-            save_weights(state, dst)
-        except UPSCALE_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
-        return 0
-    if not (args.input and args.output):
-        parser.error("pass INPUT OUTPUT --weights FILE to upscale, or --convert SRC DST")
-    return run_upscale(args, _build_network)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})

@@ -6,15 +6,14 @@ spectral norm. Module and state_dict names follow mmagic, so the published check
 basicvsr.load_weights (prefix "generator_ema" for inference, "discriminator" for the critic).
 Tensors are RGB in [0, 1]; a video is (n, t, 3, h, w).
 """
-import argparse
 import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-from basicvsr import BasicVSR, ResidualBlocksWithInputConv, add_upscale_args, check_video, run_upscale
+from basicvsr import BasicVSR, ResidualBlocksWithInputConv, check_video, load_strict, read_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # Generator: clean each LQ frame (up to three passes), then BasicVSR on the cleaned clip.
@@ -66,7 +65,8 @@ class RealBasicVSR(nn.Module):
                 cleaned.append(lqs[:, i] + residue)
                 residue_sum = residue_sum + residue.abs().sum()
             return torch.stack(cleaned, dim=1), residue_sum / lqs.numel()
-        residues = self.image_cleaning(lqs.reshape(n * t, c, h, w)).view(n, t, c, h, w)
+        residues = rearrange(self.image_cleaning(rearrange(lqs, "n t c h w -> (n t) c h w")),
+                             "(n t) c h w -> n t c h w", n=n)
         return lqs + residues, residues.abs().mean()
 
     def forward(self, lqs, return_lqs=False):
@@ -216,27 +216,8 @@ def load_vgg19_features(vgg, path):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VGG19 weights not found: {path} (torchvision's vgg19-dcbb9e9d.pth)")
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read VGG19 weights {path}: {e}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a torchvision VGG19 state dict, got {type(state).__name__}")
-    features = {k: v for k, v in state.items() if k.startswith("features.")}
-    want = vgg.state_dict()
-    missing = sorted(set(want) - set(features))
-    other = sorted(k for k in state if k not in want and not k.startswith("classifier."))
-    if other or missing:
-        raise ValueError(f"{path} is not a torchvision VGG19 state dict: missing {missing[:4]}, "
-                         f"unexpected {other[:4]}")
-    for k, v in features.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"{path}: {k} has shape {list(v.shape)}, VGG19 needs {list(want[k].shape)}")
-    vgg.load_state_dict(features, strict=True)
+    state = read_state_dict(path)
+    load_strict(vgg, {k: v for k, v in state.items() if not k.startswith("classifier.")}, path)
 
 
 class PerceptualLoss(nn.Module):
@@ -282,32 +263,3 @@ class PerceptualLoss(nn.Module):
         for i, w in self.layer_weights.items():
             loss = loss + F.l1_loss(pred_feats[i], gt_feats[i]) * w
         return loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: python realbasicvsr.py INPUT OUTPUT --weights FILE, with the options of
-# basicvsr.add_upscale_args; the network is the official inference one (sequential cleaning).
-
-
-def _build_network(args):
-    blocks = args.num_blocks or 20
-    return RealBasicVSR(args.mid_channels or 64, blocks, blocks, dynamic_refine_thres=args.refine_thres,
-                        is_sequential_cleaning=True)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Upscale a real-world video x4 with RealBasicVSR.",
-        epilog="example: python realbasicvsr.py input.mp4 output.mp4 --weights realbasicvsr_x4.pth")
-    net = add_upscale_args(parser)
-    net.add_argument("--refine-thres", type=float, default=255, metavar="D",
-                     help="clean again while the mean |residue| of a chunk is >= D/255, at most 3 passes "
-                          "(default: 255, one pass)")
-    args = parser.parse_args(argv)
-    if not (args.input and args.output):
-        parser.error("INPUT and OUTPUT are required")
-    return run_upscale(args, _build_network)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

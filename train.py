@@ -18,12 +18,10 @@ import glob
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -159,10 +157,6 @@ def build_parser():
     g.add_argument("--log-interval", type=int)
     g.add_argument("--keep-last", type=int, help="checkpoints kept")
     g.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row")
-    g.add_argument("--inject-nan-at", type=int, nargs="*", default=[],
-                   help="testing: make the loss non-finite at these iterations (1-based)")
-    g.add_argument("--debug-rank-weights", action="store_true",
-                   help="testing: every rank writes its final weights to OUT/rank<r>_final.safetensors")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="evaluate --weights on --eval-set and exit")
     g.add_argument("--weights", help="weights to evaluate: .safetensors, a published .pth, or a run folder")
@@ -174,7 +168,7 @@ def build_parser():
 
 RUN_DEFAULTS = dict(seed=0, amp="none", compile=False, log_interval=10, keep_last=3, max_nonfinite=10, synthetic_clips=200)
 FLAG_ONLY = ("model", "data_root", "val_root", "out_dir", "device", "resume", "init", "spynet_weights",
-             "vgg_weights", "inject_nan_at", "debug_rank_weights", "eval", "weights", "eval_set")
+             "vgg_weights", "eval", "weights", "eval_set")
 
 
 def resolve_config(args, device, world_size, saved=None):
@@ -469,10 +463,7 @@ def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, d
 def save_side_by_side(path, *frames):
     """bicubic | output | GT of one frame, (3, H, W) [0, 255] each, as one PNG (atomic)."""
     row = torch.cat([f.cpu() for f in frames], dim=2).permute(1, 2, 0).numpy().astype(np.uint8)
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, cv2.cvtColor(row, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"train.py: could not write {tmp}")
-    os.replace(tmp, path)
+    data.write_image(path, row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,19 +555,14 @@ def load_init(model, ema, path, rank):
 
 
 def rng_state(device):
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-             "torch": torch.get_rng_state()}
+    # torch's generators only: every data draw goes through an explicit np.random.Generator
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state, device):
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -606,9 +592,8 @@ def save_checkpoint(out_dir, step, state, g_raw, ema, keep_last):
     basicvsr.save_weights(g_raw, stem + ".safetensors")
     if ema is not None:
         basicvsr.save_weights(ema, stem + "_ema.safetensors")
-    tmp = stem + ".state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, stem + ".state.pt")
+    with data.atomic_path(stem + ".state.pt") as tmp:
+        torch.save(state, tmp)
     for old in sorted(glob.glob(os.path.join(out_dir, "iter_*.state.pt")))[:-keep_last]:
         old_stem = old[:-len(".state.pt")]
         for f in (old, old_stem + ".safetensors", old_stem + "_ema.safetensors"):
@@ -685,7 +670,7 @@ class Trainer:
         scaler.update()
         return ok
 
-    def train_step(self, batch, inject_nan=False):
+    def train_step(self, batch):
         """One iteration; returns (dict of float losses, True if the update was applied)."""
         cfg = self.cfg
         lqs = batch["lq"].to(self.device, non_blocking=True)
@@ -712,8 +697,6 @@ class Trainer:
                 fake_logits = self.d_raw(out.flatten(0, 1))
             losses["gan"] = realbasicvsr.gan_loss(fake_logits.float(), True, weight=cfg["gan_weight"])
         loss_g = sum(losses.values())
-        if inject_nan:
-            loss_g = loss_g * float("nan")
         if all_reduce_max(not torch.isfinite(loss_g).item(), self.ddp):
             return {k: v.item() for k, v in losses.items()} | {"loss": loss_g.item()}, False
         # the gradients are all-reduced, so every rank reaches the same verdict here
@@ -838,8 +821,6 @@ def train(args, ddp, rank, world_size, device):
         print0(f"resume: {stem} at iteration {start}", rank=rank)
     else:
         # each rank its own random stream (and its own data through the sampler)
-        random.seed(cfg["seed"] + rank)
-        np.random.seed(cfg["seed"] + rank)
         torch.manual_seed(cfg["seed"] + rank)
 
     # --- data
@@ -907,7 +888,6 @@ def train(args, ddp, rank, world_size, device):
     nonfinite_total = saved_state["nonfinite_total"] if saved_state else 0
     nonfinite_run, last_ckpt = 0, stem
     sums, count, t0, timed_iters = {}, 0, time.time(), 0
-    inject = set(args.inject_nan_at or [])
     print0(f"train: iterations {start + 1}..{max_iters} on {world_size} x {device.type}", rank=rank)
     while step < max_iters:
         if trainer.set_phase(step):
@@ -916,7 +896,7 @@ def train(args, ddp, rank, world_size, device):
                    + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""), rank=rank)
         lr = trainer.set_lr(step)
         batch = next(batches)
-        losses, ok = trainer.train_step(batch, inject_nan=(step + 1) in inject)
+        losses, ok = trainer.train_step(batch)
         step += 1
         if ok:
             nonfinite_run = 0
@@ -958,8 +938,6 @@ def train(args, ddp, rank, world_size, device):
         if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
             validate(step)
             t0, timed_iters = time.time(), 0
-    if args.debug_rank_weights:
-        basicvsr.save_weights(g_raw, os.path.join(out_dir, f"rank{rank}_final.safetensors"))
     if log_file:
         log_file.close()
     if tb is not None:

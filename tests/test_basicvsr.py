@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import basicvsr
+import upscale
 from basicvsr import (BasicVSR, BasicVSRPlusPlus, SPyNet, load_weights, read_state_dict, save_weights)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mmagic_reference as ref  # noqa: E402
 
-REF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "ref")
-REF_DIR = os.environ.get("BASICVSR_REF_DIR", os.path.normpath(REF_DIR))
+# state_dict keys and shapes of the published checkpoints, vendored (spec §13)
+KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keys")
 TOL = 1e-4  # fp32, max abs, against the oracle
 
 
@@ -205,15 +206,14 @@ def test_cpu_cache_path_equals_plain_path(pp_lr, mirrored):
     lqs = clip(4 if mirrored else 3, 64, 64, seed=11, mirrored=mirrored)
     batch_sizes = []  # of feat_extract calls: t at once on the plain path, chunks of 2 when caching
     handle = pp_lr.feat_extract.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
-    pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = 2, 2
     try:
         with torch.no_grad():
-            plain = pp_lr(lqs)  # spec §11.2: on CPU a cpu_cache_length below t has no effect
-            pp_lr.force_cpu_cache = True
+            plain = pp_lr(lqs)
+            pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = 2, 2  # t > 2: the cache path (no-op copies on CPU)
             cached = pp_lr(lqs)
     finally:
         handle.remove()
-        pp_lr.force_cpu_cache, pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = False, 100, 8
+        pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = 100, 8
     t = lqs.shape[1]
     assert batch_sizes == [t] + [2, t - 2]
     assert plain.shape == cached.shape == (1, t, 3, 256, 256)
@@ -229,7 +229,7 @@ def test_compile_network_equals_eager(pp_lr):
         eager = pp_lr(lqs)
         basicvsr.compile_network(net)
         compiled = net(lqs)
-        net.force_cpu_cache, net.cpu_cache_length = True, 0
+        net.cpu_cache_length = 0
         cached = net(lqs)
     assert list(net.state_dict()) == list(pp_lr.state_dict())
     kinds = {type(m).__name__ for m in net.modules() if getattr(m, "_compiled_call_impl", None) is not None}
@@ -281,7 +281,7 @@ def test_cuda_cpu_cache_bounded_memory_and_equal():
 
 
 def tsv(name):
-    with open(os.path.join(REF_DIR, name)) as f:
+    with open(os.path.join(KEYS_DIR, name)) as f:
         return [tuple(line.rstrip("\n").split("\t")) for line in f if not line.startswith("#")]
 
 
@@ -510,12 +510,12 @@ def test_convert_cli(tmp_path, pp_lr, tiny_out, tiny_lqs):
     src, dst = tmp_path / "ckpt.pth", tmp_path / "out.safetensors"
     torch.save({"state_dict": {f"generator.{k}": v for k, v in to_basicsr(pp_lr.state_dict()).items()}}, src)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, os.path.join(root, "basicvsr.py"), "--convert", str(src), str(dst),
+    res = subprocess.run([sys.executable, os.path.join(root, "upscale.py"), "--convert", str(src), str(dst),
                           "--prefix", "generator"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "out.safetensors" in res.stdout
     assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs, pp_lr)
-    basicvsr.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
+    upscale.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
     assert (tmp_path / "again.safetensors").read_bytes() == dst.read_bytes()
     with pytest.raises(SystemExit):
-        basicvsr.main([])
+        upscale.main([])

@@ -8,16 +8,14 @@ import torch.nn.functional as F
 import realbasicvsr as rbv
 import reference_realbasicvsr as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 
-# The official key lists (spec §13). They live outside the repository, so the tests rebuild the
-# same lists from the spec's rules below and compare with the .tsv files wherever those exist.
-REF_DIR = os.environ.get("BASICVSR_REF_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "ref"))
+# The published key lists (spec §13), vendored: the tests rebuild them from the spec's rules below
+# and compare.
+KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keys")
 
 
 def read_keys(name):
-    """[(key, shape)] from a keys_*.tsv file, or None when the reference folder is not there."""
-    path = os.path.join(REF_DIR, name)
-    if not os.path.isfile(path):
-        return None
+    """[(key, shape)] from a keys_*.tsv file."""
+    path = os.path.join(KEYS_DIR, name)
     keys = []
     with open(path) as f:
         for line in f:
@@ -66,11 +64,9 @@ def unet_disc_keys(m=64):
 
 
 def test_key_rules_match_official_lists():
-    """The rebuilt lists equal the official .tsv ones (checked where the reference folder exists)."""
+    """The rebuilt lists equal the published ones."""
     for name, keys in (("keys_realbasicvsr_net.tsv", realbasicvsr_keys()), ("keys_unet_disc_sn.tsv", unet_disc_keys())):
-        official = read_keys(name)
-        if official is not None:
-            assert keys == official, name
+        assert keys == read_keys(name), name
 
 
 def shapes(module):
