@@ -33,7 +33,8 @@ pass follows its forward's backend wherever it runs.
 """
 import contextlib
 
-_BACKENDS = (None, "torch", "triton")
+from .common import BACKENDS
+
 _default_backend = None
 
 
@@ -46,7 +47,7 @@ def get_backend():
 def use_backend(backend):
     """Within the block, ops called with backend=None use `backend` ("torch", "triton" or None)."""
     global _default_backend
-    if backend not in _BACKENDS:
+    if backend not in BACKENDS:
         raise ValueError(f"kernels.use_backend: backend must be None, 'torch' or 'triton', got {backend!r}")
     previous, _default_backend = _default_backend, backend
     try:

@@ -14,19 +14,18 @@ flows       (n, 2F, ho, wo): F flows, each (dx, dy) in pixels; deform group g us
 offset = max_residue_magnitude * tanh(offset logits) + the group's flow as (dy, dx)
 mask   = sigmoid(mask logits)
 
-Layouts: the output takes x's memory format (kernels.flow_warp.memory_format: channels-last x,
+Layouts: the output takes x's memory format (kernels.common.memory_format: channels-last x,
 channels-last output), on both paths; offset, mask, conv_offset and flows are read in whatever
 strides they come.
 """
 import contextlib
-from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.nn.modules.utils import _pair
 
-from .flow_warp import memory_format
+from .common import INTERPRET as _INTERPRET, autocast_inputs, memory_format, use_triton
 
 
 def _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op):
@@ -442,9 +441,6 @@ def _dcn_bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, 
     tl.store(gw_at, gw, mask=rows_ok[:, None] & co_ok[None, :])
 
 
-_INTERPRET = bool(triton.knobs.runtime.interpret)  # read when the kernels above were decorated
-
-
 # ----------------------------------------------------------------------------------------
 # Launchers: plain tensors in, plain tensors out. Inputs are only read. x is copied to
 # channels-last unless it is so already; the others are read through their strides.
@@ -545,11 +541,18 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, deform_gr
     return _launch_forward(x, offset, mask, None, 0.0, weight, bias, stride, padding, dilation, deform_groups, size)
 
 
-def _forward_fused(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups):
+def _fused_size(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups):
+    """(ho, wo) of flow_guided_deform_conv2d after checking its arguments."""
     op = "flow_guided_deform_conv2d"
     ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
     _check_glue(conv_offset, flows, deform_groups, weight.shape[2] * weight.shape[3], op, (x.shape[0], ho, wo))
-    _launch_checks(op, x, weight, bias, conv_offset=conv_offset, flows=flows)
+    return ho, wo
+
+
+def _forward_fused(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups):
+    ho, wo = _fused_size(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation,
+                         deform_groups)
+    _launch_checks("flow_guided_deform_conv2d", x, weight, bias, conv_offset=conv_offset, flows=flows)
     return _launch_forward(x, conv_offset, None, flows, max_residue_magnitude, weight, bias,
                            stride, padding, dilation, deform_groups, (ho, wo))
 
@@ -622,120 +625,51 @@ def _backward_fused(grad_out, x, conv_offset, flows, weight, max_residue_magnitu
 # ----------------------------------------------------------------------------------------
 # torch.library custom ops, so torch.compile traces through the kernels without graph breaks.
 
-@torch.library.custom_op("vsr::deform_conv2d", mutates_args=())
-def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                      bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                      dilation: List[int], deform_groups: int) -> torch.Tensor:
-    return _forward(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
-
-
-@_deform_conv2d_op.register_fake
-def _(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
-    ho, wo = _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
-    return _empty_output(x, weight.shape[0], ho, wo)
-
-
-@torch.library.custom_op("vsr::deform_conv2d_backward", mutates_args=())
-def _deform_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
-                               weight: torch.Tensor, stride: List[int], padding: List[int], dilation: List[int],
-                               deform_groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups)
-
-
 def _empty_grads(*inputs):
     """Fake gradients of the backward ops: each in its input's memory format, as the real ones."""
     return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype, memory_format=memory_format(t)) for t in inputs)
 
 
-@_deform_conv2d_backward_op.register_fake
-def _(grad_out, x, offset, mask, weight, stride, padding, dilation, deform_groups):
-    return _empty_grads(x, offset, mask, weight)
+def _register(name, tensors, params, forward, backward, size):
+    """Registers vsr::<name>(x, *tensors, weight, bias, *params) -> out, its backward op
+    vsr::<name>_backward(grad_out, x, *tensors, weight, *params) -> (grad_x, *grad_tensors,
+    grad_weight), fake implementations of both, and the autograd formula that joins them (grad_bias,
+    a plain sum, is done here). tensors, params: schema entries ("Tensor offset", "int[] stride").
+    size(*forward inputs) checks them and returns (ho, wo)."""
+    grads = len(tensors) + 2
+    args = ", ".join(("Tensor x", *tensors, "Tensor weight"))
+    fwd_op = torch.library.custom_op(f"vsr::{name}", forward, mutates_args=(),
+                                     schema=f"({args}, Tensor? bias, {', '.join(params)}) -> Tensor")
+    bwd_op = torch.library.custom_op(f"vsr::{name}_backward", backward, mutates_args=(),
+                                     schema=f"(Tensor grad_out, {args}, {', '.join(params)}) -> "
+                                            f"({', '.join(['Tensor'] * grads)})")
+    fwd_op.register_fake(lambda *a: _empty_output(a[0], a[grads - 1].shape[0], *size(*a)))
+    bwd_op.register_fake(lambda grad_out, *a: _empty_grads(*a[:grads]))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:grads])
+        bias, ctx.params = inputs[grads], inputs[grads + 1:]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def autograd_backward(ctx, grad_out):
+        grad_bias = None
+        if ctx.bias_dtype is not None:
+            grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+        return *bwd_op(grad_out, *ctx.saved_tensors, *ctx.params), grad_bias, *[None] * len(params)
+
+    fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output):
-    x, offset, mask, weight, bias, stride, padding, dilation, deform_groups = inputs
-    ctx.save_for_backward(x, offset, mask, weight)
-    ctx.conv = (stride, padding, dilation, deform_groups)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _autograd_backward(ctx, grad_out):
-    x, offset, mask, weight = ctx.saved_tensors
-    grad_x, grad_offset, grad_mask, grad_w = torch.ops.vsr.deform_conv2d_backward(grad_out, x, offset, mask, weight, *ctx.conv)
-    grad_bias = None
-    if ctx.bias_dtype is not None:
-        grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_offset, grad_mask, grad_w, grad_bias, None, None, None, None
-
-
-_deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("vsr::flow_guided_deform_conv2d", mutates_args=())
-def _flow_guided_op(x: torch.Tensor, conv_offset: torch.Tensor, flows: torch.Tensor, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], max_residue_magnitude: float, stride: List[int], padding: List[int],
-                    dilation: List[int], deform_groups: int) -> torch.Tensor:
-    return _forward_fused(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation,
-                          deform_groups)
-
-
-@_flow_guided_op.register_fake
-def _(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups):
-    op = "flow_guided_deform_conv2d"
-    ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
-    _check_glue(conv_offset, flows, deform_groups, weight.shape[2] * weight.shape[3], op, (x.shape[0], ho, wo))
-    return _empty_output(x, weight.shape[0], ho, wo)
-
-
-@torch.library.custom_op("vsr::flow_guided_deform_conv2d_backward", mutates_args=())
-def _flow_guided_backward_op(grad_out: torch.Tensor, x: torch.Tensor, conv_offset: torch.Tensor, flows: torch.Tensor,
-                             weight: torch.Tensor, max_residue_magnitude: float, stride: List[int], padding: List[int],
-                             dilation: List[int], deform_groups: int
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_fused(grad_out, x, conv_offset, flows, weight, max_residue_magnitude, stride, padding, dilation,
-                           deform_groups)
-
-
-@_flow_guided_backward_op.register_fake
-def _(grad_out, x, conv_offset, flows, weight, max_residue_magnitude, stride, padding, dilation, deform_groups):
-    return _empty_grads(x, conv_offset, flows, weight)
-
-
-def _setup_context_fused(ctx, inputs, output):
-    x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding, dilation, deform_groups = inputs
-    ctx.save_for_backward(x, conv_offset, flows, weight)
-    ctx.conv = (max_residue_magnitude, stride, padding, dilation, deform_groups)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _autograd_backward_fused(ctx, grad_out):
-    x, conv_offset, flows, weight = ctx.saved_tensors
-    grads = torch.ops.vsr.flow_guided_deform_conv2d_backward(grad_out, x, conv_offset, flows, weight, *ctx.conv)
-    grad_bias = None
-    if ctx.bias_dtype is not None:
-        grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-    return *grads, grad_bias, None, None, None, None, None
-
-
-_flow_guided_op.register_autograd(_autograd_backward_fused, setup_context=_setup_context_fused)
+_CONV = ("int[] stride", "int[] padding", "int[] dilation", "int deform_groups")
+# Lambdas: the bodies are looked up at call time (tests count calls of _forward and _forward_fused).
+_register("deform_conv2d", ("Tensor offset", "Tensor mask"), _CONV,
+          lambda *a: _forward(*a), lambda *a: _backward(*a), _check)
+_register("flow_guided_deform_conv2d", ("Tensor conv_offset", "Tensor flows"), ("float max_residue_magnitude", *_CONV),
+          lambda *a: _forward_fused(*a), lambda *a: _backward_fused(*a), _fused_size)
 
 
 # ----------------------------------------------------------------------------------------
-# Public function.
-
-def _use_triton(op, backend, x):
-    """Whether `backend` (an op's argument) means the Triton kernels for x."""
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend is None:
-        from . import get_backend  # kernels.use_backend's default; the package is loaded by now
-        backend = get_backend()
-    use_triton = backend == "triton" or (backend is None and x.is_cuda)
-    if use_triton and not x.is_cuda and not _INTERPRET:
-        raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                           "before triton is imported to run on the CPU")
-    return use_triton
-
+# Public functions.
 
 def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, deform_groups=1, backend=None):
     """Modulated deformable convolution; see the module docstring for layouts.
@@ -746,18 +680,11 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilat
     fp32. Otherwise mask, weight and bias follow x's dtype.
     """
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
-    use_triton = _use_triton("deform_conv2d", backend, x)
+    triton_ = use_triton("deform_conv2d", backend, x)
     _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        offset = offset.to(torch.float32)  # positions stay fp32
-    else:
-        dtype = x.dtype
-    x, mask, weight = x.to(dtype), mask.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
-        if use_triton:
+    (x, mask, weight, bias), (offset,) = autocast_inputs(x, (x, mask, weight, bias), (offset,))
+    with torch.autocast(x.device.type, enabled=False):
+        if triton_:
             return torch.ops.vsr.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
         return deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
 
@@ -774,21 +701,14 @@ def flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias=None, max_resi
     """
     op = "flow_guided_deform_conv2d"
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
-    use_triton = _use_triton(op, backend, x)
+    triton_ = use_triton(op, backend, x)
     ho, wo = _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op)
     taps = weight.shape[2] * weight.shape[3]
     _check_glue(conv_offset, flows, deform_groups, taps, op, (x.shape[0], ho, wo))
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        flows = flows.to(torch.float32)
-    else:
-        dtype = x.dtype
-    x, weight = x.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
+    (x, weight, bias), (flows,) = autocast_inputs(x, (x, weight, bias), (flows,))  # conv_offset as it comes
     mag = float(max_residue_magnitude)
-    with torch.autocast(device_type, enabled=False):
-        if use_triton:
+    with torch.autocast(x.device.type, enabled=False):
+        if triton_:
             return torch.ops.vsr.flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias, mag,
                                                            stride, padding, dilation, deform_groups)
         offset, mask = flow_guided_offsets(conv_offset, flows, mag, deform_groups, taps)

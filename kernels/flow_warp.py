@@ -10,14 +10,16 @@ Non-finite or far-outside positions are pinned to -2 (just outside) before anyth
 they sample zeros ("zeros") or the border ("border", NaN goes to 0, +inf to w-1) and get no
 flow gradient. CUDA grid_sample does the same; CPU grid_sample would return NaN.
 
-The output takes x's memory format (memory_format below): a channels-last x gives a channels-last
-output, on both paths, so a network converted with .to(memory_format=torch.channels_last) stays so.
+The output takes x's memory format (kernels.common.memory_format): a channels-last x gives a
+channels-last output, on both paths, so a network converted with .to(memory_format=torch.channels_last)
+stays so.
 """
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .common import INTERPRET, autocast_inputs, memory_format, use_triton
 
 
 def _check(x, flow, padding_mode):
@@ -27,21 +29,6 @@ def _check(x, flow, padding_mode):
         raise ValueError(f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in batch or spatial size")
     if padding_mode not in ("zeros", "border"):
         raise ValueError(f"flow_warp: padding_mode must be 'zeros' or 'border', got {padding_mode!r}")
-
-
-def memory_format(x):
-    """torch.channels_last where x's strides order its dims C, W, H, N from fastest to slowest, else
-    torch.contiguous_format: torch's suggest_memory_format rule, so a layout the strides leave
-    ambiguous (1x1 maps, or one channel, of an NCHW tensor) stays NCHW. Real and fake paths of
-    both ops take their output layouts from it, so torch.compile sees the strides they return."""
-    if x.dim() != 4 or x.stride(1) == 0:
-        return torch.contiguous_format
-    least = 0
-    for d in (1, 3, 2, 0):
-        if x.shape[d] == 0 or x.stride(d) < least or (d == 0 and least == x.stride(1)):
-            return torch.contiguous_format
-        least = x.stride(d) * x.shape[d]
-    return torch.channels_last
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,7 +222,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _launch_check(x, flow, *more):
-    if not x.is_cuda and not isinstance(_flow_warp_fwd_kernel, InterpretedFunction):
+    if not x.is_cuda and not INTERPRET:
         raise RuntimeError("flow_warp: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is first imported for CPU tensors")
     if any(t.device != x.device for t in (flow, *more)):
@@ -332,15 +319,8 @@ def flow_warp(x, flow, padding_mode="zeros", backend=None):
     """Warp x (n, c, h, w) by flow (n, 2, h, w); see the module docstring. backend: "triton",
     "torch", or None: the default of kernels.use_backend (automatic outside any block)."""
     _check(x, flow, padding_mode)
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"flow_warp: backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend is None:
-        from . import get_backend  # kernels.use_backend's default; the package is loaded by now
-        backend = get_backend()
-    if torch.is_autocast_enabled(x.device.type):
-        # Features in the autocast dtype, the flow (hence the positions) in fp32.
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-        flow = flow.float()
-    if backend == "triton" or (backend is None and x.is_cuda):
+    triton_ = use_triton("flow_warp", backend, x)
+    (x,), (flow,) = autocast_inputs(x, (x,), (flow,))
+    if triton_:
         return _flow_warp_op(x, flow, padding_mode)
     return flow_warp_reference(x, flow, padding_mode)
