@@ -1,0 +1,38 @@
+"""Helpers shared by the kernel and benchmark tests."""
+import pytest
+import torch
+
+import basicvsr
+import bench
+import kernels
+
+CL = torch.channels_last
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    """Norm-wise relative error max|a - b| / max|b|, b the oracle (in float64)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def is_cl(t):
+    """Channels-last and not NCHW-contiguous: the layout is not ambiguous."""
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def tiny_alignment():
+    """BasicVSR++'s op call sites in miniature, through basicvsr.py's own modules: SPyNet (warps
+    inside), a feature warp, and the second-order deformable alignment (the DCN)."""
+    torch.manual_seed(0)
+    spynet = bench.realistic_init(basicvsr.SPyNet())
+    align = bench.realistic_init(basicvsr.SecondOrderDeformableAlignment(32, 16, deform_groups=16))
+    clip = bench.moving_clip(2, 32, 32)[0]
+    feat = torch.randn(1, 16, 32, 32)
+
+    @torch.no_grad()
+    def step():
+        flow = spynet(clip[1:], clip[:1])
+        cond = kernels.flow_warp(feat, flow)
+        return align(torch.cat([feat, feat], 1), torch.cat([cond, feat, cond], 1), flow, flow)
+    return step
