@@ -2,8 +2,6 @@
 import pytest
 import torch
 
-import basicvsr
-import bench
 import kernels
 
 CL = torch.channels_last
@@ -24,6 +22,8 @@ def is_cl(t):
 def tiny_alignment():
     """BasicVSR++'s op call sites in miniature, through basicvsr.py's own modules: SPyNet (warps
     inside), a feature warp, and the second-order deformable alignment (the DCN)."""
+    import basicvsr  # here, not at the top: the kernel tests need nothing outside kernels/
+    import bench
     torch.manual_seed(0)
     spynet = bench.realistic_init(basicvsr.SPyNet())
     align = bench.realistic_init(basicvsr.SecondOrderDeformableAlignment(32, 16, deform_groups=16))
