@@ -4,12 +4,15 @@
   BasicVSR          first-order bidirectional propagation (Chan et al., CVPR 2021); the SR part of RealBasicVSR
   BasicVSRPlusPlus  second-order grid propagation with flow-guided deformable alignment (Chan et al., CVPR 2022)
   load_weights      mmagic/mmediting .pth, BasicSR .pth, plain state dicts and our safetensors, strictly
-  save_weights      safetensors, written atomically
+  save_weights      safetensors that name their network, written atomically
+  network_of        which network (and size) a weights file holds
 
 Videos are (n, t, 3, h, w) RGB in [0, 1]; flows are (n, 2, h, w) in pixels, channel 0 = dx, channel 1 = dy.
 Module and parameter names are mmagic's, so `model.state_dict()` keys equal the published checkpoints'.
 The two irregular ops, flow warping and modulated deformable convolution, come from `kernels`.
 """
+import contextlib
+import json
 import os
 import pickle
 import re
@@ -286,6 +289,7 @@ class BasicVSR(nn.Module):
 
     def __init__(self, mid_channels=64, num_blocks=30):
         super().__init__()
+        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks)  # saved with the weights
         self.mid_channels = mid_channels
         self.spynet = SPyNet()
         self.backward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
@@ -381,6 +385,8 @@ class BasicVSRPlusPlus(nn.Module):
     def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True,
                  cpu_cache_length=100):
         super().__init__()
+        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks,  # saved with the weights
+                           max_residue_magnitude=max_residue_magnitude, is_low_res_input=is_low_res_input)
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
         self.cpu_cache_length = cpu_cache_length
@@ -696,19 +702,83 @@ def load_strict(model, state, path, optional=()):
     return model
 
 
-def load_weights(model, path, prefix=None):
-    """Load any supported checkpoint into `model`, strictly (load_strict). SPyNet's mean/std may be
-    absent (they are constants). Returns the model."""
+def load_state(model, state, path):
+    """load_strict, where SPyNet's mean/std may be absent (they are constants). Returns the model."""
     constants = {f"{name}.{b}".lstrip(".") for name, m in model.named_modules() if isinstance(m, SPyNet)
                  for b in ("mean", "std")}
-    return load_strict(model, read_state_dict(path, prefix), path, optional=constants)
+    return load_strict(model, state, path, optional=constants)
+
+
+def load_weights(model, path, prefix=None):
+    """Load any supported checkpoint into `model`, strictly (load_state). Returns the model."""
+    return load_state(model, read_state_dict(path, prefix), path)
 
 
 def save_weights(model_or_state_dict, path):
-    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically."""
+    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically. The
+    file describes itself: its metadata names the network and its constructor arguments (a module's
+    `config`, else what the keys say), so upscale.py needs no architecture flags."""
     import safetensors.torch
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    if isinstance(model_or_state_dict, nn.Module):
+        state, config = model_or_state_dict.state_dict(), getattr(model_or_state_dict, "config", None)
+        network = type(model_or_state_dict).__name__ if config is not None else None
+    else:
+        state, network, config = model_or_state_dict, None, None
+        with contextlib.suppress(ValueError):  # a part that is no upscaling network: no description
+            network, config = network_from_keys(state, path)
+    metadata = {"format": "pt"}
+    if network is not None:
+        metadata.update(network=network, config=json.dumps(config))
     # safetensors wants contiguous CPU tensors that share no storage
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+
+
+# Which network a file holds. Our safetensors say it in their metadata; the published .pth files
+# (mmagic, mmediting, BasicSR) are recognised by their key names, and sizes are read off the
+# shapes: the channels from a convolution, the blocks by counting them.
+
+
+def _count(state, prefix):
+    """Number of residual blocks prefix{i}.conv1.weight."""
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix) and k.endswith("conv1.weight")})
+
+
+def network_from_keys(state, path):
+    """(class name, constructor kwargs) of the upscaling network `state` fits, or one ValueError
+    saying what the file holds instead."""
+    if "deform_align.backward_1.conv_offset.0.weight" in state and "backbone.backward_1.main.0.weight" in state:
+        return "BasicVSRPlusPlus", dict(
+            mid_channels=state["backbone.backward_1.main.0.weight"].shape[0],
+            num_blocks=_count(state, "backbone.backward_1.main.2."),
+            max_residue_magnitude=10,  # a constant of the published models, not in the file
+            is_low_res_input="feat_extract.main.0.weight" in state)  # HR input: two stride-2 convs first
+    if "image_cleaning.0.main.0.weight" in state and "basicvsr.backward_resblocks.main.0.weight" in state:
+        return "RealBasicVSR", dict(
+            mid_channels=state["image_cleaning.0.main.0.weight"].shape[0],
+            num_propagation_blocks=_count(state, "basicvsr.backward_resblocks.main.2."),
+            num_cleaning_blocks=_count(state, "image_cleaning.0.main.2."))
+    if "backward_resblocks.main.0.weight" in state:
+        return "BasicVSR", dict(mid_channels=state["backward_resblocks.main.0.weight"].shape[0],
+                                num_blocks=_count(state, "backward_resblocks.main.2."))
+    if state and all(k.startswith("basic_module.") or k in ("mean", "std") for k in state):
+        raise ValueError(f"{path} holds SPyNet, the optical-flow network, not an upscaling network "
+                         f"(train.py takes it as --spynet-weights)")
+    if "conv_0.weight" in state and any(k.startswith("conv_9.") for k in state):
+        raise ValueError(f"{path} holds the UNet discriminator, not an upscaling network")
+    heads = sorted({k.split(".")[0] for k in state})
+    raise ValueError(f"{path} fits no network here (BasicVSR++, BasicVSR, RealBasicVSR): its top-level "
+                     f"names are {heads[:8]}{' ...' if len(heads) > 8 else ''}")
+
+
+def network_of(path, state):
+    """(class name, constructor kwargs) of the network whose weights `state` (read from `path`) are:
+    our safetensors' metadata, else network_from_keys."""
+    if _is_safetensors(path):
+        import safetensors
+        with safetensors.safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        if "network" in metadata:
+            return metadata["network"], json.loads(metadata["config"])
+    return network_from_keys(state, path)

@@ -36,6 +36,8 @@ class RealBasicVSR(nn.Module):
     def __init__(self, mid_channels=64, num_propagation_blocks=20, num_cleaning_blocks=20,
                  dynamic_refine_thres=255, is_fix_cleaning=False, is_sequential_cleaning=False):
         super().__init__()
+        self.config = dict(mid_channels=mid_channels, num_propagation_blocks=num_propagation_blocks,  # saved
+                           num_cleaning_blocks=num_cleaning_blocks)                                  # with the weights
         self.is_fix_cleaning = is_fix_cleaning
         self.is_sequential_cleaning = is_sequential_cleaning
         self.dynamic_refine_thres = dynamic_refine_thres / 255.

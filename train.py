@@ -1,13 +1,6 @@
-"""Train and evaluate BasicVSR++ and RealBasicVSR with the published recipes (spec §5, §7).
-
-    python train.py --model basicvsrpp                      # built-in synthetic clips; a CPU is enough
-    torchrun --nproc_per_node=8 train.py --model basicvsrpp --data-root data/REDS \
-        --spynet-weights spynet_20210409-c6c1bd09.pth
-    python train.py --model realbasicvsr_wogan --data-root data/REDS --val-root data/UDM10 \
-        --spynet-weights spynet_20210409-c6c1bd09.pth        # stage 1
-    python train.py --model realbasicvsr --init runs/realbasicvsr_wogan \
-        --vgg-weights vgg19-dcbb9e9d.pth --data-root data/REDS --val-root data/UDM10   # stage 2
-    python train.py --model basicvsrpp --eval --weights FILE --data-root data/REDS   # REDS4 PSNR/SSIM
+"""Train and evaluate BasicVSR++ and RealBasicVSR with the published recipes (spec §5, §7):
+`python train.py --model basicvsrpp` (the built-in synthetic clips; a CPU is enough), under torchrun
+for several GPUs, `--eval` for test-set PSNR/SSIM; README's Training section has the commands.
 
 The file reads top to bottom: recipes, flags, distributed setup, the data stream, metrics,
 validation, checkpoints, one training iteration, the training loop, evaluation.
@@ -18,19 +11,23 @@ import glob
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import tqdm
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import basicvsr
 import data
 import realbasicvsr
+import upscale
 
 # ---------------------------------------------------------------------------------------------
 # Recipes. Every field can be overridden by the flag of the same name (underscores -> dashes).
@@ -77,10 +74,9 @@ RECIPES = {
         max_iters=150_000, batch_size=1, needs_spynet_weights=False),
 }
 
-# Without --data-root: the built-in synthetic clips (for RealBasicVSR: synthetic GT through the
-# degradation pipeline). Full-size recipes make no sense on them, so these small-but-real
-# settings apply (flags still win); on a CPU the network is shrunk too, so that the validation
-# PSNR passes bicubic within minutes. BasicVSR++ needs LR frames of 64x64, hence its 256 crop.
+# Without --data-root: the built-in synthetic clips (RealBasicVSR: through the degradations), with
+# small settings (flags win); on a CPU a smaller network too, which passes bicubic within minutes.
+# BasicVSR++ needs LR frames of 64x64, hence its 256 crop.
 SYNTHETIC = {
     "basicvsrpp": dict(num_frames=5, crop_size=256, synthetic_clips=200, val_clips=2, num_workers=4,
                        val_interval=500, save_interval=500, max_iters=5000),
@@ -251,7 +247,7 @@ def all_reduce_mean(values, ddp):
 
 
 def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,17 +488,6 @@ def spynet_params(model):
     return [p for n, p in model.named_parameters() if "spynet" in n]
 
 
-def set_spynet_frozen(model, frozen):
-    for p in spynet_params(model):
-        p.requires_grad_(not frozen)
-
-
-def spynet_frozen_at(step, cfg):
-    """The phase is a function of the iteration, so a resumed run lands in the right one."""
-    fix = cfg["spynet_fix_iters"]
-    return fix < 0 or step < fix
-
-
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * param for trained parameters; frozen parameters
@@ -525,27 +510,33 @@ def lr_at(step, base_lr, cfg):
     return cfg["eta_min"] + 0.5 * (base_lr - cfg["eta_min"]) * (1 + math.cos(math.pi * t))
 
 
-def preferred_weights(path, what):
-    """A weights file, or the latest checkpoint of a run folder; our EMA file beside it wins."""
+def weights_file(path, what, ema=True):
+    """A weights file, or the latest checkpoint of a run folder; with ema, our EMA file beside it wins."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path}: no such file or run folder")
     if os.path.isdir(path):
         path = latest_checkpoint(path, what) + ".safetensors"
     if path.endswith(".state.pt"):
         path = path[:-len(".state.pt")] + ".safetensors"
-    if path.endswith(".safetensors") and not path.endswith("_ema.safetensors"):
-        ema_path = path[:-len(".safetensors")] + "_ema.safetensors"
-        if os.path.isfile(ema_path):
-            return ema_path
+    ema_path = path[:-len(".safetensors")] + "_ema.safetensors"
+    if ema and path.endswith(".safetensors") and not path.endswith("_ema.safetensors") and os.path.isfile(ema_path):
+        return ema_path
     return path
 
 
 def load_init(model, ema, path, rank):
-    """--init: weights only, preferring EMA weights (stage 1 -> stage 2 starts from the EMA).
-    mmagic .pth files: load_weights takes generator_ema when the file has it."""
-    path = preferred_weights(path, "--init")
-    print0(f"init: weights from {path}", rank=rank)
-    basicvsr.load_weights(model, path)
+    """--init: weights only, as the official GAN config's load_from: the generator from the
+    generator's weights and the EMA from the EMA's (generator_ema in mmagic files, _ema beside
+    ours), with no EMA-to-generator copy. A file with one set of weights fills both."""
+    g_path, ema_path = weights_file(path, "--init", ema=False), weights_file(path, "--init")
+    try:
+        g_state = basicvsr.read_state_dict(g_path, "generator")
+    except ValueError:  # not an mmagic file with a generator part
+        g_state = basicvsr.read_state_dict(g_path)
+    print0(f"init: generator from {g_path}" + (f", EMA from {ema_path}" if ema is not None else ""), rank=rank)
+    basicvsr.load_state(model, g_state, g_path)
     if ema is not None:
-        ema.load_state_dict(model.state_dict())
+        basicvsr.load_weights(ema, ema_path)  # mmagic files: generator_ema when present
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +567,8 @@ def latest_checkpoint(folder, what="--resume"):
 
 
 def checkpoint_stem(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"train.py: --resume {path}: no such run folder or checkpoint file")
     if os.path.isdir(path):
         return latest_checkpoint(path)
     for suffix in (".state.pt", "_ema.safetensors", ".safetensors"):
@@ -633,15 +626,15 @@ class Trainer:
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def set_phase(self, step):
-        """SPyNet freeze under DDP without find_unused_parameters: DDP registers only parameters
-        that require grad when it is built, so the frozen SPyNet is simply not part of the
-        reduction (and costs no backward). At the switch every rank, at the same iteration,
-        unfreezes it and rebuilds the DDP wrapper, which then reduces SPyNet's gradients too.
-        Toggling requires_grad under a live DDP wrapper is what crashes the reference."""
-        frozen = spynet_frozen_at(step, self.cfg)
+        """SPyNet freeze under DDP without find_unused_parameters: DDP reduces only the parameters
+        that require grad when it is built, so at the switch every rank, at the same iteration,
+        unfreezes SPyNet and rebuilds the wrapper (toggling it under a live one crashes the reference)."""
+        fix = self.cfg["spynet_fix_iters"]
+        frozen = fix < 0 or step < fix  # a function of the iteration: a resumed run lands in its phase
         if frozen == self.spynet_frozen:
             return False
-        set_spynet_frozen(self.g_raw, frozen)
+        for p in spynet_params(self.g_raw):
+            p.requires_grad_(not frozen)
         self.spynet_frozen = frozen
         self.g = None  # drop the old wrapper (and its reducer hooks) before building the new one
         self.g = self.wrap(self.g_raw)
@@ -743,12 +736,6 @@ class Trainer:
 # The training loop.
 
 
-def format_eta(seconds):
-    seconds = int(seconds)
-    d, rest = divmod(seconds, 86400)
-    return (f"{d}d " if d else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
-
-
 def train(args, ddp, rank, world_size, device):
     saved_state, stem = None, None
     if args.resume:
@@ -775,12 +762,12 @@ def train(args, ddp, rank, world_size, device):
     print0("config (total batch = batch_size x world_size):", rank=rank)
     for k in sorted(cfg):
         print0(f"  {k:22s} {cfg[k]}", rank=rank)
+    resume_cmd = (f"torchrun --nproc_per_node={world_size} " if ddp else "python ") + \
+        f"train.py --model {cfg['model']} --resume {out_dir}"
     if not args.resume and glob.glob(os.path.join(out_dir, "iter_*.state.pt")):
         # keep-last pruning would otherwise delete the new run's checkpoints, not the old ones
-        raise ValueError(f"train.py: {out_dir} already holds checkpoints; continue with --resume {out_dir} "
+        raise ValueError(f"train.py: {out_dir} already holds checkpoints; continue it with `{resume_cmd}`, "
                          f"or pick another --out-dir")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training shapes; GPU runs are not bitwise reproducible anyway
 
@@ -839,15 +826,10 @@ def train(args, ddp, rank, world_size, device):
         else:
             val_set = build_eval_set(cfg["val_set"], cfg["val_root"], cfg)
 
-    # --- logs
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
-    tb = None
+    # --- logs: the run folder exists only once the data and the weights have been read
     if rank == 0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(out_dir, "tb"))
-        except ImportError:
-            print0("tensorboard: not installed; metrics go to log.jsonl only", rank=rank)
+        os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
 
     run_start = time.time()
 
@@ -856,10 +838,6 @@ def train(args, ddp, rank, world_size, device):
             record["time"] = round(time.time() - run_start, 1)  # wall seconds since this process started
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-            if tb is not None:
-                for k, v in record.items():
-                    if k not in ("iter", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                        tb.add_scalar(k, v, record["iter"])
 
     def checkpoint(step, nonfinite_total):
         rngs = [None] * world_size
@@ -886,62 +864,79 @@ def train(args, ddp, rank, world_size, device):
     # --- loop
     step, max_iters = start, cfg["max_iters"]
     nonfinite_total = saved_state["nonfinite_total"] if saved_state else 0
-    nonfinite_run, last_ckpt = 0, stem
+    nonfinite_run, last_ckpt, last_saved = 0, stem, start
     sums, count, t0, timed_iters = {}, 0, time.time(), 0
+    # Ctrl-C / SIGTERM only ask to stop: the iteration finishes, every rank agrees on where to stop,
+    # a checkpoint is written there. A second signal during the write changes nothing.
+    stop, handlers = [], {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
     print0(f"train: iterations {start + 1}..{max_iters} on {world_size} x {device.type}", rank=rank)
-    while step < max_iters:
-        if trainer.set_phase(step):
-            fix = cfg["spynet_fix_iters"]
-            print0(f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}"
-                   + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""), rank=rank)
-        lr = trainer.set_lr(step)
-        batch = next(batches)
-        losses, ok = trainer.train_step(batch)
-        step += 1
-        if ok:
-            nonfinite_run = 0
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-        else:
-            nonfinite_run += 1
-            nonfinite_total += 1
-            print0(f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
-                   f"({nonfinite_run} in a row, {nonfinite_total} in all)", rank=rank)
-            log({"iter": step, "nonfinite": nonfinite_total})
-            if nonfinite_run >= cfg["max_nonfinite"]:
-                msg = (f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
-                       f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: "
-                       f"{last_ckpt + '.safetensors' if last_ckpt else 'none'} (untouched)")
-                if ddp:
-                    dist.destroy_process_group()
-                sys.exit(msg if rank == 0 else 1)
-        timed_iters += 1
-        if (step % cfg["log_interval"] == 0 or step == max_iters) and count:
-            names = sorted(sums)
-            means = dict(zip(names, all_reduce_mean([sums[k] / max(count, 1) for k in names], ddp)))
-            elapsed = time.time() - t0
-            it_s = timed_iters / max(elapsed, 1e-9)
-            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-            parts = " ".join(f"{k} {means[k]:.4g}" for k in names if k != "loss")
-            print0(f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
-                   f"lr {lr:.2e} | {it_s:.2f} it/s | eta {format_eta((max_iters - step) / it_s)} | "
-                   f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}", rank=rank)
-            log({"iter": step, **means, "lr": lr, "it_s": it_s, "nonfinite": nonfinite_total,
-                 **({"mem_gb": mem} if mem is not None else {})})
-            sums, count, t0, timed_iters = {}, 0, time.time(), 0
-        if step % cfg["save_interval"] == 0 or step == max_iters:
-            if nonfinite_run:  # keep the last checkpoint a good one
-                print0(f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank)
+    try:
+        while step < max_iters:
+            if trainer.set_phase(step):
+                fix = cfg["spynet_fix_iters"]
+                print0(f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}"
+                       + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""), rank=rank)
+            lr = trainer.set_lr(step)
+            batch = next(batches)
+            losses, ok = trainer.train_step(batch)
+            step += 1
+            if ok:
+                nonfinite_run = 0
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
             else:
-                last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
-        if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
-            validate(step)
-            t0, timed_iters = time.time(), 0
-    if log_file:
-        log_file.close()
-    if tb is not None:
-        tb.close()
+                nonfinite_run += 1
+                nonfinite_total += 1
+                print0(f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
+                       f"({nonfinite_run} in a row, {nonfinite_total} in all)", rank=rank)
+                log({"iter": step, "nonfinite": nonfinite_total})
+                if nonfinite_run >= cfg["max_nonfinite"]:
+                    msg = (f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
+                           f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: "
+                           f"{last_ckpt + '.safetensors' if last_ckpt else 'none'} (untouched)")
+                    if ddp:
+                        dist.destroy_process_group()
+                    sys.exit(msg if rank == 0 else 1)
+            timed_iters += 1
+            if (step % cfg["log_interval"] == 0 or step == max_iters) and count:
+                names = sorted(sums)
+                means = dict(zip(names, all_reduce_mean([sums[k] / max(count, 1) for k in names], ddp)))
+                elapsed = time.time() - t0
+                it_s = timed_iters / max(elapsed, 1e-9)
+                mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+                parts = " ".join(f"{k} {means[k]:.4g}" for k in names if k != "loss")
+                print0(f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
+                       f"lr {lr:.2e} | {it_s:.2f} it/s | eta {tqdm.tqdm.format_interval((max_iters - step) / it_s)} | "
+                       f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}", rank=rank)
+                log({"iter": step, **means, "lr": lr, "it_s": it_s, "nonfinite": nonfinite_total,
+                     **({"mem_gb": mem} if mem is not None else {})})
+                sums, count, t0, timed_iters = {}, 0, time.time(), 0
+            if step % cfg["save_interval"] == 0 or step == max_iters:
+                if nonfinite_run:  # keep the last checkpoint a good one
+                    print0(f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank)
+                else:
+                    last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
+                    last_saved = step
+            if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
+                validate(step)
+                t0, timed_iters = time.time(), 0
+            if all_reduce_max(bool(stop), ddp):  # the same iteration on every rank
+                if last_saved != step and not nonfinite_run:
+                    last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
+                signum = stop[0] if stop else signal.SIGTERM  # another rank was signalled
+                saved = f"checkpoint {last_ckpt}.state.pt" if last_ckpt else "no checkpoint yet"
+                print0(f"{signal.Signals(signum).name}: stopped after iteration {step}; {saved}; "
+                       f"continue with `{resume_cmd}`", rank=rank)
+                sys.exit(128 + signum)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if log_file:
+            log_file.close()
     return cfg
 
 
@@ -966,18 +961,14 @@ def evaluate(args, ddp, rank, world_size, device):
     if name != cfg["val_set"]:  # the recipe's own protocol for its validation set, else §10's
         channel, lq_dir, gt_dir = EVAL_SETS[name]
         cfg.update(metric_channel=channel, lq_dir=lq_dir, gt_dir=gt_dir)
-    for k in ("mid_channels", "num_blocks", "num_cleaning_blocks", "lq_dir", "gt_dir", "degradation",
-              "metric_channel", "crop_border", "amp", "val_clips"):
-        if getattr(args, k, None) is not None:
-            cfg[k] = getattr(args, k)
-    model = build_generator(cfg)
-    weights_file = preferred_weights(args.weights, "--weights")
-    basicvsr.load_weights(model, weights_file)
-    model.to(device).eval()
+    cfg.update({k: getattr(args, k) for k in ("lq_dir", "gt_dir", "degradation", "metric_channel", "crop_border",
+                                              "amp", "val_clips") if getattr(args, k) is not None})
+    path = weights_file(args.weights, "--weights")
+    model = upscale.load_network(path).to(device).eval()  # the network and its size from the file
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
     amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     dataset = build_eval_set(name, args.data_root, cfg)
-    print0(f"eval: {weights_file} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
+    print0(f"eval: {path} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
            f"crop border {cfg['crop_border']}", rank=rank)
     rows, (p, s, b) = evaluate_clips(model, dataset, cfg, device, amp_ctx, rank, world_size, ddp,
                                      max_clips=cfg["val_clips"], verbose=world_size == 1)
@@ -989,12 +980,17 @@ def evaluate(args, ddp, rank, world_size, device):
 
 
 def main(argv=None):
+    """A user's mistake (a missing or unreadable file or folder, a bad value) is one `error:` line
+    and exit 1, raised before the run folder is made; an interrupted run exits 130 or 143."""
     args = build_parser().parse_args(argv)
-    ddp, rank, world_size, device = setup_distributed(args.device)
+    ddp = False
     try:
+        ddp, rank, world_size, device = setup_distributed(args.device)
         if args.eval:
             return evaluate(args, ddp, rank, world_size, device)
         return train(args, ddp, rank, world_size, device)
+    except (ValueError, OSError) as e:
+        sys.exit("error: " + str(e).removeprefix("train.py: ").replace("\n", " "))
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()

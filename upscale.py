@@ -17,13 +17,17 @@ import itertools
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from basicvsr import BasicVSR, BasicVSRPlusPlus, compile_network, load_weights, read_state_dict, save_weights
+from basicvsr import (BasicVSR, BasicVSRPlusPlus, ResidualBlocksWithInputConv, compile_network, load_state, network_of, read_state_dict,
+                      save_weights)
 from data import _list_frames, atomic_path, check_video_codec, read_image, write_image
 from realbasicvsr import RealBasicVSR
 
@@ -31,6 +35,7 @@ from realbasicvsr import RealBasicVSR
 # Video and frame I/O for inference: stream frames in, write H.264 or PNG frames out atomically.
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+WRITTEN_VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".m4v")  # the containers that take H.264
 
 
 class VideoReader:
@@ -45,6 +50,7 @@ class VideoReader:
             first = read_image(self.frame_paths[0])
             self.height, self.width = first.shape[:2]
             self.num_frames, self.fps = len(self.frame_paths), float(fps or 25.0)
+            self.notes = _conversions(cv2.imread(self.frame_paths[0], cv2.IMREAD_UNCHANGED), self.path)
             return
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"video or frame folder not found: {self.path}")
@@ -57,6 +63,7 @@ class VideoReader:
                 stream = container.streams.video[0]
                 rate = stream.average_rate or stream.guessed_rate
                 self.width, self.height = stream.codec_context.width, stream.codec_context.height
+                self.notes = _conversions(stream.codec_context.format.name, self.path)
                 self.num_frames = int(stream.frames) or None
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read video ({e.__class__.__name__}): {self.path}") from None
@@ -89,6 +96,27 @@ class VideoReader:
             raise ValueError(f"cannot decode video ({e.__class__.__name__}): {self.path}") from None
 
 
+def _conversions(first, path):
+    """The notes for frames that are not 8-bit RGB, from the first frame read as it is (a frame
+    folder) or from the pixel format (a video): they are converted to it as they are read."""
+    notes = []
+    if isinstance(first, str):  # FFmpeg's pixel format, e.g. gray, rgba, yuv420p10le
+        if first.startswith(("gray", "ya")):
+            notes.append(f"{path}: grayscale frames ({first}), upscaled as RGB")
+        if first.startswith(("yuva", "gbrap", "ya")) or any(c in first for c in ("rgba", "bgra", "argb", "abgr")):
+            notes.append(f"{path}: the frames' alpha channel ({first}) is dropped")
+        if any(bits in first for bits in ("10", "12", "14", "16")):
+            notes.append(f"{path}: {first} frames have more than 8 bits per channel: reduced to 8")
+    elif first is not None:
+        if first.ndim == 2 or first.shape[2] == 1:
+            notes.append(f"{path}: grayscale frames, upscaled as RGB")
+        elif first.shape[2] == 4:
+            notes.append(f"{path}: the frames' alpha channel (RGBA) is dropped")
+        if first.dtype != np.uint8:
+            notes.append(f"{path}: {first.dtype} frames ({8 * first.itemsize}-bit) reduced to 8 bits per channel")
+    return notes
+
+
 def read_video(path, fps=None):
     """A VideoReader over a video file or a frame folder; see VideoReader."""
     return VideoReader(path, fps)
@@ -119,7 +147,11 @@ class VideoWriter:
             raise FileNotFoundError(f"output folder not found: {parent}")
         if not fps or fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}: {self.path}")
-        self.is_video = self.path.lower().endswith(VIDEO_EXTS)
+        ext = os.path.splitext(self.path)[1].lower()
+        self.is_video = ext in WRITTEN_VIDEO_EXTS
+        if ext and not self.is_video and not os.path.isdir(self.path):
+            raise ValueError(f"OUTPUT {self.path}: {ext} is not a video container this writes "
+                             f"({' '.join(WRITTEN_VIDEO_EXTS)}); for PNG frames name a folder without an extension")
         self._out = atomic_path(self.path, ext=self.is_video)
         self.tmp = self._out.tmp
         self.fps, self.crf, self.compression = fps, crf, compression
@@ -342,15 +374,37 @@ MIN_CHUNK, MAX_CHUNK = 15, 60   # automatic chunk lengths: RealBasicVSR's traini
 CPU_BUDGET = 4 << 30            # bytes the automatic settings aim for on CPU
 
 
+NETWORKS = {"BasicVSRPlusPlus": BasicVSRPlusPlus, "BasicVSR": BasicVSR, "RealBasicVSR": RealBasicVSR}
+
+
+def load_network(path, refine_thres=255):
+    """The network a weights file holds (basicvsr.network_of: our safetensors' metadata, or the
+    key names and shapes of a published .pth), with its weights. RealBasicVSR is built as the
+    official inference runs it: sequential cleaning, `refine_thres` (0-255) for more passes."""
+    state = read_state_dict(path)
+    name, config = network_of(path, state)
+    if name == "RealBasicVSR":
+        config = dict(config, is_sequential_cleaning=True, dynamic_refine_thres=refine_thres)
+    return load_state(NETWORKS[name](**config), state, path)
+
+
+def scale_of(model):
+    """Output size / input size: 4, or 1 for BasicVSR++ restoring at the input size (deblur,
+    denoise, decompression: is_low_res_input=False)."""
+    return 1 if isinstance(model, BasicVSRPlusPlus) and not model.is_low_res_input else 4
+
+
 def min_input_size(model):
-    """Smallest LR height and width `model` accepts: 64 for BasicVSR++ (SPyNet), else 1."""
-    for m in model.modules():
-        if isinstance(m, BasicVSRPlusPlus):
-            if not m.is_low_res_input:
-                raise ValueError("upscale: BasicVSRPlusPlus(is_low_res_input=False) restores at the input size; "
-                                 "upscale needs a x4 network")
-            return 64
-    return 1
+    """Smallest frame the network is run on: 64 LR pixels for SPyNet's coarsest level in BasicVSR++
+    and RealBasicVSR; x1 models pad smaller frames (_forward), so any size."""
+    if scale_of(model) == 1 or isinstance(model, BasicVSR):
+        return 1
+    return 64
+
+
+def min_tile(model):
+    """Smallest tile: MIN_TILE LR pixels; x1 models work at a quarter of the size, so 4 x MIN_TILE."""
+    return MIN_TILE * (4 // scale_of(model))
 
 
 def _precision_dtype(precision, device):
@@ -384,6 +438,8 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     maps = 5 if isinstance(net, BasicVSRPlusPlus) else 1
     k = 8300 if maps == 5 and torch.device(device).type == "cpu" else 3300
     params = sum(p.numel() * p.element_size() for p in model.parameters())
+    if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
+        return t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16 + params
     return t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b + params
 
 
@@ -398,7 +454,7 @@ def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4
     else:
         budget = CPU_BUDGET
     if tile is None:
-        sizes = [None] + [s for s in range(max(h, w) // 32 * 32, MIN_TILE - 1, -32) if s < max(h, w)]
+        sizes = [None] + [s for s in range(max(h, w) // 32 * 32, min_tile(model) - 1, -32) if s < max(h, w)]
     else:
         sizes = [None if tile == 0 or tile >= max(h, w) else tile]
 
@@ -493,42 +549,75 @@ def _ramp(starts, tile, i, scale):
     return weight
 
 
-def _run(model, lqs, dtype, frames_desc):
+def _forward(model, lqs, dtype, frames_desc):
+    """model(lqs) under autocast, checked for inf/NaN. x1 models take frames padded (replicate) to a
+    multiple of 4 and at least 256 (they work at a quarter of the size), cropped back after."""
+    h, w = lqs.shape[-2:]
+    pad_h = pad_w = 0
+    if scale_of(model) == 1:
+        pad_h, pad_w = max(256, -(-h // 4) * 4) - h, max(256, -(-w // 4) * 4) - w
+        if pad_h or pad_w:
+            lqs = F.pad(lqs.flatten(0, 1), (0, pad_w, 0, pad_h), mode="replicate").unflatten(0, lqs.shape[:2])
     with torch.autocast(lqs.device.type, dtype=dtype, enabled=dtype is not None):
         out = model(lqs)
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"upscale: the network produced inf/NaN for {frames_desc}"
                                  + ("; try precision bf16 or fp32" if dtype == torch.float16 else ""))
-    return out.float()
+    return out.float()[..., :out.shape[-2] - pad_h, :out.shape[-1] - pad_w]
+
+
+ENSEMBLES = {None: 1, "spatial": 8, "temporal": 16}
+
+
+def _run(model, lqs, dtype, frames_desc, ensemble=None):
+    """_forward, or the self-ensemble (mmagic's SpatialTemporalEnsemble): the mean over the 8
+    flips and transposes of the frames ("spatial"), and also over the time-reversed clip
+    ("temporal", 16 passes), each output mapped back."""
+    if ensemble is None:
+        return _forward(model, lqs, dtype, frames_desc)
+    out = 0
+    for k in range(8):
+        x = lqs.flip(-1) if k & 1 else lqs
+        x = x.flip(-2) if k & 2 else x
+        x = x.transpose(-1, -2) if k & 4 else x
+        for reverse in ((False, True) if ensemble == "temporal" else (False,)):
+            y = _forward(model, x.flip(1) if reverse else x, dtype, frames_desc)
+            y = y.flip(1) if reverse else y
+            y = y.transpose(-1, -2) if k & 4 else y
+            y = y.flip(-2) if k & 2 else y
+            out = out + (y.flip(-1) if k & 1 else y)
+    return out / ENSEMBLES[ensemble]
 
 
 @torch.inference_mode()
-def upscale_window(model, window, first, last, device, dtype, tile=None, tile_overlap=16):
-    """Run `model` on a list of RGB uint8 (h, w, 3) frames and return the x4 outputs of
-    window[first:last] as uint8 (last - first, 4h, 4w, 3) on the CPU, tiled if tile < h or w."""
+def upscale_window(model, window, first, last, device, dtype, tile=None, tile_overlap=16, ensemble=None):
+    """Run `model` on a list of RGB uint8 (h, w, 3) frames and return the outputs of
+    window[first:last] as uint8 (last - first, s*h, s*w, 3) on the CPU (s = scale_of(model)),
+    tiled if tile < h or w."""
     lqs = torch.from_numpy(np.stack(window)).to(device).permute(0, 3, 1, 2).float().div_(255)[None]
     t, _, h, w = lqs.shape[1:]
+    s = scale_of(model)
     desc = f"frames {first}..{last - 1} of a window of {t}"
     if tile is None or (tile >= h and tile >= w):
-        out = _run(model, lqs, dtype, desc)[0, first:last]
+        out = _run(model, lqs, dtype, desc, ensemble)[0, first:last]
     else:
         ys, xs = tile_starts(h, tile, tile_overlap), tile_starts(w, tile, tile_overlap)
         th, tw = min(tile, h), min(tile, w)
-        out = torch.zeros(last - first, 3, 4 * h, 4 * w)
-        weight_sum = torch.zeros(4 * h, 4 * w)
+        out = torch.zeros(last - first, 3, s * h, s * w)
+        weight_sum = torch.zeros(s * h, s * w)
         for i, y in enumerate(ys):
             for j, x in enumerate(xs):
-                patch = _run(model, lqs[..., y:y + th, x:x + tw], dtype, f"{desc}, tile at x={x}, y={y}")
-                weight = _ramp(ys, th, i, 4)[:, None] * _ramp(xs, tw, j, 4)[None, :]
-                out[..., 4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += patch[0, first:last].cpu() * weight
-                weight_sum[4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += weight
+                patch = _run(model, lqs[..., y:y + th, x:x + tw], dtype, f"{desc}, tile at x={x}, y={y}", ensemble)
+                weight = _ramp(ys, th, i, s)[:, None] * _ramp(xs, tw, j, s)[None, :]
+                out[..., s * y:s * (y + th), s * x:s * (x + tw)] += patch[0, first:last].cpu() * weight
+                weight_sum[s * y:s * (y + th), s * x:s * (x + tw)] += weight
         out /= weight_sum
     return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
 def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=4, tile=None, tile_overlap=16,
-            scene_threshold=20.0, max_frames=None, progress=False):
-    """Upscale a video x4, streaming: yields RGB uint8 (4h, 4w, 3) frames in order.
+            scene_threshold=20.0, max_frames=None, ensemble=None, progress=False):
+    """Upscale a video, streaming: yields RGB uint8 (s*h, s*w, 3) frames in order, s = scale_of(model).
 
     model: BasicVSRPlusPlus, BasicVSR or RealBasicVSR (moved to `device`, set to eval).
     frames: an iterable of RGB uint8 (h, w, 3) frames, or a path (video file or frame folder,
@@ -538,12 +627,13 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     chunk, overlap: frames per run, and context frames on each side whose outputs are dropped.
         Measured on a random BasicVSR with strengthened propagation (chunk 4, 12 frames), the
         output is 42.5, 46.8, 50.7, 56.9 dB from the whole clip's for overlap 0, 1, 2, 4.
-    tile, tile_overlap: LR tile size (>= 64) and overlap in pixels; tiles are blended with ramps.
-        chunk=None / tile=None pick settings from the frame size and the free memory
+    tile, tile_overlap: LR tile size (>= min_tile(model)) and overlap in pixels; tiles are blended
+        with ramps. chunk=None / tile=None pick settings from the frame size and the free memory
         (choose_settings); tile=0 forces whole frames.
     scene_threshold: mean grey-level difference (0-255) of 32x32 thumbnails that starts a new
         scene; no run crosses a cut. None or 0 disables.
-    max_frames: stop after this many input frames. progress: print the settings and show a bar.
+    max_frames: stop after this many input frames. ensemble: None, "spatial" (8 passes) or
+        "temporal" (16), see _run. progress: print the settings and show a bar.
     """
     import tqdm
 
@@ -561,8 +651,11 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
                             ("tile_overlap", tile_overlap, 0), ("max_frames", max_frames, 1)]:
         if value is not None and (not isinstance(value, int) or value < lo):
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    if tile and tile < MIN_TILE:
-        raise ValueError(f"tile must be at least {MIN_TILE} LR pixels, got {tile}")
+    if tile and tile < min_tile(model):
+        raise ValueError(f"tile must be at least {min_tile(model)} input pixels for {type(model).__name__}, "
+                         f"got {tile}")
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be None, 'spatial' or 'temporal', got {ensemble!r}")
 
     total = getattr(frames, "num_frames", None)
     stream = iter(frames) if max_frames is None else itertools.islice(frames, max_frames)
@@ -576,17 +669,22 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
                          f"at least {min_size}x{min_size}")
 
     model = model.to(device).eval()
+    s = scale_of(model)
     chunk, tile, estimate, budget = choose_settings(model, h, w, device, precision, chunk, overlap, tile)
     if tile and 2 * tile_overlap > tile:
         raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
+    passes = ENSEMBLES[ensemble] * (len(tile_starts(h, tile, tile_overlap)) * len(tile_starts(w, tile, tile_overlap))
+                                    if tile else 1)
     if progress:
         where = "free on " + str(device) if device.type == "cuda" else "CPU budget"
-        print(f"upscale: {w}x{h} -> {4 * w}x{4 * h}, {type(model).__name__} on {device} ({precision}); "
+        print(f"upscale: {w}x{h} -> {s * w}x{s * h}, {type(model).__name__} on {device} ({precision}); "
               f"chunk {chunk} + {overlap} context frames each side; "
               f"{f'tiles of {tile} px, {tile_overlap} px overlap' if tile else 'whole frames'}; "
               f"scene cuts {f'at a grey-level change > {scene_threshold:g}' if scene_threshold else 'off'}; "
-              f"estimated peak {estimate / 2**30:.2f} GiB "
-              f"(budget {budget / 2**30:.1f} GiB {where})", file=sys.stderr)
+              + (f"{ensemble} self-ensemble: {ENSEMBLES[ensemble]} passes, {ENSEMBLES[ensemble]}x the time; "
+                 if ensemble else "")
+              + f"estimated peak {estimate / 2**30:.2f} GiB (budget {budget / 2**30:.1f} GiB {where})",
+              file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -599,17 +697,40 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     if total is not None and max_frames is not None:
         total = min(total, max_frames)
     bar = tqdm.tqdm(total=total, unit="frame", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    # The bar moves while a window runs: each per-frame step of the network (a forward call of
+    # a ResidualBlocksWithInputConv) is worth a share of the window's kept frames.
+    window_progress = {"share": 0.0, "done": 0.0, "shown": 0}
+
+    def step(*_):
+        window_progress["done"] += window_progress["share"]
+        shown = int(window_progress["done"])
+        if shown > window_progress["shown"]:
+            bar.update(shown - window_progress["shown"])
+            window_progress["shown"] = shown
+
+    hooks = [m.register_forward_hook(step) for m in model.modules()
+             if progress and isinstance(m, ResidualBlocksWithInputConv)]
     try:
         for window, a, b in plan_windows(checked(stream), chunk, overlap, SceneCuts(scene_threshold)):
-            out = upscale_window(model, window, a, b, device, dtype, tile, tile_overlap)
+            steps = STEPS_PER_FRAME.get(type(model), 1) * len(window) * passes
+            window_progress.update(share=(b - a) / steps, done=0.0, shown=0)
+            out = upscale_window(model, window, a, b, device, dtype, tile, tile_overlap, ensemble)
+            window_progress["share"] = 0.0
+            bar.update(b - a - window_progress["shown"])
             for frame in out.numpy():
                 yield frame
-            bar.update(b - a)
     finally:
+        for hook in hooks:
+            hook.remove()
         bar.close()
     if progress and device.type == "cuda":
         print(f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
               f"(estimated {estimate / 2**30:.2f} GiB)", file=sys.stderr)
+
+
+# forward calls of ResidualBlocksWithInputConv per frame: four propagation branches and the
+# reconstruction; two directions; the same and the sequential cleaning
+STEPS_PER_FRAME = {BasicVSRPlusPlus: 5, BasicVSR: 2, RealBasicVSR: 3}
 
 
 def _check_frame(frame, size, index, source):
@@ -623,24 +744,42 @@ def _check_frame(frame, size, index, source):
 
 
 # ----------------------------------------------------------------------------------------
-# Command line. `python basicvsr.py INPUT OUTPUT --weights FILE` upscales with BasicVSR++
-# (--arch basicvsr: BasicVSR); `python basicvsr.py --convert SRC DST` converts a checkpoint.
-# realbasicvsr.py's command line reuses add_upscale_args and run_upscale with its own network.
+# Command line. `python upscale.py INPUT OUTPUT --weights FILE` upscales with whatever network the
+# file holds; `python upscale.py --convert SRC DST` converts a checkpoint to our safetensors.
 
 UPSCALE_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def add_upscale_args(parser):
-    """INPUT, OUTPUT, --weights and the upscaling options; returns the "network" group, where a
-    script adds its own architecture flags."""
+class Interrupted(Exception):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the output's
+    temporary is removed on the way out."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Upscale a video with BasicVSR++, BasicVSR or RealBasicVSR (the network and its size are "
+                    "read from the weights file), or convert a checkpoint.",
+        epilog="examples:\n"
+               "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_c64n7_8x1_600k_reds4_20210217-db622b2f.pth\n"
+               "  python upscale.py frames/ out_frames/ --weights runs/basicvsrpp/iter_0000200_ema.safetensors --tile 256\n"
+               "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_deblur_dvd-ecd08b7f.pth --ensemble\n"
+               "  python upscale.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", metavar="INPUT",
                         help="video file (.mp4 .mov .mkv .avi ...) or a folder of frames")
     parser.add_argument("output", nargs="?", metavar="OUTPUT",
-                        help="video file (.mp4 .mkv .mov: H.264 crf 18, the input's fps) or a folder for PNG frames")
-    parser.add_argument("--weights", metavar="FILE", help="checkpoint: mmagic/mmediting or BasicSR .pth, safetensors")
-    net = parser.add_argument_group("network (default: the published architecture)")
-    net.add_argument("--mid-channels", type=int, metavar="C", help="feature channels (published: 64)")
-    net.add_argument("--num-blocks", type=int, metavar="B", help="residual blocks per propagation branch")
+                        help=f"video file ({' '.join(WRITTEN_VIDEO_EXTS)}: H.264 crf 18, the input's fps) or a folder "
+                             f"(no extension) for PNG frames")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="mmagic/mmediting or BasicSR .pth, or safetensors from train.py / --convert")
+    net = parser.add_argument_group("network")
+    net.add_argument("--refine-thres", type=float, default=255, metavar="D",
+                     help="RealBasicVSR: clean again while the mean |residue| of a chunk is >= D/255, at most "
+                          "3 passes (default: 255, one pass)")
+    net.add_argument("--ensemble", action="store_true",
+                     help="self-ensemble: the mean of the 8 flips/transposes of the frames (8x the time)")
+    net.add_argument("--temporal-ensemble", action="store_true",
+                     help="with --ensemble: also the time-reversed clip (16x the time)")
     run = parser.add_argument_group("memory and speed (by default chunk and tile fit the free memory)")
     run.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     run.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
@@ -648,9 +787,10 @@ def add_upscale_args(parser):
     run.add_argument("--chunk", type=int, metavar="N", help="frames per run of the network")
     run.add_argument("--overlap", type=int, default=4, metavar="K",
                      help="context frames on each side of a chunk, run and then dropped (default: 4)")
-    run.add_argument("--tile", type=int, metavar="T", help=f"LR tile size in pixels, >= {MIN_TILE}; 0: whole frames")
+    run.add_argument("--tile", type=int, metavar="T",
+                     help=f"tile size in input pixels, >= {MIN_TILE} (x1 models: >= {4 * MIN_TILE}); 0: whole frames")
     run.add_argument("--tile-overlap", type=int, default=16, metavar="P",
-                     help="LR pixels shared by neighbouring tiles, blended linearly (default: 16)")
+                     help="input pixels shared by neighbouring tiles, blended linearly (default: 16)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the per-frame modules (compile_network); the first window is slower")
     run.add_argument("--channels-last", action="store_true",
@@ -668,100 +808,92 @@ def add_upscale_args(parser):
     video.add_argument("--no-audio", action="store_true",
                        help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
                             "hold the codec; cut to the written video)")
-    return net
-
-
-def run_upscale(args, build_network):
-    """The upscaling command: read args.input, build_network(args), load args.weights, write
-    args.output. Returns the exit status; an expected failure prints one line `error: ...` and
-    leaves nothing behind (the output is written under a temporary name, renamed at the end)."""
-    try:
-        if not args.weights:
-            raise ValueError("--weights FILE is required")
-        reader = read_video(args.input, fps=args.fps)
-        if os.path.abspath(args.input) == os.path.abspath(args.output):
-            raise ValueError(f"OUTPUT is the INPUT: {args.output}")
-        audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
-        with VideoWriter(args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from) as writer:
-            reencoded = [codec for codec, mode in writer.audio if mode == "aac"]
-            if reencoded:
-                print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
-                      f"input as it is: re-encoding it to AAC", file=sys.stderr)
-            model = load_weights(build_network(args), args.weights)
-            if args.host_cache:
-                for m in model.modules():
-                    if isinstance(m, BasicVSRPlusPlus):
-                        m.cpu_cache_length = 0
-            if args.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            if args.compile:
-                compile_network(model)
-            for frame in upscale(model, reader, device=args.device, precision=args.precision, chunk=args.chunk,
-                                 overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
-                                 scene_threshold=args.scene_threshold, max_frames=args.max_frames, progress=True):
-                writer.write(frame)
-        audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
-        print(f"{args.output}: {writer.count} frames of {writer.size[1]}x{writer.size[0]} at {reader.fps:g} fps{audio}",
-              file=sys.stderr)
-        return 0
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; pass a smaller --chunk or --tile, or --precision bf16/fp16", file=sys.stderr)
-        return 1
-    except UPSCALE_ERRORS as e:
-        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
-        return 1
-
-
-ARCHS = ("basicvsrpp", "basicvsr", "realbasicvsr")
-
-
-def build_network(args):
-    """The network named by --arch, at the published size unless --mid-channels / --num-blocks say
-    otherwise. RealBasicVSR is the official inference network (sequential cleaning)."""
-    if args.arch == "basicvsr":
-        return BasicVSR(args.mid_channels or 64, args.num_blocks or 30)
-    if args.arch == "realbasicvsr":
-        blocks = args.num_blocks or 20
-        return RealBasicVSR(args.mid_channels or 64, blocks, blocks, dynamic_refine_thres=args.refine_thres,
-                            is_sequential_cleaning=True)
-    return BasicVSRPlusPlus(args.mid_channels or 64, args.num_blocks or 7)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Upscale a video x4 with BasicVSR++, BasicVSR or RealBasicVSR, or convert a checkpoint.",
-        epilog="examples:\n"
-               "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_reds4.pth\n"
-               "  python upscale.py frames/ out_frames/ --weights w.safetensors --arch basicvsr --tile 256\n"
-               "  python upscale.py input.mp4 output.mp4 --weights realbasicvsr_x4.pth --arch realbasicvsr\n"
-               "  python upscale.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    net = add_upscale_args(parser)
-    net.add_argument("--arch", choices=ARCHS, default="basicvsrpp", help="the network (default: basicvsrpp)")
-    net.add_argument("--refine-thres", type=float, default=255, metavar="D",
-                     help="RealBasicVSR: clean again while the mean |residue| of a chunk is >= D/255, at most "
-                          "3 passes (default: 255, one pass)")
     convert = parser.add_argument_group("convert a checkpoint (mmagic/mmediting, BasicSR, plain .pth, safetensors) "
                                         "to our safetensors")
     convert.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help="checkpoint to read, safetensors to write")
     convert.add_argument("--prefix", default=None,
                          help="part of the file to take, e.g. generator, generator_ema, discriminator, params "
                               "(default: generator_ema, else generator; BasicSR: params_ema, else params)")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.convert:
-        src, dst = args.convert
-        try:
-            state = read_state_dict(src, args.prefix)
-            save_weights(state, dst)
-        except UPSCALE_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
-        return 0
-    if not (args.input and args.output):
+
+def run_upscale(args):
+    """The upscaling command: read args.input, load the network of args.weights, write args.output.
+    A failure raises (the output is written under a temporary name, renamed at the end, and
+    removed on the way out)."""
+    if not args.weights:
+        raise ValueError("--weights FILE is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
+                         "RealBasicVSR)")
+    if args.temporal_ensemble and not args.ensemble:
+        raise ValueError("--temporal-ensemble adds to --ensemble: pass both")
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise ValueError(f"OUTPUT is the INPUT: {args.output}")
+    model = load_network(args.weights, args.refine_thres)  # before OUTPUT exists: a bad file leaves nothing
+    reader = read_video(args.input, fps=args.fps)
+    for note in reader.notes:
+        print(f"note: {note}", file=sys.stderr)
+    audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
+    with VideoWriter(args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from) as writer:
+        reencoded = [codec for codec, mode in writer.audio if mode == "aac"]
+        if reencoded:
+            print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
+                  f"input as it is: re-encoding it to AAC", file=sys.stderr)
+        if args.host_cache and isinstance(model, BasicVSRPlusPlus):
+            model.cpu_cache_length = 0
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            compile_network(model)
+        ensemble = ("temporal" if args.temporal_ensemble else "spatial") if args.ensemble else None
+        for frame in upscale(model, reader, device=args.device, precision=args.precision, chunk=args.chunk,
+                             overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
+                             scene_threshold=args.scene_threshold, max_frames=args.max_frames, ensemble=ensemble,
+                             progress=True):
+            writer.write(frame)
+    audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
+    print(f"{args.output}: {writer.count} frames of {writer.size[1]}x{writer.size[0]} at {reader.fps:g} fps{audio}",
+          file=sys.stderr)
+
+
+def convert(src, dst, prefix):
+    state = read_state_dict(src, prefix)
+    save_weights(state, dst)
+    print(f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
+
+
+def main(argv=None):
+    """The command line; returns the exit status. A user's mistake is one `error:` line and 1;
+    Ctrl-C is 130, SIGTERM 143, each one line, with nothing left behind."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.convert and not (args.input and args.output):
         parser.error("pass INPUT OUTPUT --weights FILE to upscale, or --convert SRC DST")
-    return run_upscale(args, build_network)
+
+    def terminate(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        if args.convert:
+            convert(*args.convert, args.prefix)
+        else:
+            run_upscale(args)
+        return 0
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; pass a smaller --chunk or --tile, or --precision bf16/fp16", file=sys.stderr)
+    except UPSCALE_ERRORS as e:
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the unfinished output was removed", file=sys.stderr)
+        return 130
+    except Interrupted:
+        print("terminated (SIGTERM): the unfinished output was removed", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 keys, the reference's own unit-test expectations (spec §11, with ValueError for AssertionError),
 every checkpoint layout load_weights reads, and the convert CLI."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -516,6 +517,106 @@ def test_convert_cli(tmp_path, pp_lr, tiny_out, tiny_lqs):
     assert "out.safetensors" in res.stdout
     assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs, pp_lr)
     upscale.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
-    assert (tmp_path / "again.safetensors").read_bytes() == dst.read_bytes()
+    import safetensors
+    with safetensors.safe_open(dst, "pt") as a, safetensors.safe_open(tmp_path / "again.safetensors", "pt") as b:
+        assert a.metadata() == b.metadata() and a.metadata()["network"] == "BasicVSRPlusPlus"
+        assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     with pytest.raises(SystemExit):
         upscale.main([])
+
+
+# ----------------------------------------------------------------------------------------
+# Self-describing weights: every published architecture is recognised from its file alone
+
+
+def published_file(path, model, layout):
+    """model's state dict saved as a published file would hold it. The values are zeros expanded from
+    one element, so even the 128-channel files take a few kilobytes (detection reads shapes)."""
+    state = {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
+    if layout == "mmagic":  # mmagic/mmediting: generator (+ EMA, discriminator) under state_dict
+        torch.save({"meta": {"mmedit_version": "0.x"}, "state_dict": {f"generator.{k}": v for k, v in state.items()}},
+                   path)
+    elif layout == "mmagic_gan":
+        disc = {"conv_0.weight": torch.zeros(1).expand(64, 3, 3, 3), "conv_9.weight": torch.zeros(1).expand(1, 64, 3, 3)}
+        torch.save({"state_dict": {**{f"generator.{k}": v for k, v in state.items()},
+                                   **{f"generator_ema.{k}": v for k, v in state.items()},
+                                   **{f"discriminator.{k}": v for k, v in disc.items()}}}, path)
+    else:  # BasicSR
+        torch.save({"params": to_basicsr(state)}, path)
+    return str(path)
+
+
+def meta_model(cls, **kwargs):
+    with torch.device("meta"):  # shapes only: no memory for the 128-channel networks
+        return cls(**kwargs)
+
+
+# (what the issue's table names, the network as mmagic builds it, the file's layout)
+PUBLISHED = [
+    ("basicvsr_plusplus_c64n7 (REDS4, Vimeo-90K BI/BD)", BasicVSRPlusPlus, dict(mid_channels=64, num_blocks=7), "mmagic"),
+    ("basicvsr_plusplus_c128n25_ntire_vsr", BasicVSRPlusPlus, dict(mid_channels=128, num_blocks=25), "mmagic"),
+    ("basicvsr_plusplus_c128n25_ntire_decompress_track1-3", BasicVSRPlusPlus,
+     dict(mid_channels=128, num_blocks=25, is_low_res_input=False), "mmagic"),
+    ("basicvsr_plusplus_deblur_dvd/gopro, denoise", BasicVSRPlusPlus,
+     dict(mid_channels=64, num_blocks=15, is_low_res_input=False), "mmagic"),
+    ("basicvsr_reds4 / vimeo90k_bi / bd", BasicVSR, dict(mid_channels=64, num_blocks=30), "mmagic"),
+    ("BasicSR BasicVSR++", BasicVSRPlusPlus, dict(mid_channels=64, num_blocks=7), "basicsr"),
+]
+
+
+@pytest.mark.parametrize("name,cls,kwargs,layout", PUBLISHED, ids=[p[0].split(" ")[0] for p in PUBLISHED])
+def test_published_architectures_are_detected(tmp_path, name, cls, kwargs, layout):
+    path = published_file(tmp_path / "published.pth", meta_model(cls, **kwargs), layout)
+    network, config = basicvsr.network_of(path, read_state_dict(path))
+    expected = {"max_residue_magnitude": 10, "is_low_res_input": True, **kwargs} if cls is BasicVSRPlusPlus else kwargs
+    assert (network, config) == (cls.__name__, expected)
+    model = upscale.load_network(path)  # built at that size, and the file loads strictly into it
+    assert type(model) is cls and model.config == expected
+    assert upscale.scale_of(model) == (1 if kwargs.get("is_low_res_input") is False else 4)
+
+
+def test_realbasicvsr_gan_file_is_detected_and_prefers_ema(tmp_path):
+    import realbasicvsr
+    net = realbasicvsr.RealBasicVSR(8, 2, 3)
+    state = {k: torch.rand(v.shape) for k, v in net.state_dict().items()}
+    ema = {k: v + 1 for k, v in state.items()}
+    torch.save({"state_dict": {**{f"generator.{k}": v for k, v in state.items()},
+                               **{f"generator_ema.{k}": v for k, v in ema.items()},
+                               "discriminator.conv_0.weight": torch.zeros(8, 3, 3, 3)}}, tmp_path / "rbv.pth")
+    model = upscale.load_network(tmp_path / "rbv.pth", refine_thres=20)
+    assert type(model) is realbasicvsr.RealBasicVSR and model.is_sequential_cleaning
+    assert model.config == dict(mid_channels=8, num_propagation_blocks=2, num_cleaning_blocks=3)
+    assert model.dynamic_refine_thres == pytest.approx(20 / 255)
+    assert torch.equal(model.state_dict()["image_cleaning.1.weight"], ema["image_cleaning.1.weight"])
+
+
+def test_our_safetensors_name_their_network(tmp_path):
+    """train.py's and --convert's files carry the network and its arguments in their metadata;
+    a safetensors without them (another tool's) is recognised by its keys."""
+    import safetensors.torch
+    net = BasicVSRPlusPlus(16, 2)
+    save_weights(net, tmp_path / "ours.safetensors")
+    with safetensors.safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["network"] == "BasicVSRPlusPlus"
+    assert json.loads(meta["config"]) == dict(mid_channels=16, num_blocks=2, max_residue_magnitude=10,
+                                              is_low_res_input=True)
+    safetensors.torch.save_file(net.state_dict(), tmp_path / "bare.safetensors")
+    for name in ("ours", "bare"):
+        model = upscale.load_network(tmp_path / f"{name}.safetensors")
+        assert model.config == net.config
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+
+
+def test_files_that_are_no_upscaling_network(tmp_path):
+    spynet = {k: v for k, v in SPyNet().state_dict().items() if k not in ("mean", "std")}
+    torch.save({"state_dict": spynet}, tmp_path / "spynet_20210409-c6c1bd09.pth")
+    with pytest.raises(ValueError, match="SPyNet, the optical-flow network"):
+        upscale.load_network(tmp_path / "spynet_20210409-c6c1bd09.pth")
+    torch.save({"state_dict": {"discriminator.conv_0.weight": torch.zeros(1), "discriminator.conv_9.weight":
+                               torch.zeros(1)}}, tmp_path / "d.pth")
+    with pytest.raises(ValueError, match="UNet discriminator"):
+        basicvsr.network_of(tmp_path / "d.pth", read_state_dict(tmp_path / "d.pth", "discriminator"))
+    torch.save({"encoder.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"fits no network here .*\['encoder'\]"):
+        upscale.load_network(tmp_path / "other.pth")

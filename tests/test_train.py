@@ -4,9 +4,11 @@ freeze, and evaluation mode."""
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -182,16 +184,40 @@ def test_loss_decreases_checkpoints_and_validation(one_thread, tmp_path, capsys)
     assert img.shape == (256, 3 * 256, 3)
 
 
-def test_resume_is_exact(one_thread, tmp_path):
+def test_resume_is_exact(one_thread, tmp_path, monkeypatch, capsys):
     """6 iterations in one go == 3 iterations + resume for 3 (losses and final weights, EMA included),
-    with a different number of DataLoader workers after the resume."""
-    a, b = tmp_path / "a", tmp_path / "b"
+    with a different number of DataLoader workers after the resume; and == a run stopped by SIGINT
+    after iteration 2 (no checkpoint due there), then resumed."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     train.main(TINY_RBV + ["--max-iters", "6", "--save-interval", "3", "--keep-last", "2", "--out-dir", str(a)])
     train.main(TINY_RBV + ["--max-iters", "6", "--resume", str(a / "iter_0000003.state.pt"), "--out-dir", str(b),
                            "--num-workers", "1"])
     la, lb = losses(read_log(a)), losses(read_log(b))
     assert sorted(lb) == [4, 5, 6]
     assert [la[i] for i in (4, 5, 6)] == [lb[i] for i in (4, 5, 6)]
+
+    train_step, steps = train.Trainer.train_step, []
+
+    def train_step_then_ctrl_c(self, batch):  # Ctrl-C arrives during iteration 2, and again at once
+        steps.append(None)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(self, batch)
+
+    monkeypatch.setattr(train.Trainer, "train_step", train_step_then_ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        train.main(TINY_RBV + ["--max-iters", "6", "--save-interval", "3", "--out-dir", str(c)])
+    assert stop.value.code == 130 and len(steps) == 2
+    out = capsys.readouterr().out
+    assert f"continue with `python train.py --model realbasicvsr_wogan --resume {c}`" in out
+    assert sorted(os.listdir(c)) == ["iter_0000002.safetensors", "iter_0000002.state.pt",
+                                     "iter_0000002_ema.safetensors", "log.jsonl"]
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    train.main(["--model", "realbasicvsr_wogan", "--resume", str(c)])
+    lc = losses(read_log(c))
+    assert [la[i] for i in range(1, 7)] == [lc[i] for i in range(1, 7)]
+    assert_same_weights(weights(a / "iter_0000006_ema.safetensors"), weights(c / "iter_0000006_ema.safetensors"))
     assert len(set(la.values())) == 6  # the batches really differ from step to step
     assert_same_weights(weights(a / "iter_0000006.safetensors"), weights(b / "iter_0000006.safetensors"))
     assert_same_weights(weights(a / "iter_0000006_ema.safetensors"), weights(b / "iter_0000006_ema.safetensors"))
@@ -213,19 +239,25 @@ def test_gan_stage_all_losses_and_init_prefers_ema(one_thread, tmp_path, capsys)
     torch.save({"step": 10}, stage1 / "iter_0000010.state.pt")
     args = [a if a != "realbasicvsr_wogan" else "realbasicvsr" for a in TINY_RBV]
     args += ["--d-mid-channels", "8", "--max-iters", "2", "--batch-size", "1", "--out-dir", str(tmp_path / "gan")]
-    with pytest.raises(ValueError, match="--vgg-weights"):  # the GAN stage refuses to run without VGG19
+    with pytest.raises(SystemExit, match="error: .*--vgg-weights"):  # the GAN stage needs VGG19
         train.main(args)
     # G at lr 0: the weights stay those it was initialised with, so they show which file --init took
     train.main(args + ["--vgg-weights", "random", "--init", str(stage1), "--lr", "0"])
-    assert "iter_0000010_ema.safetensors" in capsys.readouterr().out
+    assert "EMA from " + str(stage1 / "iter_0000010_ema.safetensors") in capsys.readouterr().out
     log = [r for r in read_log(tmp_path / "gan") if "loss" in r]
     assert len(log) == 2
     for r in log:
         for k in ("pix", "clean", "perceptual", "gan", "d_real", "d_fake"):
             assert math.isfinite(r[k]) and r[k] > 0, k
         assert r["loss"] == pytest.approx(r["pix"] + r["clean"] + r["perceptual"] + r["gan"], rel=1e-6)
-    final = weights(tmp_path / "gan" / "iter_0000002.safetensors")
-    assert_same_weights(final, weights(stage1 / "iter_0000010_ema.safetensors"))
+    # as the official config's load_from: G from the generator, the EMA from the EMA; with G fixed,
+    # two EMA steps give ema = g + 0.999^2 (ema0 - g) (SPyNet, frozen, is copied from G)
+    g0, ema0 = weights(stage1 / "iter_0000010.safetensors"), weights(stage1 / "iter_0000010_ema.safetensors")
+    assert_same_weights(weights(tmp_path / "gan" / "iter_0000002.safetensors"), g0)
+    ema2 = weights(tmp_path / "gan" / "iter_0000002_ema.safetensors")
+    for k in g0:
+        want = g0[k] if "spynet" in k else g0[k] + 0.999 ** 2 * (ema0[k] - g0[k])
+        assert torch.allclose(ema2[k], want, rtol=0, atol=1e-6), k  # fp32 lerp rounding
     state = torch.load(tmp_path / "gan" / "iter_0000002.state.pt", weights_only=True)
     # both networks stepped twice (Adam's per-parameter step counter)
     assert all(float(s["step"]) == 2 for s in state["trainer"]["opt_d"]["state"].values())
@@ -367,3 +399,72 @@ def test_compile_flag_trains_like_eager(one_thread, tmp_path, monkeypatch):
     wa, wb = weights(a / "iter_0000002.safetensors"), weights(b / "iter_0000002.safetensors")
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's mistakes: one `error:` line, and no run folder left behind
+#
+#   mistake                                      the line names
+#   --data-root that does not exist              the folder
+#   --resume of a folder with no checkpoint      the folder, iter_*.state.pt
+#   --resume of a missing path                   the path
+#   the same command again (run folder exists)   the exact --resume command
+#   --init with another network's weights        the file, "does not fit"
+#   a truncated .pth (--spynet-weights)          the file, "is the file complete"
+#   a truncated .safetensors (--init)            the file, "is the file complete"
+
+
+def test_mistakes_are_one_line_and_leave_nothing(one_thread, tmp_path):
+    torch.manual_seed(0)
+    basicvsr.save_weights(basicvsr.BasicVSR(8, 1), tmp_path / "basicvsr.safetensors")
+    torch.save(basicvsr.SPyNet().state_dict(), tmp_path / "spynet.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "spynet.pth").read_bytes()[:5000])
+    (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "basicvsr.safetensors").read_bytes()[:5000])
+    (tmp_path / "empty_run").mkdir()
+    run = tmp_path / "run"
+    cases = [
+        (["--data-root", str(tmp_path / "nonexistent")], [str(tmp_path / "nonexistent")]),
+        (["--resume", str(tmp_path / "empty_run")], ["empty_run", "iter_*.state.pt"]),
+        (["--resume", str(tmp_path / "missing")], ["missing", "no such run folder"]),
+        (["--init", str(tmp_path / "basicvsr.safetensors")], ["basicvsr.safetensors", "does not fit BasicVSRPlusPlus"]),
+        (["--spynet-weights", str(tmp_path / "truncated.pth")], ["truncated.pth", "is the file complete"]),
+        (["--init", str(tmp_path / "truncated.safetensors")], ["truncated.safetensors", "is the file complete"]),
+    ]
+    before = sorted(os.listdir(tmp_path))
+    for extra, words in cases:
+        with pytest.raises(SystemExit) as stop:
+            train.main(TINY_PP + ["--max-iters", "1", "--out-dir", str(run)] + extra)
+        line = str(stop.value.code)
+        assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), (extra, line)
+        assert sorted(os.listdir(tmp_path)) == before, extra  # no run folder, nothing else
+    train.main(TINY_PP + ["--max-iters", "1", "--out-dir", str(run)])
+    kept = sorted(os.listdir(run))
+    with pytest.raises(SystemExit) as stop:  # the same command again
+        train.main(TINY_PP + ["--max-iters", "1", "--out-dir", str(run)])
+    assert f"continue it with `python train.py --model basicvsrpp --resume {run}`" in str(stop.value.code)
+    assert sorted(os.listdir(run)) == kept
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+    """A real process: SIGTERM during training writes a checkpoint at the current iteration, prints
+    the resume command and exits 143, with no traceback; the checkpoint resumes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + TINY_PP + [
+        "--max-iters", "1000", "--save-interval", "1000", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the first iteration is logged (at most a minute)
+            if (out / "log.jsonl").exists() and (out / "log.jsonl").read_text():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    step = max(losses(read_log(out)))
+    assert f"SIGTERM: stopped after iteration {step}" in stdout
+    assert f"continue with `python train.py --model basicvsrpp --resume {out}`" in stdout
+    state = torch.load(out / f"iter_{step:07d}.state.pt", weights_only=True)
+    assert state["step"] == step and not any(".tmp-" in n for n in os.listdir(out))

@@ -207,8 +207,7 @@ def test_automatic_settings_fit_the_budget(monkeypatch):
 def test_cli_video_in_video_out(tmp_path, weights, bvsr, capsys):
     src = write_video(tmp_path / "in.mp4", clip(7, 6, 32), fps=24)
     out = tmp_path / "out.mp4"
-    rc = ups.main([src, str(out), "--weights", weights["basicvsr"], "--arch", "basicvsr",
-                        "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu", "--chunk", "3"])
+    rc = ups.main([src, str(out), "--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "3"])
     assert rc == 0 and "estimated peak" in capsys.readouterr().err
     reader = ups.read_video(out)
     frames = list(reader)
@@ -219,18 +218,17 @@ def test_cli_video_in_video_out(tmp_path, weights, bvsr, capsys):
 
 
 def test_cli_folder_in_folder_out_realbasicvsr(tmp_path, weights):
-    frames = clip(8, 4, 32, 48)
+    frames = clip(8, 3, 64, 80)
     src = write_frames(tmp_path / "in", frames)
-    rc = ups.main([src, str(tmp_path / "out"), "--weights", weights["realbasicvsr"], "--arch", "realbasicvsr",
-                   "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu"])
+    rc = ups.main([src, str(tmp_path / "out"), "--weights", weights["realbasicvsr"], "--device", "cpu"])
     assert rc == 0
     names = sorted(os.listdir(tmp_path / "out"))
-    assert len(names) == 4
+    assert len(names) == 3
     model = realbasicvsr.RealBasicVSR(8, 1, 1, is_sequential_cleaning=True)
     basicvsr.load_weights(model, weights["realbasicvsr"])
     expected = list(upscale(model, frames, device="cpu"))
     got = [data.read_image(str(tmp_path / "out" / n)) for n in names]
-    assert got[0].shape == (128, 192, 3)
+    assert got[0].shape == (256, 320, 3)
     assert all(np.array_equal(g, e) for g, e in zip(got, expected))  # PNG is lossless
 
 
@@ -238,7 +236,7 @@ def test_cli_basicvsrpp_is_the_default(tmp_path, weights):
     frames = clip(9, 2, 64)
     src = write_frames(tmp_path / "in", frames)
     rc = ups.main([src, str(tmp_path / "out"), "--weights", weights["basicvsrpp"],
-                        "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu", "--scene-threshold", "0"])
+                        "--device", "cpu", "--scene-threshold", "0"])
     assert rc == 0
     model = basicvsr.load_weights(BasicVSRPlusPlus(8, 1), weights["basicvsrpp"]).eval()
     with torch.no_grad():
@@ -257,7 +255,7 @@ def test_cli_channels_last_and_compile_give_the_same_frames(tmp_path, weights, m
     compiled: test_basicvsr covers the compiled values); the frames equal the plain run's (to 1 level)."""
     frames = clip(9, 2, 64)
     src = write_frames(tmp_path / "in", frames)
-    args = [src, "--weights", weights["basicvsrpp"], "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu",
+    args = [src, "--weights", weights["basicvsrpp"], "--device", "cpu",
             "--scene-threshold", "0"]
     compiled = []
     monkeypatch.setattr(ups, "compile_network", lambda model: compiled.append(
@@ -280,26 +278,31 @@ def bad_inputs(tmp_path_factory):
     frames = clip(10, 2, 40)
     write_frames(root / "mixed", [frames[0], frames[1][:32, :32]])
     write_frames(root / "small", [f[:32, :32] for f in frames])
-    bvsr_args = ["--arch", "basicvsr", "--mid-channels", "8", "--num-blocks", "1"]
-    return {
-        "missing": (root / "nope.mp4", bvsr_args, ["not found", "nope.mp4"]),
-        "not_a_video": (root / "text.mp4", bvsr_args, ["cannot read video", "text.mp4"]),
-        "empty_folder": (root / "empty", bvsr_args, ["no image frames", "empty"]),
-        "mixed_sizes": (root / "mixed", bvsr_args + ["--chunk", "8"], ["32x32", "40x40", "0001.png"]),
-        "too_small": (root / "small", ["--mid-channels", "8", "--num-blocks", "1"],
-                      ["32x32", "too small for BasicVSRPlusPlus", "64x64"]),
-        "wrong_weights": (root / "small", ["--arch", "basicvsr", "--mid-channels", "16", "--num-blocks", "1"],
-                          ["does not fit BasicVSR", "mis-shaped", "backward_resblocks"]),
+    torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, root / "other.pth")
+    basicvsr.save_weights(basicvsr.SPyNet(), root / "spynet.safetensors")
+    (root / "truncated.pth").write_bytes(b"PK\x03\x04" + bytes(100))
+    return {  # weights "basicvsr" / "basicvsrpp" are the fixture's, others files made here
+        "missing": (root / "nope.mp4", "basicvsr", [], ["not found", "nope.mp4"]),
+        "not_a_video": (root / "text.mp4", "basicvsr", [], ["cannot read video", "text.mp4"]),
+        "empty_folder": (root / "empty", "basicvsr", [], ["no image frames", "empty"]),
+        "mixed_sizes": (root / "mixed", "basicvsr", ["--chunk", "8"], ["32x32", "40x40", "0001.png"]),
+        "too_small": (root / "small", "basicvsrpp", [], ["32x32", "too small for BasicVSRPlusPlus", "64x64"]),
+        "too_small_rbv": (root / "small", "realbasicvsr", [], ["32x32", "too small for RealBasicVSR", "64x64"]),
+        "other_network": (root / "small", str(root / "other.pth"), [], ["other.pth", "fits no network", "conv"]),
+        "spynet": (root / "small", str(root / "spynet.safetensors"), [], ["spynet.safetensors", "SPyNet",
+                                                                          "--spynet-weights"]),
+        "truncated": (root / "small", str(root / "truncated.pth"), [], ["truncated.pth", "is the file complete"]),
+        "gif_output": (root / "small", "basicvsr", [], ["out.gif", ".gif is not a video container", "folder"]),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_video", "empty_folder", "mixed_sizes", "too_small",
-                                  "wrong_weights"])
+                                  "too_small_rbv", "other_network", "spynet", "truncated"])
 @pytest.mark.parametrize("output", ["out.mp4", "out_frames"])
 def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path, weights, bad_inputs, capsys, case, output):
-    src, extra, words = bad_inputs[case]
-    arch = "basicvsr" if "basicvsr" in extra else "basicvsrpp"
-    rc = ups.main([str(src), str(tmp_path / output), "--weights", weights[arch], "--device", "cpu"] + extra)
+    src, which, extra, words = bad_inputs[case]
+    rc = ups.main([str(src), str(tmp_path / output), "--weights", weights.get(which, which), "--device", "cpu"]
+                  + extra)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert rc != 0 and "Traceback" not in err
@@ -307,11 +310,18 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path, weights, bad_inp
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_gif_output_is_refused(tmp_path, weights, bad_inputs, capsys):
+    src, which, extra, words = bad_inputs["gif_output"]
+    assert ups.main([str(src), str(tmp_path / "out.gif"), "--weights", weights[which], "--device", "cpu"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words)
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_existing_output_needs_overwrite(tmp_path, weights, capsys):
     src = write_frames(tmp_path / "in", clip(13, 2, 32))
     (tmp_path / "out.mp4").write_bytes(b"keep me")
-    args = [src, str(tmp_path / "out.mp4"), "--weights", weights["basicvsr"], "--arch", "basicvsr",
-            "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu"]
+    args = [src, str(tmp_path / "out.mp4"), "--weights", weights["basicvsr"], "--device", "cpu"]
     assert ups.main(args) == 1
     assert "output exists" in capsys.readouterr().err
     assert (tmp_path / "out.mp4").read_bytes() == b"keep me"
@@ -335,8 +345,7 @@ def test_failure_mid_run_leaves_nothing(tmp_path, weights, monkeypatch, capsys, 
 
     monkeypatch.setattr(BasicVSR, "forward", failing_forward)
     out = tmp_path / ("out.mp4" if failure == "nan" else "out_frames")
-    args = [src, str(out), "--weights", weights["basicvsr"], "--arch", "basicvsr", "--mid-channels", "8",
-            "--num-blocks", "1", "--device", "cpu", "--chunk", "2", "--overlap", "0"]
+    args = [src, str(out), "--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "2", "--overlap", "0"]
     if failure == "nan":
         assert ups.main(args) == 1
         assert "inf/NaN" in capsys.readouterr().err
@@ -396,8 +405,7 @@ def audio_of(path):
 
 
 def upscale_cli(src, out, weights, *extra):
-    return ups.main([str(src), str(out), "--weights", weights["basicvsr"], "--arch", "basicvsr",
-                          "--mid-channels", "8", "--num-blocks", "1", "--device", "cpu", *extra])
+    return ups.main([str(src), str(out), "--weights", weights["basicvsr"], "--device", "cpu", *extra])
 
 
 @pytest.mark.parametrize("ext, encoder, codec, sample_rate, layout", [
@@ -559,3 +567,64 @@ def test_read_video_errors(tmp_path):
     data.write_image(str(tmp_path / "mixed" / "1.png"), np.zeros((8, 10, 3), np.uint8))
     with pytest.raises(ValueError, match="1.png"):
         list(ups.read_video(str(tmp_path / "mixed")))
+
+
+# ----------------------------------------------------------------------------------------
+# x1 restoration models and the self-ensemble
+
+
+def to_uint8(x):
+    return x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def test_x1_model_pads_runs_and_crops_back(tmp_path, capsys):
+    """A BasicVSR++ with is_low_res_input=False (deblur, denoise, decompression), saved as mmagic
+    publishes it: upscale.py finds it in the file alone and returns frames of the input's size,
+    equal to the network run on edge-padded frames (256x256, the smallest it takes) cropped back."""
+    torch.manual_seed(5)
+    net = BasicVSRPlusPlus(8, 1, is_low_res_input=False).eval()
+    torch.save({"state_dict": {f"generator.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "x1.pth")
+    frames = clip(15, 3, 40, 52)
+    src = write_frames(tmp_path / "in", frames)
+    assert ups.main([src, str(tmp_path / "out"), "--weights", str(tmp_path / "x1.pth"), "--device", "cpu"]) == 0
+    assert "52x40 -> 52x40, BasicVSRPlusPlus" in capsys.readouterr().err
+    got = np.stack([data.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))])
+    padded = np.stack([np.pad(f, ((0, 256 - 40), (0, 256 - 52), (0, 0)), mode="edge") for f in frames])
+    with torch.no_grad():
+        expected = to_uint8(net(data.frames_to_tensor(padded)[None])[0])[:, :40, :52]
+    # the same values reach the network by two routes (a padded tensor vs padded uint8 frames):
+    # rounding at x.5 grey levels may differ by one level
+    assert got.shape == (3, 40, 52, 3) and np.abs(got.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("ensemble", ["spatial", "temporal"])
+def test_self_ensemble_is_the_mean_of_the_dihedral_passes(bvsr, ensemble):
+    """--ensemble: the mean over the 8 rotations/reflections (written here with rot90, not with the
+    flips and transposes upscale.py uses), and the time-reversed clip too with --temporal-ensemble."""
+    frames = clip(16, 3, 32, 40)
+    got = np.stack(run(bvsr, frames, ensemble=ensemble))
+    lqs = data.frames_to_tensor(frames)[None]
+    outs = []
+    with torch.no_grad():
+        for reflect in (False, True):
+            for k in range(4):
+                x = torch.rot90(lqs.flip(-1) if reflect else lqs, k, dims=(-2, -1))
+                for reverse in ((False, True) if ensemble == "temporal" else (False,)):
+                    y = bvsr(x.flip(1) if reverse else x)
+                    y = torch.rot90(y.flip(1) if reverse else y, -k, dims=(-2, -1))
+                    outs.append(y.flip(-1) if reflect else y)
+    assert len(outs) == (16 if ensemble == "temporal" else 8)
+    expected = to_uint8(torch.stack(outs).mean(0)[0])
+    # the same 8 (16) outputs summed in another order: float rounding may move a value across x.5
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    single = np.stack(run(bvsr, frames))
+    assert np.abs(single.astype(int) - expected).max() > 1  # the ensemble is not the plain pass
+
+
+def test_cli_ensemble_prints_its_cost(tmp_path, weights, capsys):
+    src = write_frames(tmp_path / "in", clip(17, 2, 32))
+    args = [src, str(tmp_path / "out"), "--weights", weights["basicvsr"], "--device", "cpu"]
+    assert ups.main(args + ["--temporal-ensemble"]) == 1
+    assert "error: --temporal-ensemble adds to --ensemble" in capsys.readouterr().err
+    assert ups.main(args + ["--ensemble", "--temporal-ensemble"]) == 0
+    assert "temporal self-ensemble: 16 passes, 16x the time" in capsys.readouterr().err
