@@ -1,42 +1,35 @@
-"""Data for BasicVSR++ and RealBasicVSR: datasets, degradations, test-set preparation, video I/O.
+"""Data for BasicVSR++ and RealBasicVSR: datasets, degradations, test-set preparation (video I/O: upscale.py).
 
 Every dataset item is a dict of float32 torch tensors in [0, 1], RGB, frames first:
     {"lq": (t, 3, h, w), "gt": (t, 3, s*h, s*w), "key": str}
     RealDegradationDataset adds "gt_usm" (the unsharp-masked GT the LQ is made from);
-    LQFolder items have no "gt"; Vimeo90K "test" items carry only the centre GT frame (1, 3, H, W).
+    LQFolder items have no "gt", REDSSub ones no "lq"; Vimeo90K "test" ones carry only the centre GT frame (1, 3, H, W).
 
 Public names, in file order:
-    read_image(path) -> RGB uint8 (h, w, 3)        write_image(path, rgb, compression=3)  (atomic)
-    atomic_path(path)                                tmp name, renamed when complete (every write)
-    frames_to_tensor(frames) -> (t, 3, h, w) float32
+    read_image(path) -> RGB uint8 (h, w, 3)        atomic_path(path): tmp name, renamed when complete
+    write_image(path, rgb, compression=3) (atomic)  frames_to_tensor(frames) -> (t, 3, h, w) float32
     matlab_imresize(img, scale)                      MATLAB imresize, bicubic, antialiased
-    bicubic_downsample(img, scale=4)                 BI test-set degradation (MATLAB bicubic, uint8)
-    bd_downsample(img, sigma=1.6, scale=4)           BD test-set degradation (uint8)
+    bicubic_downsample(img, scale=4), bd_downsample(img, sigma=1.6, scale=4)   BI / BD test-set degradations, uint8
     synthetic_clip(seed, num_frames, gt_size, ...)   one procedurally generated GT clip, uint8
     SyntheticClips(num_clips, num_frames, gt_size, scale=4, seed=0)   the built-in default data
     REDS(root, split, num_frames=30, gt_size=256, scale=4)            "train", "reds4", "redsval", "official_train"
     REDSSub(root, num_frames=15, gt_size=256)        GT-only sub-image clips (train_sharp_sub)
     Vimeo90K(root, split, degradation="BI", gt_size=256)              septuplets mirrored to 14 frames
-    PairedFolders(root, lq_dir, gt_dir, scale=4)     Vid4 / UDM10 style test sets, whole clips
-    LQFolder(root)                                   VideoLQ / user frames, LQ only
-    (degradations) unsharp_mask, gaussian/generalized_gaussian/plateau/sinc_kernel, random_blur,
-        random_resize, random_noise, random_jpeg, random_video_compression, quantize,
-        degrade_sequence(frames, rng, lq_size), check_video_codec(name); recipe dicts BLUR_1 ... FINAL_SINC
+    PairedFolders(root, lq_dir, gt_dir, scale=4)     Vid4 / UDM10 style test sets; LQFolder(root): LQ only
+    (degradations) unsharp_mask, gaussian/generalized_gaussian/plateau/sinc_kernel, blur_kernel, random_blur,
+        random_resize/noise/jpeg/video_compression, check_video_codec, quantize, BLUR_1 ... FINAL_SINC, degrade_sequence
     RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data
-    read_video(path, fps=None) -> VideoReader      iterate RGB uint8 frames; .fps .num_frames .width .height
-    VideoWriter(path, fps, crf=18, overwrite=False, audio_from=None)  .write(frame), atomic close();
-        context manager; audio_from: a video whose audio streams are copied in (AAC where they do not fit)
     prepare_test_set(src, dst, "bi"|"bd", scale=4)
 
 Command line: `python data.py --bench-degradation` (RealBasicVSR samples/s, one worker) and
 `python data.py --prepare bi|bd --src data/Vid4/GT --dst data/Vid4/BIx4` (test-set preparation).
 
 Randomness: a training sample is a pure function of (seed, rank, epoch, index) through an explicit
-np.random.Generator; call dataset.set_epoch(epoch) before each epoch. The DataLoader worker id
-does not enter, so samples do not change with num_workers.
+np.random.Generator (call dataset.set_epoch(epoch) each epoch), so it does not change with num_workers.
 """
 import argparse
 import functools
+import io
 import math
 import os
 import shutil
@@ -65,15 +58,10 @@ def read_image(path):
 
 
 class atomic_path:
-    """The one way this project writes a file or folder: to a temporary sibling, moved into place
-    only once complete, so an interruption never leaves a partial `path`.
-
-        with atomic_path(path) as tmp:      # renamed to path on success, deleted on an exception
-            write(tmp)
-
-    or, for a writer that lives longer than a block: a = atomic_path(path); write(a.tmp); then
-    a.commit() or a.discard(). The temporary name keeps the extension (encoders choose by it);
-    ext=False drops it (a folder). Files are fsynced before the rename."""
+    """The one way this project writes a file or folder: to a temporary sibling, fsynced and moved into
+    place once complete. `with atomic_path(path) as tmp:` renames on success, deletes on an exception; a
+    longer-lived writer uses a.tmp, then a.commit() or a.discard(). tmp keeps the extension (encoders
+    choose by it); ext=False drops it (a folder)."""
 
     def __init__(self, path, ext=True):
         self.path = os.fspath(path)
@@ -82,11 +70,8 @@ class atomic_path:
 
     def commit(self):
         if os.path.isfile(self.tmp):
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
 
     def discard(self):
@@ -99,27 +84,22 @@ class atomic_path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
+        try:
+            if exc_type is None:
                 self.commit()
-            except BaseException:
-                self.discard()
-                raise
-        else:
-            self.discard()
+        finally:
+            self.discard()  # a no-op once committed
 
 
 def write_image(path, rgb, compression=3):
     """Write an RGB uint8 image atomically (PNG compression level 0-9 for .png)."""
     ext = os.path.splitext(path)[1].lower()
     params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)] if ext == ".png" else []
-    bgr = rgb[..., ::-1] if rgb.ndim == 3 else rgb
-    ok, buf = cv2.imencode(ext, np.ascontiguousarray(bgr), params)
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1] if rgb.ndim == 3 else rgb), params)
     if not ok:
         raise ValueError(f"cannot encode image as {ext}: {path}")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buf.tobytes())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.tobytes())
 
 
 def frames_to_tensor(frames):
@@ -127,24 +107,6 @@ def frames_to_tensor(frames):
     arr = np.stack(frames) if isinstance(frames, (list, tuple)) else frames
     t = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
     return t.float().div_(255.0) if arr.dtype == np.uint8 else t.float()
-
-
-def _list_frames(folder):
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"folder not found: {folder}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMG_EXTS))
-    if not names:
-        raise ValueError(f"no image frames in folder: {folder}")
-    return [os.path.join(folder, n) for n in names]
-
-
-def _list_clips(folder):
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"folder not found: {folder}")
-    clips = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
-    if not clips:
-        raise ValueError(f"no clip folders in: {folder}")
-    return clips
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,14 +123,11 @@ def _cubic(x):
 
 @functools.lru_cache(maxsize=64)
 def _imresize_weights(in_len, out_len, scale):
-    """MATLAB imresize's bicubic contributions along one axis: output i is sum_j w[i, j] * x[src[i, j]]
-    (src, w: (out_len, taps); 0-based source indices)."""
+    """MATLAB imresize's bicubic weights along one axis: out[i] = sum_j w[i, j] x[src[i, j]], (out_len, taps)."""
     kernel_scale = min(scale, 1.0)  # downscaling widens the kernel: antialiasing
     width = 4.0 / kernel_scale
     u = np.arange(1, out_len + 1, dtype=np.float64) / scale + 0.5 * (1 - 1 / scale)
-    left = np.floor(u - width / 2)
-    taps = int(math.ceil(width)) + 2
-    idx = left[:, None] + np.arange(taps)[None, :]  # 1-based input positions
+    idx = np.floor(u - width / 2)[:, None] + np.arange(int(math.ceil(width)) + 2)[None, :]  # 1-based input positions
     w = kernel_scale * _cubic(kernel_scale * (u[:, None] - idx))
     w /= w.sum(axis=1, keepdims=True)
     # out-of-range taps mirror with the edge pixel repeated (MATLAB's symmetric padding)
@@ -178,11 +137,9 @@ def _imresize_weights(in_len, out_len, scale):
 
 
 def matlab_imresize(img, scale):
-    """MATLAB `imresize(img, scale)` with the default bicubic kernel and antialiasing.
-
-    img: (h, w) or (h, w, c), uint8 or float. uint8 returns uint8 (rounded half up, clipped);
-    float returns float64 unclipped. Rows are resized first, in float64 without intermediate
-    rounding (as the Python ports used by mmagic/BasicSR)."""
+    """MATLAB `imresize(img, scale)`, default bicubic kernel with antialiasing. img (h, w) or (h, w, c):
+    uint8 returns uint8 (rounded half up, clipped), float returns float64 unclipped. Rows first, in
+    float64 without intermediate rounding (as the Python ports used by mmagic/BasicSR)."""
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     h, w = img.shape[:2]
@@ -192,9 +149,7 @@ def matlab_imresize(img, scale):
     x = np.einsum("ot,ot...->o...", wt, img.astype(np.float64)[src])  # (oh, w, ...)
     src, wt = _imresize_weights(w, out_w, float(scale))
     x = np.einsum("ot,pot...->po...", wt, x[:, src])  # (oh, ow, ...)
-    if img.dtype == np.uint8:
-        return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
-    return x
+    return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8) if img.dtype == np.uint8 else x
 
 
 def bicubic_downsample(img, scale=4):
@@ -202,40 +157,30 @@ def bicubic_downsample(img, scale=4):
     h, w = img.shape[:2]
     if h % scale or w % scale:
         raise ValueError(f"image size {h}x{w} is not divisible by scale {scale}")
-    return matlab_imresize(img.astype(np.uint8) if img.dtype != np.uint8 else img, 1.0 / scale)
-
-
-def _bd_kernel(sigma):
-    size = int(math.ceil(3 * sigma)) * 2 + 2  # 12 for sigma 1.6: even, centred between pixels
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2  # -5.5 ... 5.5
-    g = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma * sigma))
-    return g / g.sum()
+    return matlab_imresize(img.astype(np.uint8, copy=False), 1.0 / scale)
 
 
 def bd_downsample(img, sigma=1.6, scale=4):
     """The BD degradation: Gaussian blur (MATLAB fspecial, size 12 for sigma 1.6, replicate border,
-    anchor (5, 5) as MATLAB's imfilter centre for an even kernel), then every 4th pixel from 1."""
-    k = _bd_kernel(sigma)
-    anchor = (k.shape[0] - 1) // 2
-    blurred = cv2.filter2D(img.astype(np.float64), -1, k, anchor=(anchor, anchor),
+    anchor (5, 5) as MATLAB's imfilter centre for an even kernel), then every scale-th pixel from 1."""
+    size = int(math.ceil(3 * sigma)) * 2 + 2  # 12 for sigma 1.6: even, centred between pixels
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2  # -5.5 ... 5.5
+    k, anchor = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma * sigma)), (size - 1) // 2
+    blurred = cv2.filter2D(img.astype(np.float64), -1, k / k.sum(), anchor=(anchor, anchor),
                            borderType=cv2.BORDER_REPLICATE)
-    out = blurred[1:-1:scale, 1:-1:scale]
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    return np.clip(np.floor(blurred[1:-1:scale, 1:-1:scale] + 0.5), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in synthetic clips: textured world + camera path (pan, zoom, roll) + moving objects.
-# Textures are drawn at 2x the GT resolution and low-passed before sampling, so edges are
-# antialiased and motion is sub-pixel. The LQ is the BI degradation (bicubic_downsample, MATLAB
-# bicubic) of the uint8 GT.
+# Built-in synthetic clips: textured world + camera path (pan, zoom, roll) + moving objects, drawn at
+# 2x the GT resolution and low-passed before sampling: antialiased edges, sub-pixel motion.
 
 _SS = 2  # supersampling factor of the render
 
 
 def _low_freq(rng, h, w, cell):
-    """Smooth random field (zero mean, unit std), bilinear upsampling of a coarse grid."""
-    gh, gw = max(2, h // cell + 2), max(2, w // cell + 2)
-    g = rng.standard_normal((gh, gw)).astype(np.float32)
+    """Smooth random field (zero mean, unit std), bicubic upsampling of a coarse grid."""
+    g = rng.standard_normal((max(2, h // cell + 2), max(2, w // cell + 2))).astype(np.float32)
     f = cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC)
     return (f - f.mean()) / (f.std() + 1e-6)
 
@@ -243,8 +188,7 @@ def _low_freq(rng, h, w, cell):
 def _fractal_noise(rng, h, w, beta):
     """Gaussian noise with a 1/f**beta amplitude spectrum, zero mean, unit std."""
     spec = np.fft.rfft2(rng.standard_normal((h, w)).astype(np.float32))
-    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
-    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    fy, fx = np.fft.fftfreq(h).astype(np.float32)[:, None], np.fft.rfftfreq(w).astype(np.float32)[None, :]
     f = np.sqrt(fx * fx + fy * fy)
     f[0, 0] = 1.0
     n = np.fft.irfft2(spec / f ** beta, s=(h, w)).astype(np.float32)
@@ -253,10 +197,8 @@ def _fractal_noise(rng, h, w, beta):
 
 def _grating(rng, h, w, min_period, max_period):
     """Oriented sinusoid or soft square wave in [-1, 1]."""
-    period = math.exp(rng.uniform(math.log(min_period), math.log(max_period)))
-    a = rng.uniform(0, math.pi)
-    y = np.arange(h, dtype=np.float32)[:, None]
-    x = np.arange(w, dtype=np.float32)[None, :]
+    period, a = math.exp(rng.uniform(math.log(min_period), math.log(max_period))), rng.uniform(0, math.pi)
+    y, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
     g = np.cos((x * math.cos(a) + y * math.sin(a)) * (2 * math.pi / period) + rng.uniform(0, 2 * math.pi))
     if rng.random() < 0.5:  # square wave: sharp, regular edges
         g = np.tanh(g * rng.uniform(3, 10))
@@ -272,14 +214,12 @@ def _colour(rng, lo=0.0, hi=1.0):
 def _draw_shape(rng, img, size):
     """Blend one antialiased shape (rectangle, ellipse, polygon or stroke) into img in place."""
     h, w = img.shape[:2]
-    r = size * math.exp(rng.uniform(-1.0, 1.0))
-    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    r, cx, cy = size * math.exp(rng.uniform(-1.0, 1.0)), rng.uniform(0, w), rng.uniform(0, h)
     x0, y0 = int(max(0, cx - 1.5 * r - 2)), int(max(0, cy - 1.5 * r - 2))
     x1, y1 = int(min(w, cx + 1.5 * r + 3)), int(min(h, cy + 1.5 * r + 3))
     if x1 - x0 < 2 or y1 - y0 < 2:
         return
-    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    c = (cx - x0, cy - y0)
+    mask, c = np.zeros((y1 - y0, x1 - x0), np.uint8), (cx - x0, cy - y0)
     kind = rng.integers(4)
     if kind == 0:  # rotated rectangle
         box = cv2.boxPoints((c, (r * rng.uniform(0.3, 2), r * rng.uniform(0.3, 2)), rng.uniform(0, 180)))
@@ -290,8 +230,7 @@ def _draw_shape(rng, img, size):
                     -1, cv2.LINE_AA, shift=4)
     elif kind == 2:  # star-like polygon
         n = rng.integers(3, 9)
-        ang = np.sort(rng.uniform(0, 2 * math.pi, n))
-        rad = r * rng.uniform(0.3, 1.0, n)
+        ang, rad = np.sort(rng.uniform(0, 2 * math.pi, n)), r * rng.uniform(0.3, 1.0, n)
         pts = np.stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)], 1)
         cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
     else:  # stroke
@@ -299,8 +238,7 @@ def _draw_shape(rng, img, size):
                       [c[0] + r * rng.uniform(-1, 1), c[1] + r * rng.uniform(-1, 1)]])
         cv2.line(mask, tuple(np.round(p[0] * 16).astype(int)), tuple(np.round(p[1] * 16).astype(int)),
                  255, max(1, int(rng.uniform(1, 0.3 * r + 2))), cv2.LINE_AA, shift=4)
-    m = (mask.astype(np.float32) / 255.0)[..., None]
-    patch = img[y0:y1, x0:x1]
+    m, patch = (mask.astype(np.float32) / 255.0)[..., None], img[y0:y1, x0:x1]
     if rng.random() < 0.3:  # textured fill
         g = _grating(rng, y1 - y0, x1 - x0, 3, 12)[..., None]
         fill = np.clip(_colour(rng, 0.2, 0.8) + 0.25 * g * _colour(rng, -1, 1), 0, 1)
@@ -311,11 +249,8 @@ def _draw_shape(rng, img, size):
 
 
 def _texture(rng, h, w, num_shapes):
-    """A multi-scale colour texture (h, w, 3) in [0, 1]: smooth colour field, oriented gratings in
-    random regions, antialiased shapes, and fine static detail."""
-    base = _colour(rng, 0.25, 0.75)
-    img = np.empty((h, w, 3), np.float32)
-    img[:] = base
+    """Colour texture (h, w, 3) in [0, 1]: smooth colour field, gratings in random regions, shapes, fine detail."""
+    img = np.full((h, w, 3), _colour(rng, 0.25, 0.75), np.float32)
     for _ in range(2):
         img += 0.15 * _low_freq(rng, h, w, 64)[..., None] * _colour(rng, -1, 1)
     for _ in range(int(rng.integers(2, 6))):
@@ -334,12 +269,10 @@ def _rot(a):
 
 
 def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotation=True):
-    """Render one clip: GT frames uint8 (t, gt_size, gt_size, 3) and a dict of its motion.
-
-    Camera: canvas position c(t) = c0 + v t + a t^2 / 2 + shake, scale exp(z t), roll w t; the
-    canvas is drawn at 2x, prefiltered, and sampled at GT size with a sub-pixel cubic warp.
-    Objects: textured sprites moving in screen space with their own velocity and spin. info["camera"] is the camera centre (t, 2) (x, y) in GT pixels.
-    A frame pixel p maps to canvas point c(t) + s(t) R(t) (p - centre)."""
+    """One clip: GT frames uint8 (t, gt_size, gt_size, 3) and its motion {"camera": centre (t, 2) (x, y) in GT
+    pixels from frame 0, "zoom", "roll"}. A frame pixel p maps to canvas point c(t) + s(t) R(t) (p - centre):
+    c(t) = c0 + v t + a t^2 / 2 + shake, s(t) = exp(z t), R(t) a roll by w t; the 2x canvas is prefiltered and
+    sampled by a sub-pixel cubic warp. Objects: textured sprites with their own velocity and spin."""
     rng = np.random.default_rng(seed)
     ss, size = _SS, gt_size * _SS
     t = np.arange(num_frames, dtype=np.float64)
@@ -348,15 +281,11 @@ def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotat
     d = rng.uniform(0, 2 * math.pi)
     vel = speed * np.array([math.cos(d), math.sin(d)])
     acc = rng.normal(0, 0.02 * ss, 2) * min(1.0, 30.0 / max(num_frames, 1))
-    shake = rng.uniform(0, 0.6) * ss
-    ph = rng.uniform(0, 2 * math.pi, 2)
-    fr = rng.uniform(0.1, 0.5, 2)
+    shake, ph, fr = rng.uniform(0, 0.6) * ss, rng.uniform(0, 2 * math.pi, 2), rng.uniform(0.1, 0.5, 2)
     pos = vel[None] * t[:, None] + 0.5 * acc[None] * t[:, None] ** 2
     pos += shake * np.sin(fr[None] * t[:, None] + ph[None])
-    zrate = rng.uniform(-0.12, 0.12) / max(num_frames, 1) if zoom else 0.0
-    scl = np.exp(zrate * t)
-    wrate = rng.uniform(-0.05, 0.05) / max(num_frames, 1) if rotation else 0.0
-    ang = wrate * t
+    scl = np.exp((rng.uniform(-0.12, 0.12) / max(num_frames, 1) if zoom else 0.0) * t)  # zoom s(t)
+    ang = (rng.uniform(-0.05, 0.05) / max(num_frames, 1) if rotation else 0.0) * t  # roll
     # canvas big enough for every frame footprint, plus a margin for the cubic taps
     half = size / 2 * np.max(scl * (np.abs(np.cos(ang)) + np.abs(np.sin(ang))))
     lo, hi = pos.min(0) - half - 8, pos.max(0) + half + 8
@@ -368,17 +297,16 @@ def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotat
     objects = []
     for _ in range(n_obj):
         sh, sw = (int(size * rng.uniform(0.15, 0.4)) for _ in range(2))
-        tex = _texture(rng, sh, sw, num_shapes=4)
-        alpha = np.zeros((sh, sw), np.uint8)
+        tex, alpha = _texture(rng, sh, sw, num_shapes=4), np.zeros((sh, sw), np.uint8)
         if rng.random() < 0.5:
             cv2.ellipse(alpha, (((sw - 1) / 2, (sh - 1) / 2), (sw - 3, sh - 3), 0.0), 255, -1, cv2.LINE_AA)
         else:
             n = rng.integers(5, 9)
-            a = np.sort(rng.uniform(0, 2 * math.pi, n))
-            rr = rng.uniform(0.6, 1.0, n)
+            a, rr = np.sort(rng.uniform(0, 2 * math.pi, n)), rng.uniform(0.6, 1.0, n)
             pts = np.stack([(sw - 1) / 2 * (1 + rr * np.cos(a)), (sh - 1) / 2 * (1 + rr * np.sin(a))], 1)
             cv2.fillPoly(alpha, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
         rgba = np.concatenate([tex, alpha[..., None].astype(np.float32) / 255], axis=2)
+        rgba = cv2.GaussianBlur(rgba, (0, 0), 0.4 * ss)  # prefiltered as the canvas is below
         p0 = rng.uniform(0.1, 0.9, 2) * size
         ov = rng.uniform(0.5, 4.0) * ss * min(1.0, 60.0 / max(num_frames, 1))
         od = rng.uniform(0, 2 * math.pi)
@@ -386,9 +314,7 @@ def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotat
                         rng.uniform(0, 2 * math.pi), rng.uniform(-0.03, 0.03)))
     # prefilter once at 2x (about the MTF of a 2x2 area average), then sample straight at GT size
     canvas = cv2.GaussianBlur(canvas, (0, 0), 0.4 * ss)
-    objects = [(cv2.GaussianBlur(rgba, (0, 0), 0.4 * ss), p0, ov, a0, spin) for rgba, p0, ov, a0, spin in objects]
-    frames = np.empty((num_frames, gt_size, gt_size, 3), np.uint8)
-    c_frame = np.array([(gt_size - 1) / 2, (gt_size - 1) / 2])
+    frames, c_frame = np.empty((num_frames, gt_size, gt_size, 3), np.uint8), np.array([(gt_size - 1) / 2] * 2)
     for k in range(num_frames):
         A = ss * scl[k] * _rot(ang[k])  # GT pixel -> canvas pixel
         M = np.concatenate([A, (centre_canvas[k] - A @ c_frame)[:, None]], 1)
@@ -402,15 +328,13 @@ def synthetic_clip(seed, num_frames, gt_size, num_objects=None, zoom=True, rotat
 
 
 def _paste_sprite(frame, rgba, centre, angle, scale):
-    """Alpha-composite a sprite rotated by `angle`, resized by `scale` and centred at `centre`
-    (frame pixels), warping only its bounding box."""
+    """Alpha-composite a sprite, rotated, scaled and centred at `centre` (frame pixels), in its bounding box."""
     sh, sw = rgba.shape[:2]
     A = scale * _rot(angle)  # sprite pixel offset -> frame pixel offset
     corners = (np.array([[0, 0], [sw, 0], [0, sh], [sw, sh]]) - [sw / 2, sh / 2]) @ A.T + centre
     x0, y0 = np.floor(corners.min(0)).astype(int)
     x1, y1 = np.ceil(corners.max(0)).astype(int) + 1
-    H, W = frame.shape[:2]
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, frame.shape[1]), min(y1, frame.shape[0])
     if x1 <= x0 or y1 <= y0:
         return
     # inverse map: window pixel q -> sprite pixel A^-1 (q + (x0, y0) - centre) + sprite centre
@@ -419,10 +343,135 @@ def _paste_sprite(frame, rgba, centre, angle, scale):
     M = np.concatenate([Ai, off[:, None]], 1)
     patch = cv2.warpAffine(rgba, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    a = patch[..., 3:4]
-    win = frame[y0:y1, x0:x1]
+    a, win = patch[..., 3:4], frame[y0:y1, x0:x1]
     win *= 1 - a
     win += a * patch[..., :3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: training samples are a random window, crop and flips (_train_sample), evaluation ones whole clips.
+
+
+def _need_dirs(*folders):
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"folder not found: {folder}")
+
+
+def _list_frames(folder):
+    """Sorted paths of the images in `folder` (upscale.py uses it too)."""
+    _need_dirs(folder)
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMG_EXTS))
+    if not names:
+        raise ValueError(f"no image frames in folder: {folder}")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _list_clips(folder):
+    _need_dirs(folder)
+    clips = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+    if not clips:
+        raise ValueError(f"no clip folders in: {folder}")
+    return clips
+
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def _check_scale(gt_size, scale):
+    if gt_size is not None and gt_size % scale:
+        raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+
+
+def _check_length(paths, num_frames):
+    if len(paths) < num_frames:
+        raise ValueError(f"clip has {len(paths)} frames, fewer than num_frames={num_frames}: "
+                         f"{os.path.dirname(paths[0])}")
+
+
+def _check_pair(lq, gt, scale, lq_path, gt_path):
+    if gt.shape[1] != lq.shape[1] * scale or gt.shape[2] != lq.shape[2] * scale:
+        raise ValueError(f"GT size {gt.shape[2]}x{gt.shape[1]} is not {scale}x the LQ size "
+                         f"{lq.shape[2]}x{lq.shape[1]}: {gt_path} vs {lq_path}")
+
+
+def _read_clip(paths):
+    """Read frames that must all have one size; error names the first mismatching frame."""
+    frames = [read_image(p) for p in paths]
+    for p, f in zip(paths, frames):
+        if f.shape != frames[0].shape:
+            raise ValueError(f"frame size {f.shape[1]}x{f.shape[0]} differs from "
+                             f"{frames[0].shape[1]}x{frames[0].shape[0]} of {paths[0]}: {p}")
+    return np.stack(frames)
+
+
+def _read_clips(paths, scale):
+    """([lq,] gt) frame path lists -> uint8 (t, h, w, 3) arrays; the GT must be `scale` x the LQ."""
+    seqs = [_read_clip(p) for p in paths]
+    if len(seqs) == 2:
+        _check_pair(*seqs, scale, paths[0][0], paths[1][0])
+    return seqs
+
+
+def _augment(rng, *seqs):
+    """Flip / transpose every frame of every sequence the same way; seqs are (t, h, w, 3) arrays."""
+    hflip, vflip, transpose = rng.random(3) < 0.5
+    seqs = [s[:, ::(-1 if vflip else 1), ::(-1 if hflip else 1)] for s in seqs]
+    return [np.ascontiguousarray(s.transpose(0, 2, 1, 3) if transpose else s) for s in seqs]
+
+
+def _train_sample(rng, paths, num_frames, gt_size, scale=1):
+    """([lq,] gt) frame path lists -> a random window of num_frames (None: all), the same random crop of
+    each (GT gt_size, LQ gt_size / scale; None: none) and flips/transpose (p = 0.5 each), uint8 arrays; start."""
+    start = 0
+    if num_frames is not None:
+        _check_length(paths[-1], num_frames)
+        start = int(rng.integers(0, len(paths[-1]) - num_frames + 1))
+        paths = [p[start:start + num_frames] for p in paths]
+    seqs = _read_clips(paths, scale)
+    if gt_size is not None:  # placed on the first sequence, the LQ when paired
+        size, (h, w) = gt_size // scale, seqs[0].shape[1:3]
+        if h < size or w < size:
+            raise ValueError(f"{'LQ ' if len(seqs) > 1 else ''}frames {w}x{h} are smaller than the crop "
+                             f"{size}x{size}: {paths[0][0]}")
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        seqs = [s[:, top * f:(top + size) * f, left * f:(left + size) * f] for s, f in zip(seqs, (1, scale))]
+    return _augment(rng, *seqs), start
+
+
+class _Clips(torch.utils.data.Dataset):
+    """clips: the clip names; paths: per clip one frame path list per field (lq, gt). A training set
+    gives one _train_sample per clip, keyed "{clip}/{start:08d}"; the others whole clips, keyed clip."""
+    fields, training, num_frames, gt_size, scale = ("lq", "gt"), False, None, None, 1
+
+    def _find(self, roots, clips, num_frames=None):
+        """Frame paths of each clip under each of roots ([lq_root,] gt_root); LQ, GT counts equal, >= num_frames."""
+        self.clips, self.paths = clips, []
+        for c in clips:
+            folders = [os.path.join(r, c) for r in roots]
+            paths = [_list_frames(f) for f in folders]
+            if len(paths) == 2 and len(paths[0]) != len(paths[1]):
+                raise ValueError(f"LQ clip has {len(paths[0])} frames but GT clip has {len(paths[1])}: "
+                                 f"{folders[0]} vs {folders[1]}")
+            self.paths.append(paths)
+        for paths in self.paths if num_frames is not None else ():
+            _check_length(paths[-1], num_frames)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def sample(self, index, rng=None):
+        """One uint8 (t, h, w, 3) array per field, and the key."""
+        if not self.training:
+            return _read_clips(self.paths[index], self.scale), self.clips[index]
+        seqs, start = _train_sample(rng, self.paths[index], self.num_frames, self.gt_size, self.scale)
+        return seqs, f"{self.clips[index]}/{start:08d}"
+
+    def __getitem__(self, index):
+        seqs, key = self.sample(index, self.rng(index) if self.training else None)
+        return {**{f: frames_to_tensor(s) for f, s in zip(self.fields, seqs)}, "key": key}
 
 
 class _SampledDataset(torch.utils.data.Dataset):
@@ -442,12 +491,10 @@ class _SampledDataset(torch.utils.data.Dataset):
 
 
 class SyntheticClips(torch.utils.data.Dataset):
-    """The built-in default data: clip i is synthetic_clip(seed=(seed, i)) with its BI x4 LQ.
-    Deterministic per (seed, i); use another seed (e.g. seed=1) for held-out validation clips."""
+    """The built-in default data: clip i is synthetic_clip((seed, i)) with its BI LQ (seed=1: held-out clips)."""
 
     def __init__(self, num_clips, num_frames, gt_size, scale=4, seed=0):
-        if gt_size % scale:
-            raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+        _check_scale(gt_size, scale)
         if num_clips < 1 or num_frames < 1:
             raise ValueError(f"num_clips and num_frames must be >= 1, got {num_clips}, {num_frames}")
         self.num_clips, self.num_frames, self.gt_size = int(num_clips), int(num_frames), int(gt_size)
@@ -461,108 +508,29 @@ class SyntheticClips(torch.utils.data.Dataset):
             raise IndexError(index)
         gt, _ = synthetic_clip([self.seed, index], self.num_frames, self.gt_size)
         lq = [bicubic_downsample(f, self.scale) for f in gt]
-        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt),
-                "key": f"synthetic_s{self.seed}_{index:05d}"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Frame-clip datasets. Training samples: a random window of num_frames, a paired random crop
-# (GT gt_size, LQ gt_size/scale at the same place), and h-flip, v-flip, transpose decided once
-# per sequence with p = 0.5 each. Evaluation samples: whole clips.
-
-
-def _augment(rng, *seqs):
-    """Flip / transpose every frame of every sequence the same way; seqs are (t, h, w, 3) arrays."""
-    hflip, vflip, transpose = rng.random(3) < 0.5
-    out = []
-    for s in seqs:
-        if hflip:
-            s = s[:, :, ::-1]
-        if vflip:
-            s = s[:, ::-1]
-        if transpose:
-            s = s.transpose(0, 2, 1, 3)
-        out.append(np.ascontiguousarray(s))
-    return out
-
-
-def _read_clip(paths):
-    """Read frames that must all have one size; error names the first mismatching frame."""
-    frames = [read_image(p) for p in paths]
-    for p, f in zip(paths, frames):
-        if f.shape != frames[0].shape:
-            raise ValueError(f"frame size {f.shape[1]}x{f.shape[0]} differs from "
-                             f"{frames[0].shape[1]}x{frames[0].shape[0]} of {paths[0]}: {p}")
-    return np.stack(frames)
-
-
-def _check_pair(lq, gt, scale, lq_path, gt_path):
-    if gt.shape[1] != lq.shape[1] * scale or gt.shape[2] != lq.shape[2] * scale:
-        raise ValueError(f"GT size {gt.shape[2]}x{gt.shape[1]} is not {scale}x the LQ size "
-                         f"{lq.shape[2]}x{lq.shape[1]}: {gt_path} vs {lq_path}")
-
-
-def _pair_clip_paths(lq_folder, gt_folder):
-    lq, gt = _list_frames(lq_folder), _list_frames(gt_folder)
-    if len(lq) != len(gt):
-        raise ValueError(f"LQ clip has {len(lq)} frames but GT clip has {len(gt)}: {lq_folder} vs {gt_folder}")
-    return lq, gt
-
-
-def _random_window(rng, n, num_frames, folder):
-    if n < num_frames:
-        raise ValueError(f"clip has {n} frames, fewer than num_frames={num_frames}: {folder}")
-    return int(rng.integers(0, n - num_frames + 1))
-
-
-def _paired_crop(rng, lq, gt, gt_size, scale, path):
-    """lq (t, h, w, 3), gt (t, sh, sw, 3) -> the same random window of both, GT gt_size square."""
-    if gt_size is None:
-        return lq, gt
-    lq_size = gt_size // scale
-    h, w = lq.shape[1:3]
-    if h < lq_size or w < lq_size:
-        raise ValueError(f"LQ frames {w}x{h} are smaller than the crop {lq_size}x{lq_size}: {path}")
-    top, left = int(rng.integers(0, h - lq_size + 1)), int(rng.integers(0, w - lq_size + 1))
-    lq = lq[:, top:top + lq_size, left:left + lq_size]
-    gt = gt[:, top * scale:(top + lq_size) * scale, left * scale:(left + lq_size) * scale]
-    return lq, gt
-
-
-def _random_crop(rng, gt, gt_size, path):
-    h, w = gt.shape[1:3]
-    if h < gt_size or w < gt_size:
-        raise ValueError(f"frames {w}x{h} are smaller than the crop {gt_size}x{gt_size}: {path}")
-    top, left = int(rng.integers(0, h - gt_size + 1)), int(rng.integers(0, w - gt_size + 1))
-    return gt[:, top:top + gt_size, left:left + gt_size]
+        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": f"synthetic_s{self.seed}_{index:05d}"}
 
 
 REDS4_CLIPS = ("000", "011", "015", "020")
 REDSVAL_CLIPS = tuple(f"{i:03d}" for i in range(240, 270))
 
 
-class REDS(_SampledDataset):
-    """REDS with val merged in as clips 240-269 (root/train_sharp, root/train_sharp_bicubic/X{scale}).
-
-    split "train": every clip in the folder except REDS4; "official_train": clips 000-239 present;
-    "reds4": 000, 011, 015, 020; "redsval": 240-269. Training splits give one random window per
-    clip per epoch; "reds4"/"redsval" give whole clips (gt_size and num_frames are ignored)."""
+class REDS(_SampledDataset, _Clips):
+    """REDS with val merged in as clips 240-269 (root/train_sharp, root/train_sharp_bicubic/X{scale}). Training
+    splits, one random window per clip per epoch: "train" (every clip present but REDS4), "official_train"
+    (clips 000-239 present); whole clips (gt_size, num_frames ignored): "reds4" (000, 011, 015, 020), "redsval"."""
 
     def __init__(self, root, split, num_frames=30, gt_size=256, scale=4, seed=0, rank=None):
         super().__init__(seed, rank)
-        if split not in ("train", "official_train", "reds4", "redsval"):
-            raise ValueError(f"unknown REDS split {split!r}: use train, official_train, reds4 or redsval")
-        if gt_size is not None and gt_size % scale:
-            raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+        _check_choice("REDS split", split, ("train", "official_train", "reds4", "redsval"))
+        _check_scale(gt_size, scale)
         self.gt_root = os.path.join(root, "train_sharp")
         self.lq_root = os.path.join(root, "train_sharp_bicubic", f"X{scale}")
         present = _list_clips(self.gt_root)
-        if not os.path.isdir(self.lq_root):
-            raise FileNotFoundError(f"folder not found: {self.lq_root}")
-        if split == "train":
-            clips = [c for c in present if c not in REDS4_CLIPS]
-        elif split == "official_train":
-            clips = [c for c in present if c.isdigit() and int(c) < 240]
+        _need_dirs(self.lq_root)
+        self.split, self.training = split, split in ("train", "official_train")
+        if self.training:
+            clips = [c for c in present if (c not in REDS4_CLIPS if split == "train" else c.isdigit() and int(c) < 240)]
         else:  # benchmark splits must be complete, or the numbers silently change
             clips = list(REDS4_CLIPS if split == "reds4" else REDSVAL_CLIPS)
             for c in clips:
@@ -570,172 +538,84 @@ class REDS(_SampledDataset):
                     raise FileNotFoundError(f"REDS {split} clip missing: {os.path.join(self.gt_root, c)}")
         if not clips:
             raise ValueError(f"no clips for REDS split {split!r} in {self.gt_root}")
-        self.split, self.training = split, split in ("train", "official_train")
         self.num_frames, self.gt_size, self.scale = num_frames, gt_size, scale
-        self.clips = clips
-        self.paths = [_pair_clip_paths(os.path.join(self.lq_root, c), os.path.join(self.gt_root, c))
-                      for c in clips]
-        if self.training:
-            for c, (lq, _) in zip(clips, self.paths):
-                if len(lq) < num_frames:
-                    raise ValueError(f"clip has {len(lq)} frames, fewer than num_frames={num_frames}: "
-                                     f"{os.path.join(self.gt_root, c)}")
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, index):
-        clip, (lq_paths, gt_paths) = self.clips[index], self.paths[index]
-        if not self.training:
-            lq, gt = _read_clip(lq_paths), _read_clip(gt_paths)
-            _check_pair(lq, gt, self.scale, lq_paths[0], gt_paths[0])
-            return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": clip}
-        rng = self.rng(index)
-        start = _random_window(rng, len(lq_paths), self.num_frames, os.path.dirname(gt_paths[0]))
-        window = slice(start, start + self.num_frames)
-        lq, gt = _read_clip(lq_paths[window]), _read_clip(gt_paths[window])
-        _check_pair(lq, gt, self.scale, lq_paths[start], gt_paths[start])
-        lq, gt = _paired_crop(rng, lq, gt, self.gt_size, self.scale, lq_paths[start])
-        lq, gt = _augment(rng, lq, gt)
-        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": f"{clip}/{start:08d}"}
+        self._find((self.lq_root, self.gt_root), clips, num_frames if self.training else None)
 
 
-class REDSSub(_SampledDataset):
-    """GT-only clips for RealBasicVSR: root/train_sharp_sub/{clip}_s{index:03d}/*.png (from
-    crop_sub_images.py; gt_dir picks another folder of clip folders). Item: {"gt", "key"} with a
-    random window of num_frames, a random gt_size crop and the flips/transpose."""
+class REDSSub(_SampledDataset, _Clips):
+    """GT-only training clips for RealBasicVSR: root/train_sharp_sub/{clip}_s{index:03d}/*.png (from
+    crop_sub_images.py; gt_dir picks another folder of clip folders). Items {"gt", "key"}."""
+    fields, training = ("gt",), True
 
     def __init__(self, root, num_frames=15, gt_size=256, gt_dir="train_sharp_sub", seed=0, rank=None):
         super().__init__(seed, rank)
         self.gt_root = os.path.join(root, gt_dir)
-        self.clips = _list_clips(self.gt_root)
-        self.paths = [_list_frames(os.path.join(self.gt_root, c)) for c in self.clips]
-        for c, p in zip(self.clips, self.paths):
-            if len(p) < num_frames:
-                raise ValueError(f"clip has {len(p)} frames, fewer than num_frames={num_frames}: "
-                                 f"{os.path.join(self.gt_root, c)}")
+        self._find([self.gt_root], _list_clips(self.gt_root), num_frames)
         self.num_frames, self.gt_size = num_frames, gt_size
 
-    def __len__(self):
-        return len(self.clips)
 
-    def sample(self, index, rng):
-        """uint8 GT window (t, h, w, 3) and its key."""
-        paths = self.paths[index]
-        start = _random_window(rng, len(paths), self.num_frames, os.path.dirname(paths[0]))
-        gt = _read_clip(paths[start:start + self.num_frames])
-        if self.gt_size is not None:
-            gt = _random_crop(rng, gt, self.gt_size, paths[start])
-        (gt,) = _augment(rng, gt)
-        return gt, f"{self.clips[index]}/{start:08d}"
-
-    def __getitem__(self, index):
-        gt, key = self.sample(index, self.rng(index))
-        return {"gt": frames_to_tensor(gt), "key": key}
-
-
-def _mirror(x):
-    """(t, ...) -> (2t, ...): x1..xt, xt..x1 (the middle frame appears twice)."""
-    return np.concatenate([x, x[::-1]])
-
-
-class Vimeo90K(_SampledDataset):
-    """Vimeo-90K septuplets in the mmagic layout (spec §7.2):
-        root/GT/{xxxxx}/{yyyy}/im1..im7.png, root/{BD|BI}x4/{xxxxx}/{yyyy}/im1..im7.png,
-        root/meta_info_Vimeo90K_{train|test}_GT.txt (one "xxxxx/yyyy ..." line per septuplet).
-    "train": paired crop + flips/transpose, then LQ and GT mirrored to 14 frames.
-    "test": the 7 LQ frames mirrored to 14, GT only im4 as (1, 3, H, W). Reduce the model's
-    14 outputs to the centre frame as 0.5 * (out[3] + out[10])."""
+class Vimeo90K(_SampledDataset, _Clips):
+    """Vimeo-90K septuplets in the mmagic layout (spec §7.2): root/GT/{xxxxx}/{yyyy}/im1..im7.png,
+    root/{BD|BI}x4/..., root/meta_info_Vimeo90K_{train|test}_GT.txt (one "xxxxx/yyyy ..." line each).
+    "train": a paired crop + flips, LQ and GT mirrored to 14 frames. "test": the LQ mirrored to 14, GT
+    only im4 as (1, 3, H, W); reduce the 14 outputs to the centre as 0.5 * (out[3] + out[10])."""
 
     def __init__(self, root, split, degradation="BI", gt_size=256, scale=4, seed=0, rank=None):
         super().__init__(seed, rank)
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown Vimeo90K split {split!r}: use train or test")
-        if degradation not in ("BI", "BD"):
-            raise ValueError(f"unknown Vimeo90K degradation {degradation!r}: use BI or BD")
+        _check_choice("Vimeo90K split", split, ("train", "test"))
+        _check_choice("Vimeo90K degradation", degradation, ("BI", "BD"))
         meta = os.path.join(root, f"meta_info_Vimeo90K_{split}_GT.txt")
         if not os.path.isfile(meta):
             raise FileNotFoundError(f"Vimeo-90K annotation file not found: {meta}")
         with open(meta) as f:
-            self.keys = [line.split()[0] for line in f if line.strip()]
+            self.keys = self.clips = [line.split()[0] for line in f if line.strip()]
         if not self.keys:
             raise ValueError(f"no septuplets listed in {meta}")
-        self.gt_root = os.path.join(root, "GT")
-        self.lq_root = os.path.join(root, f"{degradation}x{scale}")
-        for folder in (self.gt_root, self.lq_root):
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"folder not found: {folder}")
+        self.gt_root, self.lq_root = os.path.join(root, "GT"), os.path.join(root, f"{degradation}x{scale}")
+        _need_dirs(self.gt_root, self.lq_root)
         self.training, self.gt_size, self.scale = split == "train", gt_size, scale
 
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, index):
+    def sample(self, index, rng=None):
         key = self.keys[index]
-        lq_paths = [os.path.join(self.lq_root, key, f"im{i}.png") for i in range(1, 8)]
-        gt_paths = [os.path.join(self.gt_root, key, f"im{i}.png") for i in range(1, 8)]
-        lq = _read_clip(lq_paths)
-        if not self.training:
-            gt = read_image(gt_paths[3])[None]
+        lq_paths, gt_paths = ([os.path.join(r, key, f"im{i}.png") for i in range(1, 8)]
+                              for r in (self.lq_root, self.gt_root))
+        if self.training:
+            (lq, gt), _ = _train_sample(rng, (lq_paths, gt_paths), None, self.gt_size, self.scale)
+            gt = np.concatenate([gt, gt[::-1]])
+        else:
+            lq, gt = _read_clip(lq_paths), read_image(gt_paths[3])[None]
             _check_pair(lq, gt, self.scale, lq_paths[3], gt_paths[3])
-            return {"lq": frames_to_tensor(_mirror(lq)), "gt": frames_to_tensor(gt), "key": key}
-        rng = self.rng(index)
-        gt = _read_clip(gt_paths)
-        _check_pair(lq, gt, self.scale, lq_paths[0], gt_paths[0])
-        lq, gt = _paired_crop(rng, lq, gt, self.gt_size, self.scale, lq_paths[0])
-        lq, gt = _augment(rng, lq, gt)
-        return {"lq": frames_to_tensor(_mirror(lq)), "gt": frames_to_tensor(_mirror(gt)), "key": key}
+        return (np.concatenate([lq, lq[::-1]]), gt), key
 
 
-class PairedFolders(torch.utils.data.Dataset):
-    """Whole-clip test sets: root/lq_dir/{clip}/*.png with root/gt_dir/{clip}/*.png, frames paired
-    in sorted order (Vid4: lq_dir "BIx4" or "BDx4", gt_dir "GT"; UDM10 likewise)."""
+class PairedFolders(_Clips):
+    """Whole-clip test sets (Vid4, UDM10): root/lq_dir/{clip}/*.png ("BIx4", "BDx4"), root/gt_dir/{clip}/*.png."""
 
     def __init__(self, root, lq_dir, gt_dir, scale=4):
         self.lq_root, self.gt_root = os.path.join(root, lq_dir), os.path.join(root, gt_dir)
-        self.clips = _list_clips(self.gt_root)
-        if not os.path.isdir(self.lq_root):
-            raise FileNotFoundError(f"folder not found: {self.lq_root}")
-        self.paths = [_pair_clip_paths(os.path.join(self.lq_root, c), os.path.join(self.gt_root, c))
-                      for c in self.clips]
+        clips = _list_clips(self.gt_root)
+        _need_dirs(self.lq_root)
+        self._find((self.lq_root, self.gt_root), clips)
         self.scale = scale
 
-    def __len__(self):
-        return len(self.clips)
 
-    def __getitem__(self, index):
-        lq_paths, gt_paths = self.paths[index]
-        lq, gt = _read_clip(lq_paths), _read_clip(gt_paths)
-        _check_pair(lq, gt, self.scale, lq_paths[0], gt_paths[0])
-        return {"lq": frames_to_tensor(lq), "gt": frames_to_tensor(gt), "key": self.clips[index]}
-
-
-class LQFolder(torch.utils.data.Dataset):
-    """LQ-only clips (VideoLQ, user frames): root/{clip}/*.png, or root/*.png as a single clip.
-    Items {"lq", "key"}."""
+class LQFolder(_Clips):
+    """LQ-only clips (VideoLQ, user frames): root/{clip}/*.png, or root/*.png as one clip. Items {"lq", "key"}."""
+    fields = ("lq",)
 
     def __init__(self, root):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"folder not found: {root}")
+        _need_dirs(root)
         if any(n.lower().endswith(IMG_EXTS) for n in os.listdir(root)):
-            self.clips, self.paths = [os.path.basename(os.path.normpath(root))], [_list_frames(root)]
+            self.clips, self.paths = [os.path.basename(os.path.normpath(root))], [[_list_frames(root)]]
         else:
-            self.clips = _list_clips(root)
-            self.paths = [_list_frames(os.path.join(root, c)) for c in self.clips]
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, index):
-        return {"lq": frames_to_tensor(_read_clip(self.paths[index])), "key": self.clips[index]}
+            self._find([root], _list_clips(root))
 
 
 # ---------------------------------------------------------------------------------------------
-# RealBasicVSR degradations (spec §6): the official MME recipe, on float32 frames in [0, 1].
-# Each transform takes a list of (h, w, 3) frames and a np.random.Generator, draws its discrete
-# choices once per sequence, and walks its continuous parameters per frame:
+# RealBasicVSR degradations (spec §6): the official MME recipe, on float32 frames in [0, 1]. Each transform
+# takes a list of (h, w, 3) frames and a np.random.Generator, skips itself when U(0, 1) > p["prob"], draws
+# its discrete choices once per sequence and walks its continuous parameters per frame (_walk):
 #     p_{k+1} = clip(p_k + U(-step, step), range)
-# A transform with a "prob" skips itself when U(0, 1) > prob.
 
 
 def unsharp_mask(img, kernel_size=51, sigma=0, weight=0.5, threshold=10):
@@ -744,8 +624,7 @@ def unsharp_mask(img, kernel_size=51, sigma=0, weight=0.5, threshold=10):
     g = cv2.getGaussianKernel(kernel_size, sigma)  # the 2-D kernel is g g^T: filter separably
     residue = img - cv2.sepFilter2D(img, -1, g, g)
     mask = (np.abs(residue) * 255 > threshold).astype(np.float32)
-    soft = cv2.sepFilter2D(mask, -1, g, g)
-    sharp = np.clip(img + weight * residue, 0, 1)
+    soft, sharp = cv2.sepFilter2D(mask, -1, g, g), np.clip(img + weight * residue, 0, 1)
     return soft * sharp + (1 - soft) * img
 
 
@@ -800,29 +679,27 @@ def _resampled_beta(rng, beta):
 
 
 def blur_kernel(kind, k, sigma_x, sigma_y, theta, beta_gaussian, beta_plateau, omega, rng):
-    if kind == "iso":
-        return gaussian_kernel(k, sigma_x, sigma_x, 0.0)
-    if kind == "aniso":
-        return gaussian_kernel(k, sigma_x, sigma_y, theta)
-    if kind == "generalized_iso":
-        return generalized_gaussian_kernel(k, sigma_x, sigma_x, 0.0, _resampled_beta(rng, beta_gaussian))
-    if kind == "generalized_aniso":
-        return generalized_gaussian_kernel(k, sigma_x, sigma_y, theta, _resampled_beta(rng, beta_gaussian))
-    if kind == "plateau_iso":
-        return plateau_kernel(k, sigma_x, sigma_x, 0.0, _resampled_beta(rng, beta_plateau))
-    if kind == "plateau_aniso":
-        return plateau_kernel(k, sigma_x, sigma_y, theta, _resampled_beta(rng, beta_plateau))
+    """A kernel of KERNEL_LIST: the *iso kinds use sigma_x on both axes, unrotated; the generalized and
+    plateau kinds draw their beta from rng (_resampled_beta)."""
+    if kind not in KERNEL_LIST:
+        raise ValueError(f"unknown blur kernel type {kind!r}")
     if kind == "sinc":
         return sinc_kernel(k, omega)
-    raise ValueError(f"unknown blur kernel type {kind!r}")
-
-
-def _walk(rng, value, step, lo, hi):
-    return min(max(value + rng.uniform(-step, step), lo), hi)
+    family, _, shape = kind.rpartition("_")
+    sigma_y, theta = (sigma_x, 0.0) if shape == "iso" else (sigma_y, theta)
+    if not family:
+        return gaussian_kernel(k, sigma_x, sigma_y, theta)
+    fn, beta = {"generalized": (generalized_gaussian_kernel, beta_gaussian),
+                "plateau": (plateau_kernel, beta_plateau)}[family]
+    return fn(k, sigma_x, sigma_y, theta, _resampled_beta(rng, beta))
 
 
 def _skip(rng, p):
     return rng.random() > p.get("prob", 1.0)
+
+
+def _walk(rng, value, step, lo, hi):
+    return min(max(value + rng.uniform(-step, step), lo), hi)
 
 
 def random_blur(frames, rng, p):
@@ -830,7 +707,7 @@ def random_blur(frames, rng, p):
         return frames
     kind = p["kernel_list"][rng.choice(len(p["kernel_list"]), p=p["kernel_prob"])]
     k = int(p["kernel_size"][rng.integers(len(p["kernel_size"]))])
-    ranges = {name: p.get(name, (0.0, 0.0)) for name in
+    ranges = {name: p.get(name, (0.0, 0.0)) for name in  # in blur_kernel's argument order
               ("sigma_x", "sigma_y", "rotate_angle", "beta_gaussian", "beta_plateau")}
     # omega not given: the Real-ESRGAN rule, a wider range for large kernels
     ranges["omega"] = p.get("omega") or ((math.pi / 3, math.pi) if k < 13 else (math.pi / 5, math.pi))
@@ -841,10 +718,8 @@ def random_blur(frames, rng, p):
             g = np.exp(-0.5 * (np.arange(-k // 2 + 1.0, k // 2 + 1.0) / value["sigma_x"]) ** 2)
             g = (g / g.sum()).astype(np.float32)
             out.append(cv2.sepFilter2D(img, -1, g, g))
-        else:
-            kernel = blur_kernel(kind, k, value["sigma_x"], value["sigma_y"], value["rotate_angle"],
-                                 value["beta_gaussian"], value["beta_plateau"], value["omega"], rng)
-            out.append(cv2.filter2D(img, -1, kernel.astype(np.float32)))  # correlation, REFLECT_101
+        else:  # correlation, REFLECT_101
+            out.append(cv2.filter2D(img, -1, blur_kernel(kind, k, *value.values(), rng).astype(np.float32)))
         for name, r in ranges.items():
             value[name] = _walk(rng, value[name], p.get(name + "_step", 0.0), *r)
     return out
@@ -853,34 +728,25 @@ def random_blur(frames, rng, p):
 _RESIZE_OPT = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA, "bicubic": cv2.INTER_CUBIC}
 
 
-def _even_size(h, w, scale, even):
-    h_out, w_out = h * scale, w * scale
-    if even:  # yuv420p needs even sizes
-        h_out, w_out = 2 * (h_out // 2), 2 * (w_out // 2)
-    return max(int(h_out), 2), max(int(w_out), 2)
-
-
 def random_resize(frames, rng, p):
     """Resize with one interpolation per sequence. Without target_size: up/down/keep mode, a scale
     relative to frame 0's size that walks per frame by resize_step (so frame sizes may differ)."""
     if _skip(rng, p):
         return frames
     opt = p["resize_opt"][rng.choice(len(p["resize_opt"]), p=p["resize_prob"])]
-    if opt not in _RESIZE_OPT:
-        raise ValueError(f"unknown resize_opt {opt!r}: use bilinear, area or bicubic")
+    _check_choice("resize_opt", opt, tuple(_RESIZE_OPT))
     interp = _RESIZE_OPT[opt]
     if p.get("target_size") is not None:
         th, tw = p["target_size"]
         return [cv2.resize(img, (tw, th), interpolation=interp) for img in frames]
-    h, w = frames[0].shape[:2]
-    lo, hi = p["resize_scale"]
+    (h, w), (lo, hi) = frames[0].shape[:2], p["resize_scale"]
     mode = rng.choice(3, p=p["resize_mode_prob"])  # up, down, keep
     scale = rng.uniform(1, hi) if mode == 0 else rng.uniform(lo, 1) if mode == 1 else 1.0
     even, step = p.get("is_size_even", False), p.get("resize_step", 0.0)
     out = []
     for img in frames:
-        th, tw = _even_size(h, w, scale, even)
-        out.append(cv2.resize(img, (tw, th), interpolation=interp))
+        th, tw = (2 * (n * scale // 2) if even else n * scale for n in (h, w))  # yuv420p needs even sizes
+        out.append(cv2.resize(img, (max(int(tw), 2), max(int(th), 2)), interpolation=interp))
         if step:
             scale = _walk(rng, scale, step, lo, hi)
     return out
@@ -891,35 +757,27 @@ def _to_uint8(img):
 
 
 def random_noise(frames, rng, p):
-    """Gaussian noise (sigma on the 0-255 scale) or Poisson noise on [0, 1] as MME / Real-ESRGAN:
-    (poisson(x v) / v - x) * scale with x the 8-bit value and v = 2**ceil(log2(#distinct values)),
-    std scale * sqrt(x / v). Gray noise: one noise plane for all channels (from luma for Poisson)."""
+    """Gaussian noise (sigma in grey levels) or, as MME / Real-ESRGAN, Poisson noise (poisson(x v) / v - x) *
+    scale, x the 8-bit value, v = 2**ceil(log2(#distinct values)). Gray: one plane for all channels (Poisson: luma)."""
     if _skip(rng, p):
         return frames
     kind = p["noise_type"][rng.choice(len(p["noise_type"]), p=p["noise_prob"])]
+    _check_choice("noise_type", kind, ("gaussian", "poisson"))
+    name = "gaussian_sigma" if kind == "gaussian" else "poisson_scale"
+    lo, hi = p[name]
+    level, gray = rng.uniform(lo, hi), rng.random() < p[kind + "_gray_noise_prob"]  # drawn in this order
     out = []
-    if kind == "gaussian":
-        lo, hi = p["gaussian_sigma"]
-        sigma = rng.uniform(lo, hi)
-        gray = rng.random() < p["gaussian_gray_noise_prob"]
-        for img in frames:
+    for img in frames:
+        if kind == "gaussian":
             shape = img.shape[:2] + ((1,) if gray else (3,))
-            out.append(img + rng.standard_normal(shape, dtype=np.float32) * np.float32(sigma / 255))
-            sigma = _walk(rng, sigma, p.get("gaussian_sigma_step", 0.0), lo, hi)
-    elif kind == "poisson":
-        lo, hi = p["poisson_scale"]
-        scale = rng.uniform(lo, hi)
-        gray = rng.random() < p["poisson_gray_noise_prob"]
-        for img in frames:
-            x = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None] if gray else img
-            x8 = _to_uint8(x)
+            noise = rng.standard_normal(shape, dtype=np.float32) * np.float32(level / 255)
+        else:
+            x8 = _to_uint8(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None] if gray else img)
             vals = 2 ** math.ceil(math.log2(np.count_nonzero(np.bincount(x8.ravel(), minlength=256))))
             x = x8 / 255.0
-            noise = (rng.poisson(x * vals) / vals - x).astype(np.float32)
-            out.append(img + noise * np.float32(scale))
-            scale = _walk(rng, scale, p.get("poisson_scale_step", 0.0), lo, hi)
-    else:
-        raise ValueError(f"unknown noise_type {kind!r}: use gaussian or poisson")
+            noise = (rng.poisson(x * vals) / vals - x).astype(np.float32) * np.float32(level)
+        out.append(img + noise)
+        level = _walk(rng, level, p.get(name + "_step", 0.0), lo, hi)
     return out
 
 
@@ -932,8 +790,8 @@ def random_jpeg(frames, rng, p):
     quality = round(rng.uniform(lo, hi))
     out = []
     for img in frames:
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(_to_uint8(img), cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        _, buf = cv2.imencode(".jpg", cv2.cvtColor(_to_uint8(img), cv2.COLOR_RGB2BGR),
+                              [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
         out.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255)
         quality = round(_walk(rng, quality, p.get("quality_step", 0.0), lo, hi))
     return out
@@ -952,42 +810,33 @@ def check_video_codec(name):
 
 
 def random_video_compression(frames, rng, p):
-    """Encode the sequence into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, the size of
-    frame 0) and decode it back. Departures from the reference, all for reproducible samples: one
-    encoder thread, frames of another size resized to frame 0's here (PyAV would rescale them
-    itself), the RGB -> yuv420p conversion done before the encoder, and x264's mbtree off."""
+    """Encode into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, frame 0's size) and decode it
+    back. Departures from the reference, for reproducible samples: one encoder thread, other sizes
+    resized to frame 0's here (not by PyAV), RGB -> yuv420p before the encoder, x264's mbtree off."""
     import av
-    import io
     if _skip(rng, p):
         return frames
     for c in p["codec"]:
         check_video_codec(c)
     codec = p["codec"][rng.choice(len(p["codec"]), p=p["codec_prob"])]
     bitrate = int(rng.integers(int(p["bitrate"][0]), int(p["bitrate"][1]) + 1))
-    buf = io.BytesIO()
+    buf, (h, w) = io.BytesIO(), frames[0].shape[:2]
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=1)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = bitrate
+        stream.height, stream.width, stream.pix_fmt, stream.bit_rate = h, w, "yuv420p", bitrate
         stream.codec_context.thread_count = 1
         if stream.codec_context.name == "libx264":
-            # x264's macroblock-tree lookahead reads uninitialised memory (found with valgrind),
-            # which makes the output differ from run to run; without it samples are reproducible
+            # x264's macroblock-tree lookahead reads uninitialised memory (valgrind): output varies by run
             stream.options = {"x264-params": "mbtree=0"}
-        h, w = frames[0].shape[:2]
         for i, img in enumerate(frames):
             if img.shape[:2] != (h, w):
                 shrink = img.shape[0] * img.shape[1] > h * w
                 img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
             # convert to yuv420p here: left to the encoder, libx264's output is not reproducible
             frame = av.VideoFrame.from_ndarray(_to_uint8(img), format="rgb24").reformat(format="yuv420p")
-            frame.pict_type = av.video.frame.PictureType.NONE
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            frame.pict_type, frame.pts = av.video.frame.PictureType.NONE, i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
     buf.seek(0)
     with av.open(buf, "r", format="mp4") as container:
         container.streams.video[0].codec_context.thread_count = 1
@@ -1001,8 +850,8 @@ def quantize(frames):
     return [np.round(np.clip(img, 0, 1) * 255).astype(np.float32) / 255 for img in frames]
 
 
-# The official recipe (MME / RealBasicVSR configs), parameters on the 0-255 scale where they
-# are grey levels. Plain dicts; the second order differs only where listed.
+# The official recipe (MME / RealBasicVSR configs), grey levels on the 0-255 scale; the second order
+# differs only where listed.
 KERNEL_LIST = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso", "sinc")
 KERNEL_PROB = (0.405, 0.225, 0.108, 0.027, 0.108, 0.027, 0.1)
 KERNEL_SIZES = (7, 9, 11, 13, 15, 17, 19, 21)
@@ -1031,20 +880,13 @@ FINAL_SINC = dict(prob=0.8, kernel_size=KERNEL_SIZES, kernel_list=("sinc",), ker
 
 
 def degrade_sequence(frames, rng, lq_size):
-    """The RealBasicVSR LQ synthesis: frames float32 (h, w, 3) in [0, 1] (the unsharp-masked GT)
-    -> a list of (lq_size, lq_size, 3) frames quantised to 8 bits."""
+    """RealBasicVSR's LQ: float32 (h, w, 3) frames in [0, 1] -> (lq_size, lq_size, 3) frames on 8-bit levels."""
     lq = list(frames)
-    # first order
-    lq = random_blur(lq, rng, BLUR_1)
-    lq = random_resize(lq, rng, RESIZE_1)
-    lq = random_noise(lq, rng, NOISE_1)
-    lq = random_jpeg(lq, rng, JPEG)
-    lq = random_video_compression(lq, rng, VIDEO)
-    # second order
-    lq = random_blur(lq, rng, BLUR_2)
-    lq = random_resize(lq, rng, RESIZE_2)
-    lq = random_noise(lq, rng, NOISE_2)
-    lq = random_jpeg(lq, rng, JPEG)
+    for blur, resize, noise in ((BLUR_1, RESIZE_1, NOISE_1), (BLUR_2, RESIZE_2, NOISE_2)):  # first, second order
+        lq = random_noise(random_resize(random_blur(lq, rng, blur), rng, resize), rng, noise)
+        lq = random_jpeg(lq, rng, JPEG)
+        if blur is BLUR_1:  # video compression in the first order only
+            lq = random_video_compression(lq, rng, VIDEO)
     # the last pair in random order: video compression vs. resize to the LQ size + sinc blur
     final = [lambda x: random_video_compression(x, rng, VIDEO),
              lambda x: random_blur(random_resize(x, rng, dict(FINAL_RESIZE, target_size=(lq_size, lq_size))),
@@ -1055,16 +897,14 @@ def degrade_sequence(frames, rng, lq_size):
 
 
 class RealDegradationDataset(_SampledDataset):
-    """RealBasicVSR training data (spec §6.1). GT-only clips: root/gt_dir (REDSSub layout), or the
-    built-in synthetic clips when root is None. A sample: a num_frames window, a gt_size crop,
-    flips/transpose, mirrored to 2 * num_frames; gt_usm = unsharp_mask(gt); lq = degrade_sequence(gt_usm).
+    """RealBasicVSR training data (spec §6.1) from GT-only clips, root/gt_dir (REDSSub), or synthetic ones
+    (root None): a REDSSub sample mirrored to 2n frames, gt_usm = unsharp_mask(gt), lq = degrade_sequence(gt_usm).
     Item: {"lq" (2n, 3, gt_size/scale, .), "gt" (2n, 3, gt_size, gt_size), "gt_usm", "key"}."""
 
     def __init__(self, root=None, num_frames=15, gt_size=256, scale=4, gt_dir="train_sharp_sub",
                  num_synthetic_clips=1000, seed=0, rank=None):
         super().__init__(seed, rank)
-        if gt_size % scale:
-            raise ValueError(f"gt_size {gt_size} must be divisible by scale {scale}")
+        _check_scale(gt_size, scale)
         for c in VIDEO["codec"]:  # fail at construction, not in a worker mid-training
             check_video_codec(c)
         self.clips = None if root is None else REDSSub(root, num_frames, gt_size, gt_dir, seed, rank)
@@ -1081,7 +921,7 @@ class RealDegradationDataset(_SampledDataset):
             (gt,) = _augment(rng, gt)
             key = f"synthetic_s{self.seed}_{index:05d}"
         else:
-            gt, key = self.clips.sample(index, rng)
+            (gt,), key = self.clips.sample(index, rng)
         usm = [unsharp_mask(f) for f in gt.astype(np.float32) / 255]
         lq = degrade_sequence(usm + usm[::-1], rng, self.gt_size // self.scale)  # mirrored: x1..xn, xn..x1
         gt, usm = frames_to_tensor(gt), frames_to_tensor(usm)
@@ -1090,35 +930,15 @@ class RealDegradationDataset(_SampledDataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Script: `python data.py --bench-degradation [--root data/REDS]` measures RealBasicVSR samples/s
-# for one worker (one process); `python data.py --prepare bi|bd --src GT --dst OUT` makes test sets.
-
-
-def _bench_degradation(args):
-    cv2.setNumThreads(1)  # one DataLoader worker = one core
-    torch.set_num_threads(1)
-    ds = RealDegradationDataset(args.root, num_frames=15, gt_size=256)
-    ds[0]  # warm-up (codec init, caches)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(1, args.samples + 1):
-        item = ds[i % len(ds)]
-    dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    src = "synthetic GT" if args.root is None else args.root
-    # CPU time is what one worker costs on an idle core; wall time also counts other load
-    print(f"RealBasicVSR pipeline ({src}, 15 frames mirrored to 30, 256 crop, lq {tuple(item['lq'].shape)}): "
-          f"{args.samples / dc:.2f} samples/s per worker by CPU time ({dc / args.samples:.2f} s/sample), "
-          f"{args.samples / dt:.2f} by wall time")
+# Command line (module docstring)
 
 
 def prepare_test_set(src, dst, degradation="bi", scale=4):
-    """Degrade every image under `src` (any depth, e.g. {clip}/*.png) into the same tree under
-    `dst` as PNG: "bi" = bicubic_downsample, "bd" = bd_downsample. dst must not exist; it is
-    built under a temporary name and renamed when complete."""
-    fn = {"bi": bicubic_downsample, "bd": lambda img, s: bd_downsample(img, 1.6, s)}.get(degradation)
-    if fn is None:
-        raise ValueError(f"unknown degradation {degradation!r}: use bi or bd")
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"folder not found: {src}")
+    """Degrade every image under `src` (any depth, e.g. {clip}/*.png) into the same tree of PNGs under
+    `dst` ("bi": bicubic_downsample, "bd": bd_downsample), which must not exist (atomic_path)."""
+    _check_choice("degradation", degradation, ("bi", "bd"))
+    fn = {"bi": bicubic_downsample, "bd": lambda img, s: bd_downsample(img, 1.6, s)}[degradation]
+    _need_dirs(src)
     if os.path.exists(dst):
         raise FileExistsError(f"output exists, not overwriting: {dst}")
     files = sorted(os.path.relpath(os.path.join(d, n), src) for d, _, names in os.walk(src)
@@ -1147,8 +967,20 @@ def main(argv=None):
     g.add_argument("--scale", type=int, default=4, help="downsampling factor")
     args = ap.parse_args(argv)
     try:
-        if args.bench_degradation:
-            _bench_degradation(args)
+        if args.bench_degradation:  # one DataLoader worker = one core
+            cv2.setNumThreads(1)
+            torch.set_num_threads(1)
+            ds = RealDegradationDataset(args.root, num_frames=15, gt_size=256)
+            ds[0]  # warm-up (codec init, caches)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(1, args.samples + 1):
+                item = ds[i % len(ds)]
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            # CPU time is what one worker costs on an idle core; wall time also counts other load
+            src = "synthetic GT" if args.root is None else args.root
+            print(f"RealBasicVSR pipeline ({src}, 15 frames mirrored to 30, 256 crop, "
+                  f"lq {tuple(item['lq'].shape)}): {args.samples / dc:.2f} samples/s per worker by CPU time "
+                  f"({dc / args.samples:.2f} s/sample), {args.samples / dt:.2f} by wall time")
         elif args.prepare:
             if not args.src or not args.dst:
                 ap.error("--prepare needs --src and --dst")
