@@ -1,4 +1,6 @@
-"""Helpers shared by the kernel and benchmark tests."""
+"""Helpers shared by the test files."""
+import os
+
 import pytest
 import torch
 
@@ -36,3 +38,13 @@ def tiny_alignment():
         cond = kernels.flow_warp(feat, flow)
         return align(torch.cat([feat, feat], 1), torch.cat([cond, feat, cond], 1), flow, flow)
     return step
+
+
+KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keys")
+
+
+def published_keys(name):
+    """[(key, shape)] of a published checkpoint, from its vendored list tests/keys/<name>."""
+    with open(os.path.join(KEYS_DIR, name)) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
+    return [(k, [int(s) for s in shape.strip("[]").split(",")]) for k, shape in rows]

@@ -1,5 +1,4 @@
 import math
-import os
 
 import pytest
 import torch
@@ -7,23 +6,10 @@ import torch.nn.functional as F
 
 import realbasicvsr as rbv
 import reference_realbasicvsr as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import published_keys  # noqa: E402
 
-# The published key lists (spec §13), vendored: the tests rebuild them from the spec's rules below
-# and compare.
-KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keys")
-
-
-def read_keys(name):
-    """[(key, shape)] from a keys_*.tsv file."""
-    path = os.path.join(KEYS_DIR, name)
-    keys = []
-    with open(path) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            k, shape = line.rstrip("\n").split("\t")
-            keys.append((k, [int(s) for s in shape.strip("[]").split(",")]))
-    return keys
+# The published key lists (spec §13) are vendored in tests/keys; the tests rebuild them from the
+# spec's rules below and compare.
 
 
 def resblocks_keys(prefix, c_in, c, n):
@@ -66,7 +52,7 @@ def unet_disc_keys(m=64):
 def test_key_rules_match_official_lists():
     """The rebuilt lists equal the published ones."""
     for name, keys in (("keys_realbasicvsr_net.tsv", realbasicvsr_keys()), ("keys_unet_disc_sn.tsv", unet_disc_keys())):
-        assert keys == read_keys(name), name
+        assert keys == published_keys(name), name
 
 
 def shapes(module):
