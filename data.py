@@ -782,17 +782,17 @@ def random_noise(frames, rng, p):
 
 
 def random_jpeg(frames, rng, p):
-    """JPEG at quality round(U(lo, hi)), walking per frame. Unlike the reference (which hands RGB
-    to cv2 as if it were BGR), colours are passed in the order the encoder expects."""
+    """JPEG at quality round(U(lo, hi)), walking per frame. As the official pipeline, RGB frames go
+    to cv2 as if they were BGR: its YCbCr then weighs red as blue, so the chroma subsampling falls
+    on swapped channels. That is the distribution the published weights were trained on."""
     if _skip(rng, p):
         return frames
     lo, hi = p["quality"]
     quality = round(rng.uniform(lo, hi))
     out = []
     for img in frames:
-        _, buf = cv2.imencode(".jpg", cv2.cvtColor(_to_uint8(img), cv2.COLOR_RGB2BGR),
-                              [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-        out.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255)
+        _, buf = cv2.imencode(".jpg", _to_uint8(img), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        out.append(cv2.imdecode(buf, cv2.IMREAD_COLOR).astype(np.float32) / 255)
         quality = round(_walk(rng, quality, p.get("quality_step", 0.0), lo, hi))
     return out
 
@@ -811,8 +811,10 @@ def check_video_codec(name):
 
 def random_video_compression(frames, rng, p):
     """Encode into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, frame 0's size) and decode it
-    back. Departures from the reference, for reproducible samples: one encoder thread, other sizes
-    resized to frame 0's here (not by PyAV), RGB -> yuv420p before the encoder, x264's mbtree off."""
+    back, with the official encoder options. Departures from the reference, for reproducible samples:
+    one encoder thread, other sizes resized to frame 0's here (not by PyAV), RGB -> yuv420p before the
+    encoder. Also departing on purpose: frames are rounded and clipped to 8 bits (the reference
+    truncates, and wraps values outside [0, 1])."""
     import av
     if _skip(rng, p):
         return frames
@@ -824,10 +826,7 @@ def random_video_compression(frames, rng, p):
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=1)
         stream.height, stream.width, stream.pix_fmt, stream.bit_rate = h, w, "yuv420p", bitrate
-        stream.codec_context.thread_count = 1
-        if stream.codec_context.name == "libx264":
-            # x264's macroblock-tree lookahead reads uninitialised memory (valgrind): output varies by run
-            stream.options = {"x264-params": "mbtree=0"}
+        stream.codec_context.thread_count = 1  # one thread: the same bits on every run
         for i, img in enumerate(frames):
             if img.shape[:2] != (h, w):
                 shrink = img.shape[0] * img.shape[1] > h * w
