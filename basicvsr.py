@@ -81,22 +81,28 @@ class PixelShufflePack(nn.Module):
         return F.pixel_shuffle(self.upsample_conv(x), self.scale_factor)
 
 
-def add_x4_head(net, mid_channels):
-    """The x4 tail shared by BasicVSR and BasicVSR++: two pixel-shuffle x2 stages, conv_hr, conv_last,
-    and the bilinear x4 image skip. The attribute names are the checkpoint keys; call it where the
-    reference registers them, so the state_dict order matches the published files."""
-    net.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
-    net.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
+def add_head(net, mid_channels, scale):
+    """The upsampling tail shared by BasicVSR and BasicVSR++. x4 (the published one): two
+    pixel-shuffle x2 stages, conv_hr, conv_last and the bilinear x4 image skip; x2: one pixel-shuffle
+    x2 stage and a bilinear x2 skip, the other names unchanged. The attribute names are the
+    checkpoint keys; call it where the reference registers them, so the state_dict order matches
+    the published files."""
+    if scale not in (2, 4):
+        raise ValueError(f"{type(net).__name__}: scale must be 2 or 4, got {scale}")
+    net.upsample1 = PixelShufflePack(mid_channels, mid_channels if scale == 4 else 64, 2, upsample_kernel=3)
+    if scale == 4:
+        net.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
     net.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
     net.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
-    net.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+    net.img_upsample = nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
     net.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
 
 
-def x4_head(net, feat):
-    """(n, C, h, w) features -> (n, 3, 4h, 4w) residual, before the image skip is added."""
+def head(net, feat):
+    """(n, C, h, w) features -> (n, 3, s*h, s*w) residual, before the image skip is added."""
     feat = net.lrelu(net.upsample1(feat))
-    feat = net.lrelu(net.upsample2(feat))
+    if hasattr(net, "upsample2"):
+        feat = net.lrelu(net.upsample2(feat))
     feat = net.lrelu(net.conv_hr(feat))
     return net.conv_last(feat)
 
@@ -144,6 +150,15 @@ class SPyNet(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
+    def zero_flow_(self):
+        """Untrained, SPyNet returns flows of ~10 px on 64x64 frames, so the alignment is noise; with each
+        level's last conv zeroed it returns zero flow (an identity warp) until trained, and still learns
+        (its gradients are not zero). For training without the pretrained weights."""
+        for level in self.basic_module:
+            nn.init.zeros_(level.basic_module[-1].conv.weight)
+            nn.init.zeros_(level.basic_module[-1].conv.bias)
+        return self
+
     def compute_flow(self, ref, supp):
         """ref, supp (n, 3, h, w) with h, w multiples of 32 -> flow (n, 2, h, w)."""
         ref = [(ref - self.mean) / self.std]
@@ -158,8 +173,8 @@ class SPyNet(nn.Module):
         for level in range(6):
             if level == 0:
                 flow_up = flow
-            else:  # twice the size, so twice the displacement
-                flow_up = F.interpolate(flow, scale_factor=2, mode="bilinear", align_corners=True) * 2.0
+            else:  # twice the size, so twice the displacement (size, not scale_factor=2: simpler to export)
+                flow_up = F.interpolate(flow, size=ref[level].shape[2:], mode="bilinear", align_corners=True) * 2.0
             supp_warped = kernels.flow_warp(supp[level], flow_up, padding_mode="border")
             flow = flow_up + self.basic_module[level](torch.cat([ref[level], supp_warped, flow_up], dim=1))
         return flow
@@ -170,12 +185,14 @@ class SPyNet(nn.Module):
                              f"and {tuple(supp.shape)}")
         h, w = ref.shape[2:]
         # The pyramid halves the size 5 times: work at the next multiple of 32.
-        h_up, w_up = -(-h // 32) * 32, -(-w // 32) * 32
-        if (h_up, w_up) != (h, w):
+        h_up, w_up = (h + 31) // 32 * 32, (w + 31) // 32 * 32  # no negative floor division: ONNX's truncates
+        # exported (ONNX), the sizes are symbolic: always resize (an identity at multiples of 32)
+        resize = torch.compiler.is_exporting() or (h_up, w_up) != (h, w)
+        if resize:
             ref = F.interpolate(ref, size=(h_up, w_up), mode="bilinear", align_corners=False)
             supp = F.interpolate(supp, size=(h_up, w_up), mode="bilinear", align_corners=False)
         flow = self.compute_flow(ref, supp)
-        if (h_up, w_up) != (h, w):
+        if resize:
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
             flow = torch.cat([flow[:, :1] * (w / w_up), flow[:, 1:] * (h / h_up)], dim=1)
         return flow
@@ -199,9 +216,10 @@ def check_video(lqs, name, min_size=0):
 
 def is_mirror_extended(lqs):
     """True if the clip is [x, reversed(x)]; its forward flows are then the backward ones reversed.
-    Decided afresh for every call (BasicSR's flag never resets)."""
+    Decided afresh for every call (BasicSR's flag never resets). False while torch.export (ONNX export)
+    traces: an exported network computes both flows, right for any clip."""
     t = lqs.shape[1]
-    if t % 2:
+    if t % 2 or torch.compiler.is_exporting():
         return False
     lqs_1, lqs_2 = torch.chunk(lqs, 2, dim=1)
     return torch.equal(lqs_1, lqs_2.flip(1))
@@ -285,17 +303,19 @@ def compute_flow(spynet, lqs, mirror, cache=None, chunk=None):
 
 
 class BasicVSR(nn.Module):
-    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, 4h, 4w). Any h, w >= 1 works: SPyNet pads to 32."""
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w), s = scale (4, or 2). Any h, w >= 1 works:
+    SPyNet pads to 32."""
 
-    def __init__(self, mid_channels=64, num_blocks=30):
+    def __init__(self, mid_channels=64, num_blocks=30, scale=4):
         super().__init__()
-        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks)  # saved with the weights
+        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks, scale=scale)  # saved with the weights
+        self.scale = scale
         self.mid_channels = mid_channels
         self.spynet = SPyNet()
         self.backward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
         self.forward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
         self.fusion = nn.Conv2d(mid_channels * 2, mid_channels, 1, 1, 0, bias=True)
-        add_x4_head(self, mid_channels)
+        add_head(self, mid_channels, scale)
 
     def forward(self, lqs):
         n, t, c, h, w = check_video(lqs, "BasicVSR")
@@ -320,7 +340,7 @@ class BasicVSR(nn.Module):
             feat_prop = self.forward_resblocks(torch.cat([lr_curr, feat_prop], dim=1))
 
             out = self.lrelu(self.fusion(torch.cat([feats_backward[i], feat_prop], dim=1)))
-            outputs.append(x4_head(self, out) + self.img_upsample(lr_curr))
+            outputs.append(head(self, out) + self.img_upsample(lr_curr))
             feats_backward[i] = None
         return torch.stack(outputs, dim=1)
 
@@ -383,10 +403,15 @@ class BasicVSRPlusPlus(nn.Module):
     """
 
     def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True,
-                 cpu_cache_length=100):
+                 cpu_cache_length=100, scale=4):
         super().__init__()
         self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks,  # saved with the weights
-                           max_residue_magnitude=max_residue_magnitude, is_low_res_input=is_low_res_input)
+                           max_residue_magnitude=max_residue_magnitude, is_low_res_input=is_low_res_input,
+                           scale=scale)
+        if not is_low_res_input and scale != 4:
+            raise ValueError("BasicVSRPlusPlus: is_low_res_input=False restores at the input size with the x4 "
+                             "head; scale must be 4")
+        self.scale = scale if is_low_res_input else 1  # output size / input size
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
         self.cpu_cache_length = cpu_cache_length
@@ -414,7 +439,7 @@ class BasicVSRPlusPlus(nn.Module):
 
         # reconstruction from [spatial, backward_1, forward_1, backward_2, forward_2], then x4
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
-        add_x4_head(self, mid_channels)
+        add_head(self, mid_channels, scale)
 
     def propagate(self, feats, flows, module_name, cache):
         """Second-order grid propagation of one branch; appends its per-frame output to feats[module_name].
@@ -484,8 +509,8 @@ class BasicVSRPlusPlus(nn.Module):
             if i + 1 < t:
                 pending = fetch(i + 1)
             hr = self.reconstruction(hr)
-            hr = x4_head(self, hr)
-            # the skip is bilinear x4 (not bicubic), as in the reference
+            hr = head(self, hr)
+            # the skip is bilinear (not bicubic), as in the reference
             hr = hr + (self.img_upsample(lqs[:, i]) if self.is_low_res_input else lqs[:, i])
             outputs.append(cache.put(hr))
         cache.synchronize()  # the copies must land before the CPU reads them
@@ -745,6 +770,11 @@ def _count(state, prefix):
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix) and k.endswith("conv1.weight")})
 
 
+def _scale(state, prefix):
+    """4 with the second pixel-shuffle stage (every published file), else 2."""
+    return 4 if prefix + "upsample2.upsample_conv.weight" in state else 2
+
+
 def network_from_keys(state, path):
     """(class name, constructor kwargs) of the upscaling network `state` fits, or one ValueError
     saying what the file holds instead."""
@@ -753,15 +783,17 @@ def network_from_keys(state, path):
             mid_channels=state["backbone.backward_1.main.0.weight"].shape[0],
             num_blocks=_count(state, "backbone.backward_1.main.2."),
             max_residue_magnitude=10,  # a constant of the published models, not in the file
-            is_low_res_input="feat_extract.main.0.weight" in state)  # HR input: two stride-2 convs first
+            is_low_res_input="feat_extract.main.0.weight" in state,  # HR input: two stride-2 convs first
+            scale=_scale(state, ""))
     if "image_cleaning.0.main.0.weight" in state and "basicvsr.backward_resblocks.main.0.weight" in state:
         return "RealBasicVSR", dict(
             mid_channels=state["image_cleaning.0.main.0.weight"].shape[0],
             num_propagation_blocks=_count(state, "basicvsr.backward_resblocks.main.2."),
-            num_cleaning_blocks=_count(state, "image_cleaning.0.main.2."))
+            num_cleaning_blocks=_count(state, "image_cleaning.0.main.2."),
+            scale=_scale(state, "basicvsr."))
     if "backward_resblocks.main.0.weight" in state:
         return "BasicVSR", dict(mid_channels=state["backward_resblocks.main.0.weight"].shape[0],
-                                num_blocks=_count(state, "backward_resblocks.main.2."))
+                                num_blocks=_count(state, "backward_resblocks.main.2."), scale=_scale(state, ""))
     if state and all(k.startswith("basic_module.") or k in ("mean", "std") for k in state):
         raise ValueError(f"{path} holds SPyNet, the optical-flow network, not an upscaling network "
                          f"(train.py takes it as --spynet-weights)")

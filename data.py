@@ -3,7 +3,7 @@
 Every dataset item is a dict of float32 torch tensors in [0, 1], RGB, frames first:
     {"lq": (t, 3, h, w), "gt": (t, 3, s*h, s*w), "key": str}
     RealDegradationDataset adds "gt_usm" (the unsharp-masked GT the LQ is made from);
-    LQFolder items have no "gt", REDSSub ones no "lq"; Vimeo90K "test" ones carry only the centre GT frame (1, 3, H, W).
+    LQFolder items have no "gt", REDSSub ones no "lq"; Vimeo90K "test" ones only the centre GT frame (1, 3, H, W).
 
 Public names, in file order:
     read_image(path) -> RGB uint8 (h, w, 3)        atomic_path(path): tmp name, renamed when complete
@@ -21,11 +21,10 @@ Public names, in file order:
     RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data
     prepare_test_set(src, dst, "bi"|"bd", scale=4)
 
-Command line: `python data.py --bench-degradation` (RealBasicVSR samples/s, one worker) and
-`python data.py --prepare bi|bd --src data/Vid4/GT --dst data/Vid4/BIx4` (test-set preparation).
+Command line: `--bench-degradation` (RealBasicVSR samples/s, one worker), `--prepare bi|bd --src GT`.
 
-Randomness: a training sample is a pure function of (seed, rank, epoch, index) through an explicit
-np.random.Generator (call dataset.set_epoch(epoch) each epoch), so it does not change with num_workers.
+Randomness: a training sample is a pure function of (seed, rank, epoch, index) (an explicit
+np.random.Generator; dataset.set_epoch(epoch) each epoch), whatever num_workers.
 """
 import argparse
 import functools
@@ -811,10 +810,10 @@ def check_video_codec(name):
 
 def random_video_compression(frames, rng, p):
     """Encode into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, frame 0's size) and decode it
-    back, with the official encoder options. Departures from the reference, for reproducible samples:
-    one encoder thread, other sizes resized to frame 0's here (not by PyAV), RGB -> yuv420p before the
-    encoder. Also departing on purpose: frames are rounded and clipped to 8 bits (the reference
-    truncates, and wraps values outside [0, 1])."""
+    back. Departures from the reference, for reproducible samples: one encoder thread, x264's mbtree
+    off (with it, 5 runs of one clip gave 2-3 different outputs here; off, the 10 kb/s draws come out
+    ~0.9 dB milder), other sizes resized to frame 0's here (not by PyAV), RGB -> yuv420p before the
+    encoder. Also on purpose: frames are rounded and clipped to 8 bits (the reference truncates and wraps)."""
     import av
     if _skip(rng, p):
         return frames
@@ -826,7 +825,9 @@ def random_video_compression(frames, rng, p):
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=1)
         stream.height, stream.width, stream.pix_fmt, stream.bit_rate = h, w, "yuv420p", bitrate
-        stream.codec_context.thread_count = 1  # one thread: the same bits on every run
+        stream.codec_context.thread_count = 1
+        if stream.codec_context.name == "libx264":  # the macroblock tree makes runs differ, even on one thread
+            stream.options = {"x264-params": "mbtree=0"}
         for i, img in enumerate(frames):
             if img.shape[:2] != (h, w):
                 shrink = img.shape[0] * img.shape[1] > h * w
@@ -962,8 +963,9 @@ def main(argv=None):
     g = ap.add_argument_group("test-set preparation")
     g.add_argument("--prepare", choices=["bi", "bd"], help="degrade --src into --dst (MATLAB bicubic or BD)")
     g.add_argument("--src", help="GT folder, e.g. data/Vid4/GT")
-    g.add_argument("--dst", help="output folder, e.g. data/Vid4/BIx4 (must not exist)")
-    g.add_argument("--scale", type=int, default=4, help="downsampling factor")
+    g.add_argument("--dst", help="output folder, must not exist (default: BIx4, BDx2, ... beside --src; "
+                                 "REDS train_sharp: train_sharp_bicubic/X4, X2)")
+    g.add_argument("--scale", type=int, default=4, choices=[2, 4], help="downsampling factor (default: 4)")
     args = ap.parse_args(argv)
     try:
         if args.bench_degradation:  # one DataLoader worker = one core
@@ -981,8 +983,12 @@ def main(argv=None):
                   f"lq {tuple(item['lq'].shape)}): {args.samples / dc:.2f} samples/s per worker by CPU time "
                   f"({dc / args.samples:.2f} s/sample), {args.samples / dt:.2f} by wall time")
         elif args.prepare:
-            if not args.src or not args.dst:
-                ap.error("--prepare needs --src and --dst")
+            if not args.src:
+                ap.error("--prepare needs --src")
+            src, name = os.path.normpath(args.src), f"{args.prepare.upper()}x{args.scale}"  # the usual names
+            redsx = os.path.basename(src) == "train_sharp" and args.prepare == "bi"
+            args.dst = args.dst or os.path.join(os.path.dirname(src), *(
+                ("train_sharp_bicubic", f"X{args.scale}") if redsx else (name,)))
             n = prepare_test_set(args.src, args.dst, args.prepare, args.scale)
             print(f"wrote {n} images to {args.dst}")
         else:

@@ -4,15 +4,19 @@ The generator is an image-cleaning module in front of BasicVSR; it is trained fi
 cleaning losses ("wogan"), then fine-tuned with a perceptual loss and a U-Net discriminator with
 spectral norm. Module and state_dict names follow mmagic, so the published checkpoints load with
 basicvsr.load_weights (prefix "generator_ema" for inference, "discriminator" for the critic).
-Tensors are RGB in [0, 1]; a video is (n, t, 3, h, w).
+Tensors are RGB in [0, 1]; a video is (n, t, 3, h, w). niqe(img), at the end, is the no-reference
+metric RealBasicVSR is evaluated with on real videos.
 """
+import math
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import data
 from basicvsr import BasicVSR, ResidualBlocksWithInputConv, check_video, load_strict, read_state_dict
 
 # ----------------------------------------------------------------------------------------------
@@ -20,7 +24,8 @@ from basicvsr import BasicVSR, ResidualBlocksWithInputConv, check_video, load_st
 
 
 class RealBasicVSR(nn.Module):
-    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, 4h, 4w), or (outputs, cleaned_lqs) with return_lqs.
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w) (s = scale, 4 or 2), or (outputs, cleaned_lqs)
+    with return_lqs.
 
     image_cleaning predicts a residue that is added to the frames. The cleaning is repeated while
     mean |residue| over the whole batch is >= dynamic_refine_thres / 255, at most 3 passes; the
@@ -34,10 +39,11 @@ class RealBasicVSR(nn.Module):
     """
 
     def __init__(self, mid_channels=64, num_propagation_blocks=20, num_cleaning_blocks=20,
-                 dynamic_refine_thres=255, is_fix_cleaning=False, is_sequential_cleaning=False):
+                 dynamic_refine_thres=255, is_fix_cleaning=False, is_sequential_cleaning=False, scale=4):
         super().__init__()
         self.config = dict(mid_channels=mid_channels, num_propagation_blocks=num_propagation_blocks,  # saved
-                           num_cleaning_blocks=num_cleaning_blocks)                                  # with the weights
+                           num_cleaning_blocks=num_cleaning_blocks, scale=scale)                     # with the weights
+        self.scale = scale
         self.is_fix_cleaning = is_fix_cleaning
         self.is_sequential_cleaning = is_sequential_cleaning
         self.dynamic_refine_thres = dynamic_refine_thres / 255.
@@ -47,7 +53,7 @@ class RealBasicVSR(nn.Module):
             ResidualBlocksWithInputConv(3, mid_channels, num_cleaning_blocks),
             nn.Conv2d(mid_channels, 3, 3, 1, 1, bias=True),
         )
-        self.basicvsr = BasicVSR(mid_channels, num_propagation_blocks)
+        self.basicvsr = BasicVSR(mid_channels, num_propagation_blocks, scale)
         self.requires_grad_(True)  # applies the freezing rules below
 
     def requires_grad_(self, requires_grad=True):
@@ -162,16 +168,18 @@ def charbonnier_loss(pred, target, eps=1e-12):
 
 
 def cleaning_loss(cleaned_lqs, gt_usm):
-    """L1 between the cleaned LQ (n, t, 3, h, w) and the area-downsampled x4 sharpened GT (n, t, 3, 4h, 4w)."""
+    """L1 between the cleaned LQ (n, t, 3, h, w) and the area-downsampled sharpened GT (n, t, 3, s*h,
+    s*w), s the network's scale (4, or 2)."""
     if cleaned_lqs.dim() != 5 or gt_usm.dim() != 5:
         raise ValueError(f"cleaning_loss expects (n, t, c, h, w) tensors, got {tuple(cleaned_lqs.shape)} "
                          f"and {tuple(gt_usm.shape)}")
     n, t, c, h, w = gt_usm.shape
-    if tuple(cleaned_lqs.shape) != (n, t, c, h // 4, w // 4) or h % 4 or w % 4:
-        raise ValueError(f"cleaning_loss: cleaned LQ {tuple(cleaned_lqs.shape)} is not the x4-down size "
-                         f"of the GT {tuple(gt_usm.shape)}")
-    gt_clean = F.interpolate(gt_usm.reshape(n * t, c, h, w), scale_factor=0.25, mode="area")
-    return F.l1_loss(cleaned_lqs, gt_clean.view(n, t, c, h // 4, w // 4))
+    s = h // max(cleaned_lqs.shape[3], 1)
+    if tuple(cleaned_lqs.shape) != (n, t, c, h // s, w // s) or s not in (2, 4) or h % s or w % s:
+        raise ValueError(f"cleaning_loss: cleaned LQ {tuple(cleaned_lqs.shape)} is not the x4- or x2-down "
+                         f"size of the GT {tuple(gt_usm.shape)}")
+    gt_clean = F.interpolate(rearrange(gt_usm, "n t c h w -> (n t) c h w"), scale_factor=1 / s, mode="area")
+    return F.l1_loss(cleaned_lqs, rearrange(gt_clean, "(n t) c h w -> n t c h w", n=n))
 
 
 def gan_loss(logits, target_is_real, weight=1.0):
@@ -265,3 +273,76 @@ class PerceptualLoss(nn.Module):
         for i, w in self.layer_weights.items():
             loss = loss + F.l1_loss(pred_feats[i], gt_feats[i]) * w
         return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# NIQE: the no-reference metric RealBasicVSR is evaluated with on real videos (VideoLQ), where no
+# GT exists. train.py reports it (train.niqe) for clips without GT.
+
+# NIQE (Mittal et al. 2013) pristine model: BasicSR 1.4.2 basicsr/metrics/niqe_pris_params.npz (the official
+# MATLAB release's mu_prisparam / cov_prisparam, and its 7x7 Gaussian window, sigma 7/6)
+_NIQE_PARAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "niqe_pris_params.npz")
+# AGGD shape grid of the official code and its gamma-function tables: the fits are a lookup in these
+_AGGD_ALPHA = np.arange(0.2, 10.001, 0.001)
+_AGGD_G1, _AGGD_G2, _AGGD_G3 = (np.array([math.gamma(k / a) for a in _AGGD_ALPHA]) for k in (1, 2, 3))
+_AGGD_RHO = _AGGD_G2 ** 2 / (_AGGD_G1 * _AGGD_G3)  # increasing in alpha: nearest entry by searchsorted
+
+
+def _aggd_fit(x):
+    """Moment-matching AGGD fit of each row of x (n, m): alpha, beta_l, beta_r and the table index."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # no negative (positive) values: nan, as BasicSR
+        l_std = np.sqrt((x * x * (x < 0)).sum(1) / (x < 0).sum(1))
+        r_std = np.sqrt((x * x * (x > 0)).sum(1) / (x > 0).sum(1))
+        g = l_std / r_std
+        r = np.abs(x).mean(1) ** 2 / (x * x).mean(1) * (g ** 3 + 1) * (g + 1) / (g ** 2 + 1) ** 2
+    j = np.clip(np.searchsorted(_AGGD_RHO, r), 1, len(_AGGD_RHO) - 1)
+    i = np.where(np.abs(_AGGD_RHO[j - 1] - r) <= np.abs(_AGGD_RHO[j] - r), j - 1, j)  # argmin |rho - r|
+    i = np.where(np.isnan(r), 0, i)  # np.argmin over nan picks the first entry: keep BasicSR's alpha = 0.2
+    s = np.sqrt(_AGGD_G1[i] / _AGGD_G3[i])
+    return _AGGD_ALPHA[i], l_std * s, r_std * s, i
+
+
+def _niqe_features(x):
+    """The 18 NIQE features of each block of x (n, b, b) of MSCN coefficients."""
+    a, bl, br, _ = _aggd_fit(x.reshape(len(x), -1))
+    f = [a, (bl + br) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):  # neighbour products: H, V, two diagonals (wrapping, as BasicSR)
+        a, bl, br, i = _aggd_fit((x * np.roll(x, shift, axis=(1, 2))).reshape(len(x), -1))
+        f += [a, (br - bl) * _AGGD_G2[i] / _AGGD_G1[i], bl, br]  # shape, mean (Eq. 8), left and right scales
+    return np.stack(f, 1)
+
+
+def _blur_nearest(x, k):
+    """scipy.ndimage.convolve(x, k, mode='nearest') for a symmetric k (no flip needed)."""
+    r, (h, w) = k.shape[0] // 2, x.shape
+    p = np.pad(x, r, mode="edge")
+    return sum(k[i, j] * p[i:i + h, j:j + w] for i in range(k.shape[0]) for j in range(k.shape[1]))
+
+
+def niqe(img):
+    """NIQE of an (h, w, 3) RGB uint8 image, lower is better: the official MATLAB code as ported by BasicSR,
+    calculate_niqe(bgr, crop_border=0, input_order='HWC', convert_to='y'). Y channel, 96x96 blocks without
+    overlap, two scales, distance of the blocks' multivariate Gaussian to the pristine one."""
+    with np.load(_NIQE_PARAMS) as p:
+        mu_pris, cov_pris, k = p["mu_pris_param"][0], p["cov_pris_param"], p["gaussian_window"]
+    # BT.601 studio-range Y (MATLAB rgb2ycbcr) with BasicSR's float32 round trip and its rounding; BasicSR takes
+    # BGR, so its weights run over B, G, R: same products and order as here
+    y = np.dot(img[..., ::-1].astype(np.float32) / 255, [24.966, 128.553, 65.481]) + 16.0
+    y = np.round((y / 255).astype(np.float32) * 255)
+    h, w = (s // 96 * 96 for s in y.shape)  # whole blocks only
+    if h * w < 2 * 96 * 96:  # one block has no covariance (BasicSR fails in pinv)
+        raise ValueError(f"NIQE needs at least two 96x96 blocks, got {img.shape[:2]}")
+    y, feats = y[:h, :w], []
+    for scale in (1, 2):
+        # float32 as BasicSR (scipy's convolve keeps the input dtype): flat areas give exact zeros (nan features)
+        mu = _blur_nearest(y, k).astype(np.float32)
+        sigma = np.sqrt(np.abs(_blur_nearest(y * y, k).astype(np.float32) - mu * mu))
+        x, b = (y - mu) / (sigma + 1), 96 // scale  # MSCN coefficients (Eq. 1); the block shrinks with the image
+        feats.append(_niqe_features(x.reshape(h // 96, b, w // 96, b).transpose(0, 2, 1, 3).reshape(-1, b, b)))
+        # MATLAB imresize(y, 0.5), bicubic with antialiasing; float32 as BasicSR's torch port
+        y = data.matlab_imresize(y / 255, 0.5).astype(np.float32) * 255
+    f = np.concatenate(feats, 1)
+    # MVG fit of the image's blocks (nanmean; covariance of the rows without nan, as MATLAB's nancov)
+    d = mu_pris - np.nanmean(f, 0)
+    cov = (cov_pris + np.cov(f[~np.isnan(f).any(1)], rowvar=False)) / 2
+    return float(np.sqrt(d @ np.linalg.pinv(cov) @ d))  # Eq. 10

@@ -33,7 +33,7 @@ import upscale
 # Recipes. Every field can be overridden by the flag of the same name (underscores -> dashes).
 
 BASICVSRPP_REDS4 = dict(
-    arch="basicvsrpp", mid_channels=64, num_blocks=7, num_cleaning_blocks=0,
+    arch="basicvsrpp", scale=4, mid_channels=64, num_blocks=7, num_cleaning_blocks=0,
     train_set="reds", val_set="reds4", degradation="BI", lq_dir=None, gt_dir=None,
     metric_channel="rgb", crop_border=0,
     num_frames=30, crop_size=256, batch_size=1,
@@ -105,17 +105,19 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="training data root; none: the built-in synthetic clips")
     g.add_argument("--val-root", help="validation data root (default: --data-root for reds4)")
-    g.add_argument("--val-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "synthetic", "none"])
+    g.add_argument("--val-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "videolq",
+                                         "synthetic", "none"])
     g.add_argument("--lq-dir", help="LQ folder name of a Vid4/UDM10-style set, e.g. BIx4, BDx4")
     g.add_argument("--gt-dir", help="GT folder name of a Vid4/UDM10-style set")
     g.add_argument("--degradation", choices=["BI", "BD"], help="Vimeo-90K LQ degradation")
     g.add_argument("--num-frames", type=int, help="frames per training clip")
-    g.add_argument("--crop-size", type=int, help="GT crop size (LQ crop = crop / 4)")
+    g.add_argument("--crop-size", type=int, help="GT crop size (LQ crop = crop / scale)")
     g.add_argument("--batch-size", type=int, help="clips per GPU (total = this x world size)")
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
     g.add_argument("--val-clips", type=int, help="validate on the first N clips only")
     g.add_argument("--synthetic-clips", type=int, help="number of synthetic training clips")
     g = p.add_argument_group("model")
+    g.add_argument("--scale", type=int, choices=[4, 2], help="upscaling factor (default: 4; x2 LQ folders: X2, BIx2)")
     g.add_argument("--mid-channels", type=int)
     g.add_argument("--num-blocks", type=int, help="residual blocks (RealBasicVSR: propagation blocks)")
     g.add_argument("--num-cleaning-blocks", type=int, help="RealBasicVSR cleaning blocks")
@@ -156,7 +158,8 @@ def build_parser():
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="evaluate --weights on --eval-set and exit")
     g.add_argument("--weights", help="weights to evaluate: .safetensors, a published .pth, or a run folder")
-    g.add_argument("--eval-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders"])
+    g.add_argument("--eval-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "videolq"],
+                   help="videolq (or any LQ-only folder of clips): NIQE, no GT needed")
     g.add_argument("--metric-channel", choices=["rgb", "y"])
     g.add_argument("--crop-border", type=int)
     return p
@@ -247,14 +250,13 @@ def all_reduce_mean(values, ddp):
 
 
 def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
-# The data stream. A DistributedSampler (set_epoch per epoch) gives each rank its share of each
-# epoch's permutation; the stream runs on across epochs and can start at any position, so a
-# resumed run sees exactly the batches the uninterrupted run would have. The datasets draw
-# their augmentations from (seed, rank, epoch, index), so worker count and resume do not matter.
+# The data stream: each rank's share of each epoch's permutation (DistributedSampler), running on
+# across epochs from any position, so a resumed run sees the batches the uninterrupted run would.
+# Augmentations are drawn from (seed, rank, epoch, index): worker count and resume do not matter.
 
 
 class EndlessStream(torch.utils.data.Sampler):
@@ -286,47 +288,48 @@ class EpochIndexed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+        getattr(self.dataset, "set_epoch", lambda epoch: None)(epoch)  # SyntheticClips draws no epochs
         return self.dataset[index]
 
 
 def build_train_set(cfg, rank):
-    seed, root = cfg["seed"], cfg["data_root"]
+    seed, root, scale = cfg["seed"], cfg["data_root"], cfg["scale"]
     if cfg["arch"] == "realbasicvsr":
         # GT clips (REDS sub-images, or synthetic ones) through the degradation pipeline (§6)
-        return data.RealDegradationDataset(root, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"],
+        return data.RealDegradationDataset(root, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"], scale=scale,
                                            num_synthetic_clips=cfg["synthetic_clips"], seed=seed, rank=rank)
     if root is None:
-        return data.SyntheticClips(cfg["synthetic_clips"], cfg["num_frames"], cfg["crop_size"], seed=seed)
+        return data.SyntheticClips(cfg["synthetic_clips"], cfg["num_frames"], cfg["crop_size"], scale, seed=seed)
     if cfg["train_set"] == "reds":
-        return data.REDS(root, "train", cfg["num_frames"], cfg["crop_size"], seed=seed, rank=rank)
+        return data.REDS(root, "train", cfg["num_frames"], cfg["crop_size"], scale, seed=seed, rank=rank)
     if cfg["train_set"] == "vimeo90k":
         if cfg["num_frames"] != 7:
             raise ValueError(f"train.py: Vimeo-90K septuplets have 7 frames (mirrored to 14), got --num-frames {cfg['num_frames']}")
-        return data.Vimeo90K(root, "train", degradation=cfg["degradation"], gt_size=cfg["crop_size"],
+        return data.Vimeo90K(root, "train", degradation=cfg["degradation"], gt_size=cfg["crop_size"], scale=scale,
                              seed=seed, rank=rank)
     raise ValueError(f"train.py: unknown train_set {cfg['train_set']!r}")
 
 
 def build_eval_set(name, root, cfg):
     """Whole clips for validation / evaluation."""
+    scale = cfg["scale"]
     if name == "synthetic":  # held-out clips: another seed than the training clips
         if cfg["arch"] == "realbasicvsr":
             return data.RealDegradationDataset(None, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"],
-                                               seed=cfg["seed"] + 1, rank=0)
-        return data.SyntheticClips(cfg["val_clips"] or 2, cfg["num_frames"], cfg["crop_size"],
-                                   seed=cfg["seed"] + 1)
+                                               scale=scale, seed=cfg["seed"] + 1, rank=0)
+        return data.SyntheticClips(cfg["val_clips"] or 2, cfg["num_frames"], cfg["crop_size"], scale, seed=cfg["seed"] + 1)
     if root is None:
         raise ValueError(f"train.py: the {name} set needs a root folder (--val-root, or --data-root for --eval)")
     if name in ("reds4", "redsval"):
-        return data.REDS(root, name)
+        return data.REDS(root, name, scale=scale)
     if name in ("vid4", "udm10", "folders"):
         if not cfg.get("lq_dir") or not cfg.get("gt_dir"):
             raise ValueError(f"train.py: the {name} set needs --lq-dir and --gt-dir (e.g. BIx4 and GT)")
-        return data.PairedFolders(root, cfg["lq_dir"], cfg["gt_dir"])
+        return data.PairedFolders(root, cfg["lq_dir"].replace("x4", f"x{scale}"), cfg["gt_dir"], scale)
     if name == "vimeo90k_t":
-        return data.Vimeo90K(root, "test", degradation=cfg["degradation"])
+        return data.Vimeo90K(root, "test", degradation=cfg["degradation"], scale=scale)
+    if name == "videolq":
+        return data.LQFolder(root)
     raise ValueError(f"train.py: unknown evaluation set {name!r}")
 
 
@@ -387,6 +390,15 @@ def ssim(img1, img2, crop_border=0, y_channel=False):
     return ssim_map.mean(dim=(1, 2, 3)).mean().item()
 
 
+niqe = realbasicvsr.niqe  # with the network it evaluates: train.py is at its size limit
+
+
+def metrics_text(p, s, b, frames=None):
+    """One row or mean of evaluate_clips as text: NIQE where there was no GT, else PSNR / SSIM."""
+    n = f", {frames} frames" if frames else ""
+    return f"NIQE {p:.4f}{n}" if math.isnan(s) else f"PSNR {p:.4f}  SSIM {s:.4f}  (bicubic PSNR {b:.4f}{n})"
+
+
 def to_255(frames):
     """[0, 1] float frames -> [0, 255], clamped and rounded as when saved as 8-bit images."""
     return (frames.float().clamp(0, 1) * 255.0).round()
@@ -411,21 +423,21 @@ def infer(model, lqs, gt_frames, amp_ctx):
     return out
 
 
-def bicubic(lqs, gt_frames):
-    """Bicubic x4 of the LQ, the baseline printed beside the model (Vimeo-90K-T: frame 4 only)."""
+def bicubic(lqs, gt_frames, scale):
+    """Bicubic upscaling of the LQ, the baseline printed beside the model (Vimeo-90K-T: frame 4 only)."""
     if gt_frames == 1 and lqs.shape[1] > 1:
         k = lqs.shape[1] // 4 if basicvsr.is_mirror_extended(lqs) else lqs.shape[1] // 2
         lqs = lqs[:, k:k + 1]
     n, t, c, h, w = lqs.shape
-    up = F.interpolate(lqs.reshape(n * t, c, h, w).float(), scale_factor=4, mode="bicubic", align_corners=False)
-    return up.view(n, t, c, 4 * h, 4 * w)
+    up = F.interpolate(lqs.reshape(n * t, c, h, w).float(), scale_factor=scale, mode="bicubic", align_corners=False)
+    return up.view(n, t, c, scale * h, scale * w)
 
 
 @torch.no_grad()
 def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, ddp=False,
                    image_path=None, max_clips=None, verbose=False):
-    """Per-clip PSNR / SSIM of the model and PSNR of bicubic; clip i runs on rank i % world_size.
-    Returns (rows, means) with rows = [(key, psnr, ssim, bicubic_psnr, frames)] on every rank."""
+    """[(key, psnr, ssim, bicubic_psnr, frames)] of the clips (clip i on rank i % world_size) on every rank,
+    and their means; a clip without GT (VideoLQ) gets the output's NIQE for PSNR and nan for the rest."""
     was_training = model.training
     model.eval()
     y, border = cfg["metric_channel"] == "y", cfg["crop_border"]
@@ -433,20 +445,27 @@ def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, d
     rows = []
     for i in range(rank, num, world_size):
         item = dataset[i]
-        lqs, gt = item["lq"][None].to(device), item["gt"]
+        lqs, gt = item["lq"][None].to(device), item.get("gt")
+        if gt is None:  # no GT (VideoLQ, real footage): the NIQE of the output frames
+            out = to_255(infer(model, lqs, 0, amp_ctx)[0]).byte().permute(0, 2, 3, 1).cpu().numpy()
+            q = [niqe(o) for o in out]
+            rows.append((item["key"], sum(q) / len(q), math.nan, math.nan, len(q)))
+            if verbose:
+                print(f"  {item['key']:<24s} {metrics_text(*rows[-1][1:])}", flush=True)
+            continue
         out = to_255(infer(model, lqs, gt.shape[0], amp_ctx)[0]).to(device)
         gt255 = to_255(gt).to(device)
-        bic = to_255(bicubic(lqs, gt.shape[0])[0])
+        bic = to_255(bicubic(lqs, gt.shape[0], gt.shape[-1] // lqs.shape[-1])[0])
         p = [psnr(o, g, border, y) for o, g in zip(out, gt255)]
         s = [ssim(o, g, border, y) for o, g in zip(out, gt255)]
         b = [psnr(o, g, border, y) for o, g in zip(bic, gt255)]
         rows.append((item["key"], sum(p) / len(p), sum(s) / len(s), sum(b) / len(b), len(p)))
         if verbose:
-            print(f"  {item['key']:<24s} PSNR {rows[-1][1]:.4f}  SSIM {rows[-1][2]:.4f}  "
-                  f"(bicubic PSNR {rows[-1][3]:.4f}, {len(p)} frames)", flush=True)
+            print(f"  {item['key']:<24s} {metrics_text(*rows[-1][1:])}", flush=True)
         if i == 0 and image_path is not None:
             k = out.shape[0] // 2
-            save_side_by_side(image_path, bic[k], out[k], gt255[k])
+            side_by_side = torch.cat([bic[k].cpu(), out[k].cpu(), gt255[k].cpu()], dim=2)  # bicubic | output | GT
+            data.write_image(image_path, side_by_side.permute(1, 2, 0).numpy().astype(np.uint8))
     if ddp:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, rows)
@@ -456,32 +475,18 @@ def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, d
     return rows, means
 
 
-def save_side_by_side(path, *frames):
-    """bicubic | output | GT of one frame, (3, H, W) [0, 255] each, as one PNG (atomic)."""
-    row = torch.cat([f.cpu() for f in frames], dim=2).permute(1, 2, 0).numpy().astype(np.uint8)
-    data.write_image(path, row)
-
-
 # ---------------------------------------------------------------------------------------------
 # Models.
 
 
 def build_generator(cfg):
     if cfg["arch"] == "basicvsrpp":
-        return basicvsr.BasicVSRPlusPlus(mid_channels=cfg["mid_channels"], num_blocks=cfg["num_blocks"])
+        return basicvsr.BasicVSRPlusPlus(mid_channels=cfg["mid_channels"], num_blocks=cfg["num_blocks"],
+                                         scale=cfg["scale"])
     if cfg["arch"] == "realbasicvsr":
         return realbasicvsr.RealBasicVSR(mid_channels=cfg["mid_channels"], num_propagation_blocks=cfg["num_blocks"],
-                                         num_cleaning_blocks=cfg["num_cleaning_blocks"])
+                                         num_cleaning_blocks=cfg["num_cleaning_blocks"], scale=cfg["scale"])
     raise ValueError(f"train.py: unknown arch {cfg['arch']!r}")
-
-
-def zero_flow(spynet):
-    """Without pretrained weights a random SPyNet returns flows of ~10 px on 64x64 frames, so the
-    alignment is noise. Zeroing each level's last conv makes it return zero flow (an identity
-    warp) until it is trained; its gradients are not zero, so it still learns when unfrozen."""
-    for level in spynet.basic_module:
-        torch.nn.init.zeros_(level.basic_module[-1].conv.weight)
-        torch.nn.init.zeros_(level.basic_module[-1].conv.bias)
 
 
 def spynet_params(model):
@@ -502,8 +507,7 @@ def ema_update(ema, model, decay):
 
 
 def lr_at(step, base_lr, cfg):
-    """Cosine from base_lr to eta_min over lr_period iterations (mmagic CosineRestartLR with one
-    period), or constant. A pure function of the step: nothing to save for the schedule."""
+    """Cosine to eta_min over lr_period (mmagic's CosineRestartLR, one period), or constant; of the step alone."""
     if cfg["lr_schedule"] == "constant":
         return base_lr
     t = min(step, cfg["lr_period"]) / cfg["lr_period"]
@@ -621,9 +625,7 @@ class Trainer:
         self.spynet_frozen = None
 
     def wrap(self, module):
-        if not self.ddp:
-            return module
-        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.ddp else module
 
     def set_phase(self, step):
         """SPyNet freeze under DDP without find_unused_parameters: DDP reduces only the parameters
@@ -759,9 +761,8 @@ def train(args, ddp, rank, world_size, device):
     if cfg["gan_weight"] > 0 and not args.init and not args.resume:
         print0("warning: no --init: the GAN stage starts from scratch; the recipe starts from the "
                "stage-1 (realbasicvsr_wogan) weights", rank=rank)
-    print0("config (total batch = batch_size x world_size):", rank=rank)
-    for k in sorted(cfg):
-        print0(f"  {k:22s} {cfg[k]}", rank=rank)
+    print0("config (total batch = batch_size x world_size):\n" + "\n".join(f"  {k:22s} {cfg[k]}" for k in sorted(cfg)),
+           rank=rank)
     resume_cmd = (f"torchrun --nproc_per_node={world_size} " if ddp else "python ") + \
         f"train.py --model {cfg['model']} --resume {out_dir}"
     if not args.resume and glob.glob(os.path.join(out_dir, "iter_*.state.pt")):
@@ -778,7 +779,7 @@ def train(args, ddp, rank, world_size, device):
     if args.spynet_weights:
         basicvsr.load_weights(spynet, args.spynet_weights)
     else:
-        zero_flow(spynet)
+        spynet.zero_flow_()
     g_raw.to(device).train()
     ema = copy.deepcopy(g_raw).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     if args.init:
@@ -786,9 +787,7 @@ def train(args, ddp, rank, world_size, device):
     if cfg.get("compile"):  # after the EMA copy: the EMA only evaluates, and stays eager
         basicvsr.compile_network(g_raw)
     d_raw = realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train() if cfg["gan_weight"] > 0 else None
-    percep = None
-    if cfg["perceptual_weight"] > 0:
-        percep = realbasicvsr.PerceptualLoss(args.vgg_weights).to(device)
+    percep = realbasicvsr.PerceptualLoss(args.vgg_weights).to(device) if cfg["perceptual_weight"] > 0 else None
     trainer = Trainer(cfg, g_raw, ema, d_raw, percep, device, ddp, cfg["amp"])
 
     start = 0
@@ -840,11 +839,9 @@ def train(args, ddp, rank, world_size, device):
             log_file.flush()
 
     def checkpoint(step, nonfinite_total):
-        rngs = [None] * world_size
+        rngs = [rng_state(device)] * world_size
         if ddp:
             dist.all_gather_object(rngs, rng_state(device))
-        else:
-            rngs = [rng_state(device)]
         if rank == 0:
             state = {"step": step, "config": cfg, "trainer": trainer.state_dict(), "rng": rngs,
                      "data_position": step * cfg["batch_size"], "nonfinite_total": nonfinite_total}
@@ -854,9 +851,10 @@ def train(args, ddp, rank, world_size, device):
         image = os.path.join(out_dir, f"val_{step:07d}.png") if rank == 0 else None
         rows, (p, s, b) = evaluate_clips(ema if ema is not None else g_raw, val_set, cfg, device,
                                          trainer.amp_ctx, rank, world_size, ddp, image, cfg["val_clips"])
-        print0(f"val   {step:>7d} | PSNR {p:.4f} SSIM {s:.4f} | bicubic PSNR {b:.4f} "
+        print0(f"val   {step:>7d} | {metrics_text(p, s, b)} "
                f"({cfg['metric_channel'].upper()}, {len(rows)} clips{', EMA' if ema is not None else ''})", rank=rank)
-        log({"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b})
+        log({"iter": step, "val_niqe": p} if math.isnan(s) else
+            {"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b})
         if rank == 0:
             for old in sorted(glob.glob(os.path.join(out_dir, "val_*.png")))[:-cfg["keep_last"]]:
                 os.remove(old)
@@ -947,7 +945,7 @@ def train(args, ddp, rank, world_size, device):
 EVAL_SETS = {  # set -> metric channel and default LQ/GT folder names (spec §7.2, §10)
     "reds4": ("rgb", None, None), "redsval": ("rgb", None, None),
     "vid4": ("y", "BIx4", "GT"), "udm10": ("y", "BDx4", "GT"), "vimeo90k_t": ("y", None, None),
-    "folders": ("rgb", None, None),
+    "folders": ("rgb", None, None), "videolq": ("rgb", None, None),  # videolq: LQ only, NIQE
 }
 
 
@@ -965,6 +963,7 @@ def evaluate(args, ddp, rank, world_size, device):
                                               "amp", "val_clips") if getattr(args, k) is not None})
     path = weights_file(args.weights, "--weights")
     model = upscale.load_network(path).to(device).eval()  # the network and its size from the file
+    cfg["scale"] = model.scale
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
     amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     dataset = build_eval_set(name, args.data_root, cfg)
@@ -973,9 +972,9 @@ def evaluate(args, ddp, rank, world_size, device):
     rows, (p, s, b) = evaluate_clips(model, dataset, cfg, device, amp_ctx, rank, world_size, ddp,
                                      max_clips=cfg["val_clips"], verbose=world_size == 1)
     if world_size > 1:
-        for key, cp, cs, cb, n in rows:
-            print0(f"  {key:<24s} PSNR {cp:.4f}  SSIM {cs:.4f}  (bicubic PSNR {cb:.4f}, {n} frames)", rank=rank)
-    print0(f"mean ({len(rows)} clips): PSNR {p:.4f}  SSIM {s:.4f}  (bicubic PSNR {b:.4f})", rank=rank)
+        for key, *values in rows:
+            print0(f"  {key:<24s} {metrics_text(*values)}", rank=rank)
+    print0(f"mean ({len(rows)} clips): {metrics_text(p, s, b)}", rank=rank)
     return rows, (p, s, b)
 
 

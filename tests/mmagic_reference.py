@@ -164,18 +164,23 @@ class SPyNet(nn.Module):
 
 
 class BasicVSRNet(nn.Module):
-    def __init__(self, mid_channels=64, num_blocks=30):
+    # scale=2 (the x2 models, not in mmagic): one pixel-shuffle stage to 64 channels, bilinear x2 skip
+    def __init__(self, mid_channels=64, num_blocks=30, scale=4):
         super().__init__()
         self.mid_channels = mid_channels
         self.spynet = SPyNet()
         self.backward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
         self.forward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
         self.fusion = nn.Conv2d(mid_channels * 2, mid_channels, 1, 1, 0, bias=True)
-        self.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
-        self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
+        if scale == 4:
+            self.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
+            self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
+        else:
+            self.upsample1 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
+            self.upsample2 = nn.Identity()
         self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
-        self.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+        self.img_upsample = nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
         self.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
 
     def check_if_mirror_extended(self, lrs):
@@ -227,7 +232,8 @@ class BasicVSRNet(nn.Module):
             out = torch.cat([outputs[i], feat_prop], dim=1)
             out = self.lrelu(self.fusion(out))
             out = self.lrelu(self.upsample1(out))
-            out = self.lrelu(self.upsample2(out))
+            if not isinstance(self.upsample2, nn.Identity):
+                out = self.lrelu(self.upsample2(out))
             out = self.lrelu(self.conv_hr(out))
             out = self.conv_last(out)
             base = self.img_upsample(lr_curr)
@@ -274,7 +280,7 @@ class SecondOrderDeformableAlignment(nn.Module):
 
 
 class BasicVSRPlusPlusNet(nn.Module):
-    def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True):
+    def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True, scale=4):
         super().__init__()
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
@@ -295,11 +301,11 @@ class BasicVSRPlusPlusNet(nn.Module):
                 max_residue_magnitude=max_residue_magnitude)
             self.backbone[module] = ResidualBlocksWithInputConv((2 + i) * mid_channels, mid_channels, num_blocks)
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
-        self.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
-        self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
+        self.upsample1 = PixelShufflePack(mid_channels, mid_channels if scale == 4 else 64, 2, upsample_kernel=3)
+        self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3) if scale == 4 else None
         self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
-        self.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+        self.img_upsample = nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
         self.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
         self.is_mirror_extended = False
 
@@ -354,7 +360,8 @@ class BasicVSRPlusPlusNet(nn.Module):
             hr = torch.cat(hr, dim=1)
             hr = self.reconstruction(hr)
             hr = self.lrelu(self.upsample1(hr))
-            hr = self.lrelu(self.upsample2(hr))
+            if self.upsample2 is not None:
+                hr = self.lrelu(self.upsample2(hr))
             hr = self.lrelu(self.conv_hr(hr))
             hr = self.conv_last(hr)
             if self.is_low_res_input:

@@ -145,6 +145,22 @@ def test_basicvsrpp_lr_matches_oracle(pp_lr, mirrored):
     assert max_diff(out, expected) < TOL
 
 
+@pytest.mark.parametrize("arch", ["basicvsrpp", "basicvsr"])
+def test_x2_networks_match_oracle(arch):
+    """scale=2: one pixel-shuffle x2 stage and a bilinear x2 skip; the x4 keys are kept, minus upsample2."""
+    torch.manual_seed(12)
+    net = randomize(BasicVSRPlusPlus(8, 1, scale=2) if arch == "basicvsrpp" else BasicVSR(8, 1, scale=2)).eval()
+    oracle = oracle_of(net, ref.BasicVSRPlusPlusNet(8, 1, scale=2) if arch == "basicvsrpp"
+                       else ref.BasicVSRNet(8, 1, scale=2))
+    lqs = clip(3, 64, 64, seed=13)
+    with torch.no_grad():
+        out, expected = net(lqs), oracle(lqs)
+    assert out.shape == (1, 3, 3, 128, 128) and max_diff(out, expected) < TOL
+    x4_keys = set((BasicVSRPlusPlus(8, 1) if arch == "basicvsrpp" else BasicVSR(8, 1)).state_dict())
+    assert set(net.state_dict()) == {k for k in x4_keys if not k.startswith("upsample2.")}
+    assert basicvsr.network_from_keys(net.state_dict(), "x2")[1]["scale"] == 2
+
+
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_basicvsrpp_hr_matches_oracle(pp_hr, mirrored):
     oracle = oracle_of(pp_hr, ref.BasicVSRPlusPlusNet(8, 1, is_low_res_input=False))
@@ -565,7 +581,8 @@ PUBLISHED = [
 def test_published_architectures_are_detected(tmp_path, name, cls, kwargs, layout):
     path = published_file(tmp_path / "published.pth", meta_model(cls, **kwargs), layout)
     network, config = basicvsr.network_of(path, read_state_dict(path))
-    expected = {"max_residue_magnitude": 10, "is_low_res_input": True, **kwargs} if cls is BasicVSRPlusPlus else kwargs
+    expected = {"max_residue_magnitude": 10, "is_low_res_input": True, "scale": 4, **kwargs} \
+        if cls is BasicVSRPlusPlus else {"scale": 4, **kwargs}
     assert (network, config) == (cls.__name__, expected)
     model = upscale.load_network(path)  # built at that size, and the file loads strictly into it
     assert type(model) is cls and model.config == expected
@@ -582,7 +599,7 @@ def test_realbasicvsr_gan_file_is_detected_and_prefers_ema(tmp_path):
                                "discriminator.conv_0.weight": torch.zeros(8, 3, 3, 3)}}, tmp_path / "rbv.pth")
     model = upscale.load_network(tmp_path / "rbv.pth", refine_thres=20)
     assert type(model) is realbasicvsr.RealBasicVSR and model.is_sequential_cleaning
-    assert model.config == dict(mid_channels=8, num_propagation_blocks=2, num_cleaning_blocks=3)
+    assert model.config == dict(mid_channels=8, num_propagation_blocks=2, num_cleaning_blocks=3, scale=4)
     assert model.dynamic_refine_thres == pytest.approx(20 / 255)
     assert torch.equal(model.state_dict()["image_cleaning.1.weight"], ema["image_cleaning.1.weight"])
 
@@ -597,7 +614,7 @@ def test_our_safetensors_name_their_network(tmp_path):
         meta = f.metadata()
     assert meta["network"] == "BasicVSRPlusPlus"
     assert json.loads(meta["config"]) == dict(mid_channels=16, num_blocks=2, max_residue_magnitude=10,
-                                              is_low_res_input=True)
+                                              is_low_res_input=True, scale=4)
     safetensors.torch.save_file(net.state_dict(), tmp_path / "bare.safetensors")
     for name in ("ours", "bare"):
         model = upscale.load_network(tmp_path / f"{name}.safetensors")

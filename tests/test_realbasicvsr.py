@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import realbasicvsr as rbv
 import reference_realbasicvsr as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 from helpers import published_keys  # noqa: E402
@@ -120,8 +122,10 @@ def test_cleaning_loss_hand_value():
     cleaned = torch.zeros(1, 1, 3, 2, 2)
     expected = (0.25 + 0.4 + 0.6 + 1.0) / 4
     assert rbv.cleaning_loss(cleaned, gt).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="x4-down"):
-        rbv.cleaning_loss(torch.zeros(1, 1, 3, 4, 4), gt)
+    # x2: 2x2 cells; the raised pixel lifts its cell by 0.8/4: (3 * 0.2 + 0.4 + 4 * (0.4 + 0.6 + 1.0)) / 16
+    assert rbv.cleaning_loss(torch.zeros(1, 1, 3, 4, 4), gt).item() == pytest.approx(9.0 / 16, rel=1e-6)
+    with pytest.raises(ValueError, match="x4- or x2-down"):
+        rbv.cleaning_loss(torch.zeros(1, 1, 3, 3, 3), gt)
 
 
 def test_gan_loss_hand_values():
@@ -348,3 +352,52 @@ def test_load_published_layout(tmp_path):
     disc3 = basicvsr.load_weights(rbv.UNetDiscriminatorSN(3, 8), tmp_path / "disc.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(disc(x), disc3(x))
+
+
+# ============================================================================ NIQE
+
+def _niqe_images():
+    """Deterministic RGB uint8 inputs of the NIQE reference values below."""
+    a = data.synthetic_clip(0, 1, 256)[0][0]  # 256x256 textured frame
+    noisy = np.clip(a + np.random.default_rng(0).normal(0, 20, a.shape), 0, 255).round().astype(np.uint8)
+    smooth = data.matlab_imresize(data.matlab_imresize(data.synthetic_clip(2, 1, 256)[0][0], 0.25), 4)
+    return {"a": a,
+            "crop_200x300": data.synthetic_clip(1, 1, 320)[0][0][:200, :300],  # NIQE crops to 192x288
+            "a_noise20": noisy, "smooth": smooth,
+            "192x192": data.synthetic_clip(3, 1, 192)[0][0]}
+
+
+# BasicSR 1.4.2 (PyPI sdist), basicsr/metrics/niqe.py calculate_niqe(img[..., ::-1], crop_border=0,
+# input_order='HWC', convert_to='y') -- BasicSR takes BGR -- numpy 2.4.6, scipy 1.17.1, torch 2.13.0 CPU,
+# computed 2026-12-03. Value and the input's pixel sum (to tell changed inputs from a changed metric).
+_NIQE_BASICSR = {
+    "a": (5.690433493810372, 18805903),
+    "crop_200x300": (9.07181776594531, 24171258),
+    "a_noise20": (14.674981032019822, 18817255),
+    "smooth": (8.128951493320509, 21713084),
+    "192x192": (5.124279216087084, 15158134),
+}
+
+
+@pytest.fixture(scope="module")
+def niqe_images():
+    return _niqe_images()
+
+
+def test_niqe_matches_basicsr(niqe_images):
+    # 1e-3: BasicSR resizes the second scale in float32 torch; we agree to ~1e-4 (its own value moves
+    # by about that when that resize is perturbed by one float32 ulp)
+    for name, (value, pixel_sum) in _NIQE_BASICSR.items():
+        img = niqe_images[name]
+        assert int(img.astype(np.int64).sum()) == pixel_sum, f"input {name} changed: regenerate the references"
+        assert abs(rbv.niqe(img) - value) < 1e-3, (name, rbv.niqe(img), value)
+
+
+def test_niqe_noise_scores_worse(niqe_images):
+    a = niqe_images["a"]
+    scores = [rbv.niqe(np.clip(a + np.random.default_rng(1).normal(0, s, a.shape), 0, 255).round().astype(np.uint8))
+              for s in (0, 5, 20)]
+    assert scores[0] < scores[1] < scores[2], scores
+    assert rbv.niqe(a[..., ::-1]) != pytest.approx(scores[0])  # RGB order matters (Y weights)
+    with pytest.raises(ValueError):
+        rbv.niqe(a[:96, :96])  # one block: no covariance

@@ -18,6 +18,7 @@ import basicvsr
 import data
 import realbasicvsr
 import train
+import upscale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +129,7 @@ def test_vimeo_t_centre_frame_and_bicubic():
     for clip in (lqs, torch.cat([lqs, lqs.flip(1)], 1)):  # mirrored here, or by the dataset
         out = train.infer(model, clip, gt_frames=1, amp_ctx=nullcontext())
         assert out.shape == (1, 1, 3, 16, 16) and torch.all(out == 0.5 * (4 + 11))
-        bic = train.bicubic(clip, gt_frames=1)
+        bic = train.bicubic(clip, gt_frames=1, scale=4)
         want = torch.nn.functional.interpolate(lqs[:, 3], scale_factor=4, mode="bicubic", align_corners=False)
         assert torch.allclose(bic[:, 0], want)
 
@@ -468,3 +469,39 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     assert f"continue with `python train.py --model basicvsrpp --resume {out}`" in stdout
     state = torch.load(out / f"iter_{step:07d}.state.pt", weights_only=True)
     assert state["step"] == step and not any(".tmp-" in n for n in os.listdir(out))
+
+
+def test_x2_training_and_weights(one_thread, tmp_path):
+    """--scale 2: the x2 networks train on x2 data (synthetic clips, bicubic x2 baseline), and their
+    weights say x2, so upscale.py needs no flag."""
+    out = tmp_path / "x2"
+    train.main(TINY_PP + ["--scale", "2", "--crop-size", "128", "--max-iters", "2", "--val-set", "synthetic",
+                          "--val-clips", "1", "--val-interval", "2", "--out-dir", str(out)])
+    state = torch.load(out / "iter_0000002.state.pt", weights_only=True)
+    assert state["config"]["scale"] == 2
+    model = upscale.load_network(out / "iter_0000002.safetensors")
+    assert model.scale == 2 and model.config["mid_channels"] == 8
+    val = [r for r in read_log(out) if "val_psnr" in r][0]
+    assert math.isfinite(val["val_psnr"]) and val["val_bicubic_psnr"] > 20  # bicubic x2 of the synthetic clip
+    import cv2
+    assert cv2.imread(str(out / "val_0000002.png")).shape == (128, 3 * 128, 3)
+
+
+def test_eval_videolq_is_niqe(one_thread, tmp_path, capsys):
+    """--eval-set videolq: LQ clips only, scored by the NIQE of the output frames (no GT)."""
+    for clip_name, seed in (("000", 1), ("001", 2)):
+        for i, frame in enumerate(data.synthetic_clip(seed, 2, 64)[0]):
+            os.makedirs(tmp_path / "VideoLQ" / clip_name, exist_ok=True)
+            data.write_image(str(tmp_path / "VideoLQ" / clip_name / f"{i:08d}.png"), frame)
+    torch.manual_seed(0)
+    model = basicvsr.BasicVSR(8, 1).eval()
+    basicvsr.save_weights(model, tmp_path / "w.safetensors")
+    rows, (q, s, b) = train.main(["--model", "realbasicvsr", "--eval", "--eval-set", "videolq", "--weights",
+                                  str(tmp_path / "w.safetensors"), "--data-root", str(tmp_path / "VideoLQ"),
+                                  "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert [r[0] for r in rows] == ["000", "001"] and math.isnan(s) and "mean (2 clips): NIQE" in text
+    lq = data.frames_to_tensor(list(data.synthetic_clip(1, 2, 64)[0]))[None]
+    with torch.no_grad():
+        out = model(lq)[0].clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert rows[0][1] == pytest.approx(np.mean([train.niqe(o) for o in out]), abs=1e-9)
