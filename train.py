@@ -182,7 +182,8 @@ def resolve_config(args, device, world_size, saved=None):
             cfg.update(SYNTHETIC[cfg["arch"]])
             if device.type == "cpu":
                 cfg.update(SYNTHETIC_CPU[cfg["arch"]])
-            cfg.update(val_set="synthetic", metric_channel="rgb", crop_border=0)
+            cfg.update(val_set="synthetic", metric_channel="rgb", crop_border=0,  # x2: the same LR crops
+                       crop_size=cfg["crop_size"] * (args.scale or 4) // 4)
     for k, v in vars(args).items():
         if k in FLAG_ONLY or v is None:
             continue
