@@ -1,7 +1,8 @@
-"""Upscale videos x4 with BasicVSR++, BasicVSR or RealBasicVSR: the whole inference path.
+"""Upscale videos (x4, x2, or x1 restoration) with BasicVSR++, BasicVSR or RealBasicVSR: the whole
+inference path.
 
-    python upscale.py INPUT OUTPUT --weights FILE [--arch basicvsrpp|basicvsr|realbasicvsr]
-    python upscale.py --convert SRC.pth DST.safetensors
+    python upscale.py INPUT OUTPUT --weights FILE   (or --onnx MODEL.onnx [--provider cpu|cuda|tensorrt])
+    python upscale.py --convert SRC.pth DST.safetensors; --export MODEL.onnx --weights FILE [--frames T]
 
 INPUT is a video file or a folder of frames, OUTPUT a video file (H.264, with the input's audio)
 or a folder of PNG frames. The frames stream through: read one at a time (VideoReader), grouped
@@ -360,7 +361,6 @@ class VideoWriter:
             self.abort()
 
 
-
 # ----------------------------------------------------------------------------------------
 # Upscaling videos. The LR stream is cut into scenes where the mean grey-level difference of
 # two consecutive thumbnails jumps; each scene into chunks of `chunk` frames, each run with
@@ -389,14 +389,16 @@ def load_network(path, refine_thres=255):
 
 
 def scale_of(model):
-    """Output size / input size: 4, or 1 for BasicVSR++ restoring at the input size (deblur,
+    """Output size / input size: 4 or 2, or 1 for BasicVSR++ restoring at the input size (deblur,
     denoise, decompression: is_low_res_input=False)."""
-    return 1 if isinstance(model, BasicVSRPlusPlus) and not model.is_low_res_input else 4
+    return getattr(model, "scale", 4)  # a plain function (the tests) is x4
 
 
 def min_input_size(model):
     """Smallest frame the network is run on: 64 LR pixels for SPyNet's coarsest level in BasicVSR++
     and RealBasicVSR; x1 models pad smaller frames (_forward), so any size."""
+    if isinstance(model, OnnxNetwork):
+        return model.min_size
     if scale_of(model) == 1 or isinstance(model, BasicVSR):
         return 1
     return 64
@@ -404,7 +406,7 @@ def min_input_size(model):
 
 def min_tile(model):
     """Smallest tile: MIN_TILE LR pixels; x1 models work at a quarter of the size, so 4 x MIN_TILE."""
-    return MIN_TILE * (4 // scale_of(model))
+    return MIN_TILE * (4 if scale_of(model) == 1 else 1)
 
 
 def _precision_dtype(precision, device):
@@ -434,8 +436,8 @@ def _precision_dtype(precision, device):
 def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     """Estimated peak bytes of model(lqs) for lqs of shape (1, t, 3, h, w); see the note above."""
     b = 4 if PRECISIONS[precision] is None else 2
-    net = next(m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus)))
-    maps = 5 if isinstance(net, BasicVSRPlusPlus) else 1
+    net = next(m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus, OnnxNetwork)))
+    maps = 5 if isinstance(net, BasicVSRPlusPlus) or getattr(net, "network", "") == "BasicVSRPlusPlus" else 1
     k = 8300 if maps == 5 and torch.device(device).type == "cpu" else 3300
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
@@ -670,6 +672,11 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
 
     model = model.to(device).eval()
     s = scale_of(model)
+    if isinstance(model, OnnxNetwork):  # every window must fit the exported one (shorter ones are padded)
+        chunk = chunk or model.frames - 2 * overlap
+        if chunk < 1 or chunk + 2 * overlap > model.frames or dtype is not None:
+            raise ValueError(f"the ONNX model runs fp32 windows of {model.frames} frames: --chunk + 2 x --overlap "
+                             f"must be at most {model.frames}, got {chunk} + 2 x {overlap}, precision {precision}")
     chunk, tile, estimate, budget = choose_settings(model, h, w, device, precision, chunk, overlap, tile)
     if tile and 2 * tile_overlap > tile:
         raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
@@ -726,6 +733,85 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     if progress and device.type == "cuda":
         print(f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
               f"(estimated {estimate / 2**30:.2f} GiB)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------
+# ONNX: export_onnx unrolls the recurrences over a fixed window, h and w dynamic (kernels.onnx_translations:
+# DeformConv, GridSample); OnnxNetwork runs the file with onnxruntime through the same upscale().
+
+ONNX_FRAMES, ONNX_OPSET = 15, 20
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class _CleanedOnce(torch.nn.Module):
+    """RealBasicVSR without its data-dependent branch: extra cleaning passes (refine_thres < 255) as
+    torch.where over three; else one, as the official inference (mean |residue| >= 1 means nonsense)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, lqs):
+        lqs, residue = self.net.clean(lqs)
+        if self.net.dynamic_refine_thres < 1:
+            lqs_2, residue_2 = self.net.clean(lqs)
+            lqs_2 = torch.where(residue_2 < self.net.dynamic_refine_thres, lqs_2, self.net.clean(lqs_2)[0])
+            lqs = torch.where(residue < self.net.dynamic_refine_thres, lqs, lqs_2)
+        return self.net.basicvsr(lqs)
+
+
+def export_onnx(model, path, frames=ONNX_FRAMES, opset=ONNX_OPSET):
+    """Write `model` to `path` as ONNX, atomically: lqs (1, frames, 3, h, w) -> (1, frames, 3, s*h, s*w),
+    h, w dynamic (x1 models: multiples of 4, >= 256), fp32; both flows computed (no mirror detection).
+    metadata_props: network, scale, min_size, mid_channels."""
+    import kernels
+    if not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"--frames must be an integer >= 2, got {frames!r}")
+    model, s = model.cpu().float().eval(), scale_of(model)
+    dims = [4 * torch.export.Dim(n, min=64, max=4096) if s == 1 else  # x1: multiples of 4, >= 256
+            torch.export.Dim(n, min=max(2, min_input_size(model)), max=4096) for n in ("h", "w")]
+    lqs = torch.rand(1, frames, 3, 256 if s == 1 else 64, 260 if s == 1 else 72)
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        program = torch.onnx.export(_CleanedOnce(model).eval() if isinstance(model, RealBasicVSR) else model, (lqs,),
+                                    dynamo=True, opset_version=opset, input_names=["lqs"], output_names=["output"],
+                                    dynamic_shapes=({3: dims[0], 4: dims[1]},), optimize=False,
+                                    custom_translation_table=kernels.onnx_translations(opset))
+    inner = model.basicvsr if isinstance(model, RealBasicVSR) else model
+    program.model.metadata_props.update(network=type(model).__name__, scale=str(s), min_size=str(min_input_size(model)),
+                                        mid_channels=str(inner.mid_channels))
+    with atomic_path(path) as tmp:
+        program.save(tmp, external_data=False)
+
+
+class OnnxNetwork(torch.nn.Module):
+    """A file of export_onnx run by onnxruntime: forward(lqs (1, t, 3, h, w)), t up to the exported window.
+    A shorter window (a scene's last) is padded in time by mirroring (frames t-2, t-3, ...; outputs
+    dropped): no frame is neutral to a recurrent network, and mirrored clips are what it saw in training.
+    Only kept frames near the padding differ from the PyTorch run, as extra context frames would."""
+
+    def __init__(self, path, provider="cpu"):
+        super().__init__()
+        import onnxruntime as ort
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--onnx {path}: no such file (write one with --export)")
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise ValueError(f"--provider {provider}: this onnxruntime has no {PROVIDERS[provider]} (only "
+                             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu in place of "
+                             f"onnxruntime{' and TensorRT' if provider == 'tensorrt' else ''}")
+        try:
+            providers = list(PROVIDERS.values())[list(PROVIDERS).index(provider)::-1]  # falls back to CUDA, CPU
+            self.session = ort.InferenceSession(path, providers=providers)
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.network, self.scale, self.min_size = meta["network"], int(meta["scale"]), int(meta["min_size"])
+            self.mid_channels, self.frames = int(meta["mid_channels"]), self.session.get_inputs()[0].shape[1]
+        except Exception as e:  # not ONNX, or not written by export_onnx
+            raise ValueError(f"--onnx {path}: not a network exported by upscale.py --export "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
+
+    def forward(self, lqs):
+        period = max(1, 2 * (lqs.shape[1] - 1))  # frame i >= t is frame period - i (mirrored, periodic)
+        index = [min(i % period, period - i % period) for i in range(self.frames)]
+        return torch.from_numpy(self.session.run(None, {"lqs": lqs[:, index].float().cpu().numpy()})[0][:, :len(lqs[0])])
 
 
 # forward calls of ResidualBlocksWithInputConv per frame: four propagation branches and the
@@ -808,6 +894,13 @@ def build_parser():
     video.add_argument("--no-audio", action="store_true",
                        help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
                             "hold the codec; cut to the written video)")
+    onnx = parser.add_argument_group("ONNX: export the network of --weights, or upscale with an exported one")
+    onnx.add_argument("--export", metavar="MODEL.onnx", help="write the network of --weights as ONNX (opset >= 19)")
+    onnx.add_argument("--frames", type=int, default=ONNX_FRAMES, metavar="T",
+                      help=f"with --export: the window length, fixed in the file (default: {ONNX_FRAMES})")
+    onnx.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"with --export (default: {ONNX_OPSET})")
+    onnx.add_argument("--onnx", metavar="MODEL.onnx", help="upscale with an exported network (onnxruntime)")
+    onnx.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="onnxruntime's (default: cpu)")
     convert = parser.add_argument_group("convert a checkpoint (mmagic/mmediting, BasicSR, plain .pth, safetensors) "
                                         "to our safetensors")
     convert.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help="checkpoint to read, safetensors to write")
@@ -821,14 +914,15 @@ def run_upscale(args):
     """The upscaling command: read args.input, load the network of args.weights, write args.output.
     A failure raises (the output is written under a temporary name, renamed at the end, and
     removed on the way out)."""
-    if not args.weights:
-        raise ValueError("--weights FILE is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
+    if not args.weights and not args.onnx:
+        raise ValueError("--weights FILE (or --onnx MODEL.onnx) is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
                          "RealBasicVSR)")
     if args.temporal_ensemble and not args.ensemble:
         raise ValueError("--temporal-ensemble adds to --ensemble: pass both")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ValueError(f"OUTPUT is the INPUT: {args.output}")
-    model = load_network(args.weights, args.refine_thres)  # before OUTPUT exists: a bad file leaves nothing
+    # before OUTPUT exists: a bad file leaves nothing
+    model = OnnxNetwork(args.onnx, args.provider) if args.onnx else load_network(args.weights, args.refine_thres)
     reader = read_video(args.input, fps=args.fps)
     for note in reader.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -866,8 +960,8 @@ def main(argv=None):
     Ctrl-C is 130, SIGTERM 143, each one line, with nothing left behind."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.convert and not (args.input and args.output):
-        parser.error("pass INPUT OUTPUT --weights FILE to upscale, or --convert SRC DST")
+    if not args.convert and not args.export and not (args.input and args.output):
+        parser.error("pass INPUT OUTPUT --weights FILE to upscale, --convert SRC DST, or --export MODEL.onnx")
 
     def terminate(signum, frame):
         raise Interrupted()
@@ -877,6 +971,11 @@ def main(argv=None):
     try:
         if args.convert:
             convert(*args.convert, args.prefix)
+        elif args.export:
+            if not args.weights:
+                raise ValueError("--export needs --weights FILE, the network to export")
+            export_onnx(load_network(args.weights, args.refine_thres), args.export, args.frames, args.opset)
+            print(f"{args.weights} -> {args.export}: windows of {args.frames} frames, opset {args.opset}")
         else:
             run_upscale(args)
         return 0

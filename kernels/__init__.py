@@ -61,5 +61,15 @@ from .deform_conv import (deform_conv2d, deform_conv2d_reference, flow_guided_de
                           flow_guided_offsets)
 from .flow_warp import flow_warp, flow_warp_reference  # noqa: E402
 
+
+def onnx_translations(opset=20):
+    """custom_translation_table for torch.onnx.export(dynamo=True) of a model that calls these ops:
+    DeformConv (opset >= 19) for both convolutions, GridSample for flow_warp. While torch.export
+    traces, the ops appear as their custom ops (vsr::*) whatever the device (common.exporting)."""
+    from .deform_conv import onnx_translations as deform_conv_onnx
+    from .flow_warp import onnx_translations as flow_warp_onnx
+    return {**deform_conv_onnx(opset), **flow_warp_onnx(opset)}
+
+
 __all__ = ["deform_conv2d", "deform_conv2d_reference", "flow_guided_deform_conv2d", "flow_guided_offsets",
-           "flow_warp", "flow_warp_reference", "get_backend", "use_backend"]
+           "flow_warp", "flow_warp_reference", "get_backend", "onnx_translations", "use_backend"]

@@ -24,6 +24,12 @@ def memory_format(x):
     return torch.channels_last
 
 
+def exporting():
+    """Whether torch.export (and so torch.onnx.export(dynamo=True)) is tracing: the ops then appear
+    as their torch.library custom ops (vsr::*) whatever the device, never as the reference's loops."""
+    return torch.compiler.is_exporting()
+
+
 def use_triton(op, backend, x):
     """Whether `backend` (an op's argument: None, "torch" or "triton") means the Triton kernel for x.
     None is kernels.use_backend's default, which outside any block is Triton for CUDA tensors."""
@@ -32,6 +38,8 @@ def use_triton(op, backend, x):
     if backend is None:
         from . import get_backend  # the package is loaded by the time an op runs
         backend = get_backend()
+    if exporting():
+        return True  # the custom ops: torch.export traces their fakes, ONNX export translates them
     triton_ = backend == "triton" or (backend is None and x.is_cuda)
     if triton_ and not x.is_cuda and not INTERPRET:
         raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
@@ -50,3 +58,15 @@ def autocast_inputs(x, low, fp32):
     else:
         dtype = x.dtype
     return [None if t is None else t.to(dtype) for t in low], list(fp32)
+
+
+def onnx_opset(version):
+    """ONNX Script's default-domain opset `version` (19 and up: DeformConv), for the ops' ONNX
+    translations; onnxscript is imported only when a model is exported."""
+    if version < 19:
+        raise ValueError(f"ONNX export: opset {version} has no DeformConv; use 19 or later")
+    import onnxscript
+    try:
+        return getattr(onnxscript, f"opset{version}")
+    except AttributeError:
+        raise ValueError(f"ONNX export: onnxscript {onnxscript.__version__} does not know opset {version}") from None

@@ -713,3 +713,36 @@ def flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias=None, max_resi
                                                            stride, padding, dilation, deform_groups)
         offset, mask = flow_guided_offsets(conv_offset, flows, mag, deform_groups, taps)
         return deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+
+
+# ----------------------------------------------------------------------------------------
+# ONNX: both ops as DeformConv (opset 19), for torch.onnx.export(dynamo=True,
+# custom_translation_table=...); the flow-guided glue is ordinary ONNX ops in front of it.
+# DeformConv has mmcv's layouts (offset (n, G*K*2, ho, wo) as per-tap (dy, dx); mask (n, G*K, ho, wo))
+# and its guard (a sample outside (-1, h) x (-1, w) is 0).
+
+def onnx_translations(opset):
+    """{torch op: ONNX Script function} for vsr::deform_conv2d and vsr::flow_guided_deform_conv2d at
+    `opset` (>= 19)."""
+    from .common import onnx_opset
+    op = onnx_opset(opset)
+
+    def deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups):
+        kh, kw = weight.shape[2], weight.shape[3]
+        return op.DeformConv(x, weight, offset, bias, mask, dilations=list(dilation), group=1,
+                             kernel_shape=[kh, kw], offset_group=deform_groups,
+                             pads=[padding[0], padding[1], padding[0], padding[1]], strides=list(stride))
+
+    def flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias, max_residue_magnitude, stride, padding,
+                                  dilation, deform_groups):
+        # flow_guided_offsets in ONNX: offset = mag * tanh(logits) + each group's flow as (dy, dx),
+        # mask = sigmoid(logits); groups g // (G / F) take flow g of the F flows
+        G, K, F = deform_groups, weight.shape[2] * weight.shape[3], flows.shape[1] // 2
+        residue = op.Mul(op.Tanh(op.Slice(conv_offset, [0], [2 * G * K], [1])), float(max_residue_magnitude))
+        mask = op.Sigmoid(op.Slice(conv_offset, [2 * G * K], [3 * G * K], [1]))
+        flow_yx = op.Gather(op.Reshape(flows, [0, F, 1, 2, -1]), [1, 0], axis=3)  # (n, F, 1, (dy, dx), h*w)
+        offset = op.Reshape(op.Add(op.Reshape(residue, [0, F, G // F * K, 2, -1]), flow_yx), op.Shape(residue))
+        return deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+
+    return {torch.ops.vsr.deform_conv2d.default: deform_conv2d,
+            torch.ops.vsr.flow_guided_deform_conv2d.default: flow_guided_deform_conv2d}

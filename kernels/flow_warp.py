@@ -324,3 +324,41 @@ def flow_warp(x, flow, padding_mode="zeros", backend=None):
     if triton_:
         return _flow_warp_op(x, flow, padding_mode)
     return flow_warp_reference(x, flow, padding_mode)
+
+
+# ----------------------------------------------------------------------------------------
+# ONNX: vsr::flow_warp as GridSample on the reference's grid, for torch.onnx.export(dynamo=True,
+# custom_translation_table=...). The grid is built from the flow's runtime shape, so one exported
+# file takes any frame size.
+
+def onnx_translations(opset):
+    """{torch op: ONNX Script function} for vsr::flow_warp at `opset` (>= 19)."""
+    from onnx import TensorProto
+
+    from .common import onnx_opset
+    op = onnx_opset(opset)
+    mode = "bilinear" if opset < 20 else "linear"  # GridSample-20 renamed the mode
+
+    def axis(shape, d, view):
+        """(size as float (1,), positions 0..size-1 shaped `view`) of dim d."""
+        size = op.Cast(op.Slice(shape, [d], [d + 1]), to=TensorProto.FLOAT)
+        pos = op.Range(op.Constant(value_float=0.0), op.Squeeze(size, [0]), op.Constant(value_float=1.0))
+        return size, op.Reshape(pos, view)
+
+    def normalised(pos, size):
+        # the reference's pinning (NaN and far-outside positions go to -2, just outside), then
+        # grid_sample's align_corners=True coordinates; a 1-pixel axis collapses to 0
+        pos = op.Where(op.Greater(pos, -2.0), pos, op.Constant(value_float=-2.0))
+        pos = op.Where(op.Less(pos, op.Add(size, 1.0)), pos, op.Add(size, 1.0))
+        return op.Sub(op.Div(op.Mul(pos, 2.0), op.Max(op.Sub(size, 1.0), op.Constant(value_float=1.0))), 1.0)
+
+    def flow_warp(x, flow, padding_mode):
+        shape = op.Shape(flow)
+        h, ys = axis(shape, 2, [1, 1, -1, 1])
+        w, xs = axis(shape, 3, [1, 1, 1, -1])
+        gx = normalised(op.Add(op.Slice(flow, [0], [1], [1]), xs), w)  # (n, 1, h, w)
+        gy = normalised(op.Add(op.Slice(flow, [1], [2], [1]), ys), h)
+        grid = op.Transpose(op.Concat(gx, gy, axis=1), perm=[0, 2, 3, 1])  # (n, h, w, 2): x, y
+        return op.GridSample(x, grid, align_corners=1, mode=mode, padding_mode=padding_mode)
+
+    return {torch.ops.vsr.flow_warp.default: flow_warp}
