@@ -12,7 +12,6 @@ import itertools
 import math
 import os
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ import basicvsr
 import data
 import realbasicvsr
 import upscale as ups
+import video
 from basicvsr import BasicVSR, BasicVSRPlusPlus
 from upscale import plan_windows, tile_starts, upscale, upscale_window
 
@@ -72,7 +72,7 @@ def write_frames(folder, frames):
 
 
 def write_video(path, frames, fps):
-    with ups.VideoWriter(path, fps) as w:
+    with video.VideoWriter(path, fps) as w:
         for f in frames:
             w.write(f)
     return str(path)
@@ -209,7 +209,7 @@ def test_cli_video_in_video_out(tmp_path, weights, bvsr, capsys):
     out = tmp_path / "out.mp4"
     rc = ups.main([src, str(out), "--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "3"])
     assert rc == 0 and "estimated peak" in capsys.readouterr().err
-    reader = ups.read_video(out)
+    reader = video.read_video(out)
     frames = list(reader)
     assert (len(frames), reader.width, reader.height, reader.fps) == (6, 128, 128, 24)
     expected = run(bvsr, src, chunk=3, scene_threshold=20, tile=None)
@@ -326,7 +326,7 @@ def test_cli_existing_output_needs_overwrite(tmp_path, weights, capsys):
     assert "output exists" in capsys.readouterr().err
     assert (tmp_path / "out.mp4").read_bytes() == b"keep me"
     assert ups.main(args + ["--overwrite"]) == 0
-    assert len(list(ups.read_video(tmp_path / "out.mp4"))) == 2
+    assert len(list(video.read_video(tmp_path / "out.mp4"))) == 2
     assert sorted(os.listdir(tmp_path)) == ["in", "out.mp4"]
 
 
@@ -422,7 +422,7 @@ def test_cli_copies_the_audio(tmp_path, weights, capsys, ext, encoder, codec, sa
     assert [p[2] for p in a_out["packets"]] == [p[2] for p in a_in["packets"]] and len(a_in["packets"]) > 5
     assert [p[0] for p in a_out["packets"]] == [p[0] for p in a_in["packets"]]
     assert np.array_equal(a_out["samples"], a_in["samples"])
-    assert len(list(ups.read_video(out))) == 6
+    assert len(list(video.read_video(out))) == 6
     end, longest = a_out["packets"][-1][1], max(p[1] - p[0] for p in a_out["packets"])
     assert abs(end - 6 / 24) <= longest  # as long as the video, within a packet
     assert sorted(os.listdir(tmp_path)) == sorted([f"in{ext}", f"out{ext}"])
@@ -463,7 +463,7 @@ def test_cli_no_audio(tmp_path, weights, capsys):
     for src, name, extra in [(with_audio, "a_out.mp4", ["--no-audio"]), (silent, "b_out.mp4", []),
                              (folder, "c_out.mp4", [])]:
         assert upscale_cli(src, tmp_path / name, weights, *extra) == 0
-        assert audio_of(tmp_path / name) == [] and len(list(ups.read_video(tmp_path / name))) == 3
+        assert audio_of(tmp_path / name) == [] and len(list(video.read_video(tmp_path / name))) == 3
     err = capsys.readouterr().err
     assert "audio copied" not in err and "AAC" not in err
     # another frame rate would make the audio drift: refused, unless it is dropped
@@ -471,7 +471,7 @@ def test_cli_no_audio(tmp_path, weights, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: fps 30 differs from the 24 fps") and "--no-audio" in err
     assert upscale_cli(with_audio, tmp_path / "d.mp4", weights, "--fps", "30", "--no-audio") == 0
-    assert ups.read_video(tmp_path / "d.mp4").fps == 30
+    assert video.read_video(tmp_path / "d.mp4").fps == 30
 
 
 @pytest.mark.parametrize("when", ["write", "close"])
@@ -479,7 +479,7 @@ def test_cli_audio_failure_is_one_line_and_leaves_nothing(tmp_path, weights, mon
     import av
     src = write_video_with_audio(tmp_path / "in.mp4", clip(19, 4, 32), 24, "aac", 44100, "mono")
     if when == "write":  # the source's audio turns out broken after two packets
-        open_video = ups.VideoWriter._open_video
+        open_video = video.VideoWriter._open_video
 
         def open_broken(self):
             open_video(self)
@@ -490,83 +490,22 @@ def test_cli_audio_failure_is_one_line_and_leaves_nothing(tmp_path, weights, mon
                 yield next(packets)
                 raise av.error.InvalidDataError(22, "Invalid data found when processing input")
             self._packets = broken()
-        monkeypatch.setattr(ups.VideoWriter, "_open_video", open_broken)
+        monkeypatch.setattr(video.VideoWriter, "_open_video", open_broken)
         words = ["cannot write the audio of", "in.mp4", "InvalidDataError"]
     else:  # the last audio, muxed while the file is finished, fails
-        mux_audio = ups.VideoWriter._mux_audio
+        mux_audio = video.VideoWriter._mux_audio
 
         def mux_failing_at_the_end(self, end, flush=False):
             if flush:
                 raise OSError(28, "No space left on device")
             return mux_audio(self, end)
-        monkeypatch.setattr(ups.VideoWriter, "_mux_audio", mux_failing_at_the_end)
+        monkeypatch.setattr(video.VideoWriter, "_mux_audio", mux_failing_at_the_end)
         words = ["No space left on device"]
     assert upscale_cli(src, tmp_path / "out.mp4", weights) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and all(w in errors[0] for w in words) and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["in.mp4"]
-
-
-# ---------------------------------------------------------------------------------------------
-# video and frame I/O
-
-
-@pytest.mark.parametrize("name", ["clip.mp4", "clip.mkv", "frames"])
-def test_video_roundtrip(tmp_path, name):
-    rng = np.random.default_rng(4)
-    frames = [cv2.GaussianBlur(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), (0, 0), 2) for _ in range(9)]
-    path = str(tmp_path / name)
-    with ups.VideoWriter(path, fps=12.5) as w:
-        for f in frames:
-            w.write(f)
-    assert os.listdir(tmp_path) == [name]  # the temporary was renamed
-    r = ups.read_video(path, fps=12.5 if name == "frames" else None)
-    assert r.fps == 12.5 and (r.width, r.height) == (48, 32)
-    if name != "clip.mkv":  # mkv does not store a frame count
-        assert r.num_frames == 9
-    out = list(r)
-    assert len(out) == 9 and all(o.shape == (32, 48, 3) and o.dtype == np.uint8 for o in out)
-    err = np.mean([np.abs(o.astype(float) - f).mean() for o, f in zip(out, frames)])
-    assert err == 0 if name == "frames" else err < 3  # crf 18: close to the input
-    assert ups.read_video(str(tmp_path / "frames") if name == "frames" else path).fps == (25.0 if name == "frames" else 12.5)
-
-
-def test_video_writer_odd_size_and_atomicity(tmp_path):
-    path = str(tmp_path / "odd.mp4")
-    with ups.VideoWriter(path, 25) as w:
-        for _ in range(3):
-            w.write(np.full((33, 45, 3), 100, np.uint8))
-    r = ups.read_video(path)
-    assert (r.height, r.width) == (34, 46) and len(list(r)) == 3
-    with pytest.raises(FileExistsError, match="odd.mp4"):
-        ups.VideoWriter(path, 25)
-    with pytest.raises(RuntimeError):
-        with ups.VideoWriter(str(tmp_path / "fail.mp4"), 25) as w:
-            w.write(np.zeros((16, 16, 3), np.uint8))
-            raise RuntimeError("interrupted")
-    with pytest.raises(ValueError, match="16x16"):
-        with ups.VideoWriter(str(tmp_path / "fail"), 25) as w:
-            w.write(np.zeros((16, 16, 3), np.uint8))
-            w.write(np.zeros((8, 8, 3), np.uint8))
-    assert sorted(os.listdir(tmp_path)) == ["odd.mp4"]  # nothing half-written left behind
-
-
-def test_read_video_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.mp4"):
-        ups.read_video(str(tmp_path / "missing.mp4"))
-    bad = tmp_path / "bad.mp4"
-    bad.write_bytes(b"not a video at all" * 10)
-    with pytest.raises(ValueError, match="bad.mp4"):
-        ups.read_video(str(bad))
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="empty"):
-        ups.read_video(str(tmp_path / "empty"))
-    os.makedirs(tmp_path / "mixed")
-    data.write_image(str(tmp_path / "mixed" / "0.png"), np.zeros((8, 8, 3), np.uint8))
-    data.write_image(str(tmp_path / "mixed" / "1.png"), np.zeros((8, 10, 3), np.uint8))
-    with pytest.raises(ValueError, match="1.png"):
-        list(ups.read_video(str(tmp_path / "mixed")))
 
 
 # ----------------------------------------------------------------------------------------
@@ -628,3 +567,20 @@ def test_cli_ensemble_prints_its_cost(tmp_path, weights, capsys):
     assert "error: --temporal-ensemble adds to --ensemble" in capsys.readouterr().err
     assert ups.main(args + ["--ensemble", "--temporal-ensemble"]) == 0
     assert "temporal self-ensemble: 16 passes, 16x the time" in capsys.readouterr().err
+
+
+def test_x2_weights_need_no_flag(tmp_path, capsys):
+    """A x2 network's safetensors say scale 2; upscale.py makes frames of twice the size, equal to
+    the network's own forward pass (within one grey level: see test_cli_basicvsrpp_is_the_default)."""
+    torch.manual_seed(6)
+    net = BasicVSR(8, 1, scale=2).eval()
+    basicvsr.save_weights(net, tmp_path / "x2.safetensors")
+    frames = clip(18, 3, 32, 48)
+    src = write_frames(tmp_path / "in", frames)
+    assert ups.main([src, str(tmp_path / "out"), "--weights", str(tmp_path / "x2.safetensors"), "--device", "cpu",
+                     "--scene-threshold", "0"]) == 0
+    assert "48x32 -> 96x64, BasicVSR" in capsys.readouterr().err
+    got = np.stack([data.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))])
+    with torch.no_grad():
+        expected = to_uint8(net(data.frames_to_tensor(frames)[None])[0])
+    assert got.shape == (3, 64, 96, 3) and np.abs(got.astype(int) - expected).max() <= 1
