@@ -1,4 +1,4 @@
-"""Data for BasicVSR++ and RealBasicVSR: datasets, degradations, test-set preparation (video I/O: upscale.py).
+"""Data for BasicVSR++ and RealBasicVSR: datasets, degradations, test-set preparation (video I/O: video.py).
 
 Every dataset item is a dict of float32 torch tensors in [0, 1], RGB, frames first:
     {"lq": (t, 3, h, w), "gt": (t, 3, s*h, s*w), "key": str}
@@ -18,8 +18,7 @@ Public names, in file order:
     PairedFolders(root, lq_dir, gt_dir, scale=4)     Vid4 / UDM10 style test sets; LQFolder(root): LQ only
     (degradations) unsharp_mask, gaussian/generalized_gaussian/plateau/sinc_kernel, blur_kernel, random_blur,
         random_resize/noise/jpeg/video_compression, check_video_codec, quantize, BLUR_1 ... FINAL_SINC, degrade_sequence
-    RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data
-    prepare_test_set(src, dst, "bi"|"bd", scale=4)
+    RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data; prepare_test_set
 
 Command line: `--bench-degradation` (RealBasicVSR samples/s, one worker), `--prepare bi|bd --src GT`.
 
