@@ -14,6 +14,7 @@ From Python: `upscale(model, frames_or_path, ...)` yields RGB uint8 frames.
 """
 import argparse
 import contextlib
+import datetime
 import itertools
 import math
 import os
@@ -23,6 +24,7 @@ import threading
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from basicvsr import (BasicVSR, BasicVSRPlusPlus, ResidualBlocksWithInputConv, compile_network, load_state, network_of, read_state_dict,
@@ -89,30 +91,57 @@ def _precision_dtype(precision, device):
     return PRECISIONS[precision]
 
 
-# Peak memory of one run on a window of t frames of h x w LR pixels, an estimate:
-#   t * h * w * (maps * C * b + 60)  +  h * w * K * b  +  parameters
+# Peak memory of one run on a window of t frames of h x w LR pixels, an estimate. What the run adds:
+#   A = t * h * w * (maps * C * b + 60)  +  h * w * K * b
 # maps * C * b: the features each frame keeps until its reconstruction (BasicVSR++: the spatial
 # map and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
-# (4 for fp32, 2 under autocast); 60: flows, input and output frames. K: what one step needs
-# on top, mostly the 64-channel x4 upsampling of one frame (K = 3300), and on CPU for BasicVSR++
-# the sampling buffers of the reference DCN (K = 8300).
-# Calibrated on CPU from the peak RSS of one forward pass (C = 64, 64x64 and 128x128 frames,
-# t = 3..12, fp32 and bf16); it matches those runs within 20%. The CUDA figures are not
-# measured: they assume the Triton DCN needs no such buffers, and the caching allocator adds
-# slack, so the automatic settings keep 25% of the free GPU memory in reserve. BasicVSR++'s
-# CPU offload (windows longer than cpu_cache_length on CUDA) makes this an overestimate.
+# (4 for fp32, 2 under autocast; 4 for BasicVSR++ on CPU, whose reference DCN samples in fp32);
+# 60: flows, input and output frames. K: what one step needs on top, mostly the 64-channel
+# upsampling of one frame (K = 3300 at x4), and on CPU for BasicVSR++ the sampling buffers of the
+# reference DCN (K = 8300).
+# On CPU the figure is the process's peak RSS: its resident memory now (the interpreter, torch,
+# the weights) + 1.25 A, the factor measured. Against the peak RSS of upscale() on random frames,
+# one window, chunk t, whole frames (2 threads, this 2-core machine):
+#   network                 frames       precision  estimate  measured
+#   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        598 MB    601 MB
+#   RealBasicVSR(64, 20)    10 x 180x320  fp32       1536 MB   1537 MB
+#   RealBasicVSR(64, 20)    10 x 180x320  bf16        969 MB   1016 MB
+#   BasicVSR++(64, 7)       10 x 64x64    fp32        600 MB    711 MB  (-16%)
+#   BasicVSR++(64, 7)        6 x 128x128  fp32       1206 MB   1205 MB
+#   BasicVSR++(64, 7)        6 x 128x128  bf16       1206 MB   1155 MB
+#   BasicVSR++(32, 3)       20 x 96x160   fp32       1250 MB   1142 MB  (+9%)
+#   BasicVSR(64, 30)        10 x 128x128  fp32        692 MB    720 MB
+# On CUDA it is A + the parameters, not measured yet: it assumes the Triton DCN needs no sampling
+# buffers; the automatic settings keep 25% of the free GPU memory in reserve, and an out-of-memory
+# error halves the window, then the tile (upscale_window). BasicVSR++'s host cache makes it an
+# overestimate; x2 and x1 models are not calibrated.
+
+
+def _resident_bytes():
+    """This process's resident memory now (Linux /proc), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
-    """Estimated peak bytes of model(lqs) for lqs of shape (1, t, 3, h, w); see the note above."""
-    b = 4 if PRECISIONS[precision] is None else 2
+    """Estimated peak bytes of model(lqs) for lqs of shape (1, t, 3, h, w): on CPU the process's
+    peak resident memory, on CUDA what the run allocates; see the note above."""
     net = next(m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus, OnnxNetwork)))
     maps = 5 if isinstance(net, BasicVSRPlusPlus) or getattr(net, "network", "") == "BasicVSRPlusPlus" else 1
-    k = 8300 if maps == 5 and torch.device(device).type == "cpu" else 3300
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    cpu = torch.device(device).type == "cpu"
+    b = 4 if PRECISIONS[precision] is None or (maps == 5 and cpu) else 2
+    k = 8300 if maps == 5 and cpu else 3300
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
-        return t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16 + params
-    return t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b + params
+        run = t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16
+    else:  # K's upsampling scales with the output's area
+        run = t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b * scale_of(model) ** 2 / 16
+    if cpu:
+        return _resident_bytes() + 1.25 * run
+    return run + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4, tile=None):
@@ -261,11 +290,41 @@ def _run(model, lqs, dtype, frames_desc, ensemble=None):
     return out / ENSEMBLES[ensemble]
 
 
-@torch.inference_mode()
 def upscale_window(model, window, first, last, device, dtype, tile=None, tile_overlap=16, ensemble=None):
     """Run `model` on a list of RGB uint8 (h, w, 3) frames and return the outputs of
     window[first:last] as uint8 (last - first, s*h, s*w, 3) on the CPU (s = scale_of(model)),
-    tiled if tile < h or w."""
+    tiled if tile < h or w. Out of memory, it runs the kept frames in two halves (each with the
+    window's context frames), one frame with half its context, then in tiles of half the size, with
+    a note each time."""
+    try:
+        return _upscale_window(model, window, first, last, device, dtype, tile, tile_overlap, ensemble)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        after, h, w = len(window) - last, *window[0].shape[:2]
+        if last - first > 1:
+            mid = (first + last) // 2
+            print(f"note: out of memory on {device} for {last - first} frames: running {mid - first} and "
+                  f"{last - mid}", file=sys.stderr)
+            return torch.cat([upscale_window(model, window[:mid + after], first, mid, device, dtype, tile,
+                                             tile_overlap, ensemble),
+                              upscale_window(model, window[mid - first:], first, first + last - mid, device, dtype,
+                                             tile, tile_overlap, ensemble)])
+        if len(window) > 1:  # one frame kept: half the context frames on each side
+            before, after = first // 2, after // 2
+            print(f"note: out of memory on {device} for one frame and {len(window) - 1} context frames: "
+                  f"running it with {before + after}", file=sys.stderr)
+            return upscale_window(model, window[first - before:last + after], before, before + 1, device, dtype,
+                                  tile, tile_overlap, ensemble)
+        half = (min(tile, max(h, w)) if tile else max(h, w)) // 2
+        if half < min_tile(model):
+            raise
+        print(f"note: out of memory on {device} for one frame: tiles of {half} px", file=sys.stderr)
+        return upscale_window(model, window, first, last, device, dtype, half, min(tile_overlap, half // 2), ensemble)
+
+
+@torch.inference_mode()
+def _upscale_window(model, window, first, last, device, dtype, tile, tile_overlap, ensemble):
     lqs = torch.from_numpy(np.stack(window)).to(device).permute(0, 3, 1, 2).float().div_(255)[None]
     t, _, h, w = lqs.shape[1:]
     s = scale_of(model)
@@ -288,7 +347,7 @@ def upscale_window(model, window, first, last, device, dtype, tile=None, tile_ov
 
 
 def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=4, tile=None, tile_overlap=16,
-            scene_threshold=20.0, max_frames=None, ensemble=None, progress=False):
+            scene_threshold=20.0, max_frames=None, ensemble=None, progress=False, skip=None, distributed=False):
     """Upscale a video, streaming: yields RGB uint8 (s*h, s*w, 3) frames in order, s = scale_of(model).
 
     model: BasicVSRPlusPlus, BasicVSR or RealBasicVSR (moved to `device`, set to eval).
@@ -306,6 +365,13 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
         scene; no run crosses a cut. None or 0 disables.
     max_frames: stop after this many input frames. ensemble: None, "spatial" (8 passes) or
         "temporal" (16), see _run. progress: print the settings and show a bar.
+    skip: indices of output frames that exist already (resuming): windows whose kept frames are
+        all in it are not run (their frames are still read, for the scene cuts), and None is
+        yielded for every index in it.
+    distributed: run on the ranks of the initialised torch.distributed group (torchrun): every
+        rank reads the frames and plans the same windows, runs every world-th one, and sends its
+        outputs to rank 0, which alone yields frames (the other ranks yield none). A failure on one
+        rank stops all (PeerFailed on the others).
     """
     import tqdm
 
@@ -348,6 +414,9 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
             raise ValueError(f"the ONNX model runs fp32 windows of {model.frames} frames: --chunk + 2 x --overlap "
                              f"must be at most {model.frames}, got {chunk} + 2 x {overlap}, precision {precision}")
     chunk, tile, estimate, budget = choose_settings(model, h, w, device, precision, chunk, overlap, tile)
+    if distributed:  # the ranks' free memory differs, their window plan must not: the smallest settings
+        chunk, tile = _agree(None, True, (chunk, tile or max(h, w)))
+        tile = tile if tile < max(h, w) else None
     if tile and 2 * tile_overlap > tile:
         raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
     passes = ENSEMBLES[ensemble] * (len(tile_starts(h, tile, tile_overlap)) * len(tile_starts(w, tile, tile_overlap))
@@ -387,15 +456,59 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
 
     hooks = [m.register_forward_hook(step) for m in model.modules()
              if progress and isinstance(m, ResidualBlocksWithInputConv)]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    skip = skip or ()
+    plan = plan_windows(checked(stream), chunk, overlap, SceneCuts(scene_threshold))
+    index, runs, sending = 0, 0, None  # next output frame, windows run, rank > 0: its send in flight
     try:
-        for window, a, b in plan_windows(checked(stream), chunk, overlap, SceneCuts(scene_threshold)):
-            steps = STEPS_PER_FRAME.get(type(model), 1) * len(window) * passes
-            window_progress.update(share=(b - a) / steps, done=0.0, shown=0)
-            out = upscale_window(model, window, a, b, device, dtype, tile, tile_overlap, ensemble)
-            window_progress["share"] = 0.0
-            bar.update(b - a - window_progress["shown"])
-            for frame in out.numpy():
-                yield frame
+        while True:
+            # A round: the next `world` windows to run, the j-th run on rank j % world, all at once.
+            # Windows whose kept frames all exist (skip) are planned, for the same windows as an
+            # uninterrupted run, but not run. An error flag is all-reduced after each round.
+            rounds, out, error = [], None, None  # (rank or None: skipped, kept frames) per window
+            try:
+                while sum(owner is not None for owner, _ in rounds) < world:
+                    window, a, b = next(plan, (None, 0, 0))
+                    if window is None:
+                        break
+                    owner = None if all(i in skip for i in range(index, index + b - a)) else runs % world
+                    runs += owner is not None
+                    rounds.append((owner, b - a))
+                    index += b - a
+                    if owner == rank:
+                        steps = STEPS_PER_FRAME.get(type(model), 1) * len(window) * passes
+                        window_progress.update(share=(b - a) / steps, done=0.0, shown=0)
+                        out = upscale_window(model, window, a, b, device, dtype, tile, tile_overlap, ensemble)
+                        window_progress["share"] = 0.0
+                        bar.update(b - a - window_progress["shown"])
+            except BaseException as e:  # Ctrl-C too: the other ranks must not wait for this one
+                error = e
+            _agree(error, distributed)
+            if not rounds:
+                break
+            if rank > 0:
+                if out is not None:  # one output in flight: rank 0 receives it while this rank runs the next
+                    if sending is not None:
+                        sending.wait()
+                    sending = dist.isend(out, 0)
+                continue
+            start = index - sum(n for _, n in rounds)
+            for owner, n in rounds:
+                if owner is None:
+                    frames_out = [None] * n
+                elif owner == 0:
+                    frames_out = out.numpy()
+                else:
+                    frames_out = torch.empty((n, s * h, s * w, 3), dtype=torch.uint8)
+                    dist.recv(frames_out, owner)
+                    frames_out = frames_out.numpy()
+                if owner != 0:
+                    bar.update(n)
+                for i, frame in enumerate(frames_out, start):
+                    yield None if i in skip else frame
+                start += n
+        if sending is not None:
+            sending.wait()
     finally:
         for hook in hooks:
             hook.remove()
@@ -403,6 +516,36 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     if progress and device.type == "cuda":
         print(f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
               f"(estimated {estimate / 2**30:.2f} GiB)", file=sys.stderr)
+
+
+class PeerFailed(Exception):
+    """Another rank of a torchrun run failed (and printed its error)."""
+
+    def __init__(self, rank):
+        super().__init__(f"rank {rank} of the run failed")
+        self.rank, self.agreed = rank, True
+
+
+def _agree(error, distributed, settings=()):
+    """Raise `error` (an exception or None) on every rank if any rank has one: each rank's flag and
+    its `settings` (up to 2 ints) are all-reduced, one collective of the same shape at every call,
+    so that ranks in different calls still meet. The lowest failed rank raises its error, the
+    others PeerFailed. Returns the smallest of each setting over the ranks."""
+    if distributed:
+        world, n = dist.get_world_size(), len(settings)
+        flags = torch.zeros(world + 2, dtype=torch.float64)
+        flags[dist.get_rank()] = error is not None
+        flags[world:world + n] = -torch.tensor(settings, dtype=torch.float64)  # MAX of -x: MIN of x
+        dist.all_reduce(flags, dist.ReduceOp.MAX)
+        failed = flags[:world].nonzero().flatten().tolist()
+        if error is not None:
+            error.agreed = True  # run_upscale must not agree on it again
+        if failed and (error is None or failed[0] != dist.get_rank()):
+            raise PeerFailed(failed[0]) from None
+        settings = [int(-x) for x in flags[world:world + n].tolist()]
+    if error is not None:
+        raise error
+    return settings
 
 
 # ----------------------------------------------------------------------------------------
@@ -504,6 +647,9 @@ def _check_frame(frame, size, index, source):
 # file holds; `python upscale.py --convert SRC DST` converts a checkpoint to our safetensors.
 
 UPSCALE_ERRORS = (ValueError, OSError, FloatingPointError)
+# How long a rank waits for the others at a round's end or for a window's frames: the slowest
+# window of a round must take less. A rank that dies is noticed at once; this only ends a hang.
+DIST_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 class Interrupted(Exception):
@@ -561,6 +707,9 @@ def build_parser():
                             "(default: 20)")
     video.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 for frame folders)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    video.add_argument("--resume", action="store_true",
+                       help="complete the frame folder OUTPUT of an interrupted run (the same command): its frames "
+                            "are kept, the run restarts at the first missing one")
     video.add_argument("--no-audio", action="store_true",
                        help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
                             "hold the codec; cut to the written video)")
@@ -582,8 +731,9 @@ def build_parser():
 
 def run_upscale(args):
     """The upscaling command: read args.input, load the network of args.weights, write args.output.
-    A failure raises (the output is written under a temporary name, renamed at the end, and
-    removed on the way out)."""
+    A failure raises: a video OUTPUT, written under a temporary name and renamed at the end, is
+    removed; a frame folder keeps its complete frames for --resume. Under torchrun (WORLD_SIZE > 1)
+    every rank reads the input and runs its share of the windows; rank 0 alone writes and prints."""
     if not args.weights and not args.onnx:
         raise ValueError("--weights FILE (or --onnx MODEL.onnx) is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
                          "RealBasicVSR)")
@@ -591,14 +741,43 @@ def run_upscale(args):
         raise ValueError("--temporal-ensemble adds to --ensemble: pass both")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ValueError(f"OUTPUT is the INPUT: {args.output}")
-    # before OUTPUT exists: a bad file leaves nothing
-    model = OnnxNetwork(args.onnx, args.provider) if args.onnx else load_network(args.weights, args.refine_thres)
-    reader = read_video(args.input, fps=args.fps)
-    for note in reader.notes:
-        print(f"note: {note}", file=sys.stderr)
-    audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
-    with VideoWriter(args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from) as writer:
-        reencoded = [codec for codec, mode in writer.audio if mode == "aac"]
+    if args.resume and os.path.splitext(args.output)[1].lower() in WRITTEN_VIDEO_EXTS:
+        raise ValueError(f"--resume: {args.output} is a video, which cannot be resumed: an H.264 stream cannot be "
+                         f"appended to cleanly (the encoder's state ends with the process); to be able to resume, "
+                         f"write a frame folder (OUTPUT without an extension) and encode it when complete")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume keeps OUTPUT's frames, --overwrite replaces them: pass one of them")
+    distributed, rank, device = int(os.environ.get("WORLD_SIZE", 1)) > 1, 0, args.device
+    if distributed:
+        # gloo carries everything, also on GPUs: the outputs are uint8 frames on the host already
+        # (upscale_window), written by rank 0 from the host; NCCL would add two copies. Each rank
+        # computes on its own GPU, LOCAL_RANK. A rank that dies closes its connections and the
+        # others' pending operation fails at once; the timeout only ends a hung rank.
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+        rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+        if device in (None, "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    with contextlib.ExitStack() as stack:
+        writer = None
+        try:  # before OUTPUT exists: a bad file leaves nothing
+            model = OnnxNetwork(args.onnx, args.provider) if args.onnx else load_network(args.weights, args.refine_thres)
+            reader = read_video(args.input, fps=args.fps)
+            if rank == 0:
+                for note in reader.notes:
+                    print(f"note: {note}", file=sys.stderr)
+                audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
+                writer = args.writer = stack.enter_context(VideoWriter(
+                    args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from, resume=args.resume))
+        except BaseException as e:
+            _agree(e, distributed)
+        _agree(None, distributed)
+        skip = writer.existing if writer is not None else None
+        if distributed and args.resume:  # rank 0's view of OUTPUT: the ranks must skip the same windows
+            box = [skip]
+            dist.broadcast_object_list(box, src=0)
+            skip = box[0]
+        reencoded = [codec for codec, mode in writer.audio if mode == "aac"] if writer is not None else []
         if reencoded:
             print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
                   f"input as it is: re-encoding it to AAC", file=sys.stderr)
@@ -609,14 +788,25 @@ def run_upscale(args):
         if args.compile:
             compile_network(model)
         ensemble = ("temporal" if args.temporal_ensemble else "spatial") if args.ensemble else None
-        for frame in upscale(model, reader, device=args.device, precision=args.precision, chunk=args.chunk,
-                             overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
-                             scene_threshold=args.scene_threshold, max_frames=args.max_frames, ensemble=ensemble,
-                             progress=True):
-            writer.write(frame)
-    audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
-    print(f"{args.output}: {writer.count} frames of {writer.size[1]}x{writer.size[0]} at {reader.fps:g} fps{audio}",
-          file=sys.stderr)
+        try:
+            for frame in upscale(model, reader, device=device, precision=args.precision, chunk=args.chunk,
+                                 overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
+                                 scene_threshold=args.scene_threshold, max_frames=args.max_frames, ensemble=ensemble,
+                                 progress=rank == 0, skip=skip, distributed=distributed):
+                if frame is None:
+                    writer.keep()
+                else:
+                    writer.write(frame)
+        except BaseException as e:
+            if distributed and not getattr(e, "agreed", False):  # not yet known to the other ranks
+                with contextlib.suppress(Exception):  # a rank already gone: the original error matters
+                    _agree(e, True)
+            raise
+    if writer is not None:
+        audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
+        size = f" of {writer.size[1]}x{writer.size[0]}" if writer.size else ""
+        kept = f" ({len(writer.existing)} kept from the interrupted run)" if args.resume else ""
+        print(f"{args.output}: {writer.count} frames{size}{kept} at {reader.fps:g} fps{audio}", file=sys.stderr)
 
 
 def convert(src, dst, prefix):
