@@ -1,9 +1,11 @@
 """Video and frame-folder I/O for upscale.py: frames stream in (VideoReader) and out (VideoWriter:
-H.264 with the input's audio, or PNG frames), the output written under a temporary name and moved
-into place only when complete.
+H.264 with the input's audio, written under a temporary name and moved into place only when
+complete; or PNG frames, each written atomically straight into the folder, so that an interrupted
+run can be resumed).
 """
 import contextlib
 import os
+import re
 import shutil
 
 import cv2
@@ -110,35 +112,51 @@ class VideoWriter:
     last frame are dropped, so it ends less than one packet (AAC at 44.1 kHz: 23 ms) after the
     video. Its timing is kept, so fps must be the source's frame rate (else the audio would drift).
 
-    Everything goes to a temporary sibling, renamed to `path` by close(); used as a context
-    manager, an exception removes the temporary instead. An existing `path` is an error unless
-    overwrite=True. Odd frame sizes are padded by one replicated row/column for yuv420p."""
+    A video goes to a temporary sibling, renamed to `path` by close(); used as a context manager,
+    an exception removes the temporary instead. A folder is made at the first frame and each frame
+    is written atomically into it, so a failure or an interruption leaves its complete frames (and
+    an empty folder is removed). An existing `path` is an error unless overwrite=True (replaced at
+    the first frame) or, for a folder, resume=True: the frames it holds are kept untouched
+    (.existing, their indices; write() skips them, keep() counts one) and the run completes it.
+    Odd frame sizes are padded by one replicated row/column for yuv420p."""
 
-    def __init__(self, path, fps, crf=18, overwrite=False, compression=3, audio_from=None):
+    def __init__(self, path, fps, crf=18, overwrite=False, compression=3, audio_from=None, resume=False):
         from fractions import Fraction
         self.path = os.fspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise FileExistsError(f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it): {self.path}")
+        ext = os.path.splitext(self.path)[1].lower()
+        self.is_video = ext in WRITTEN_VIDEO_EXTS
+        if resume and (self.is_video or overwrite):
+            raise ValueError(f"resume=True needs a frame folder and no overwrite: {self.path}")
+        self.existing = set()  # indices of the frames kept from an interrupted run (resume)
+        if os.path.exists(self.path) and not overwrite and not (resume and os.path.isdir(self.path)):
+            raise FileExistsError(f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it"
+                                  f"{'' if self.is_video else '; --resume completes an interrupted frame folder'}): "
+                                  f"{self.path}")
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output folder not found: {parent}")
         if not fps or fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}: {self.path}")
-        ext = os.path.splitext(self.path)[1].lower()
-        self.is_video = ext in WRITTEN_VIDEO_EXTS
         if ext and not self.is_video and not os.path.isdir(self.path):
             raise ValueError(f"OUTPUT {self.path}: {ext} is not a video container this writes "
                              f"({' '.join(WRITTEN_VIDEO_EXTS)}); for PNG frames name a folder without an extension")
-        self._out = atomic_path(self.path, ext=self.is_video)
-        self.tmp = self._out.tmp
+        self._out = atomic_path(self.path) if self.is_video else None
+        self.tmp = self._out.tmp if self.is_video else None
+        self._replace = overwrite and os.path.lexists(self.path)
+        self._made = self._created = False  # the folder is ready for frames; this writer made it
+        if resume and os.path.isdir(self.path):
+            self._made = True  # the folder is this output's: the frames go straight in
+            for name in os.listdir(self.path):
+                if re.fullmatch(r"\d{8}\.png", name):
+                    self.existing.add(int(name[:8]))
+                elif re.fullmatch(r"\d{8}\.tmp-[0-9a-f]{8}\.png", name):  # a killed write_image's temporary
+                    os.remove(os.path.join(self.path, name))
         self.fps, self.crf, self.compression = fps, crf, compression
         self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
         self.size, self.count, self._container = None, 0, None
         self.audio, self._source = [], None
         if self.is_video and audio_from is not None:
             self._plan_audio(os.fspath(audio_from))
-        if not self.is_video:
-            os.makedirs(self.tmp)
 
     def _plan_audio(self, source):
         """Open `source` and choose, per audio stream, a copy or (the container cannot hold the codec) AAC."""
@@ -207,6 +225,8 @@ class VideoWriter:
             self.size = frame.shape[:2]
             if self.is_video:
                 self._open_video()
+            else:
+                self._open_folder()
         elif frame.shape[:2] != self.size:
             raise ValueError(f"frame {self.count} is {frame.shape[1]}x{frame.shape[0]}, the video is "
                              f"{self.size[1]}x{self.size[0]}: {self.path}")
@@ -219,9 +239,33 @@ class VideoWriter:
                 self._container.mux(packet)
             if self.audio:  # interleaved: the audio up to the end of this frame
                 self._mux_audio((self.count + 1) / self.rate)
-        else:
-            write_image(os.path.join(self.tmp, f"{self.count:08d}.png"), frame, self.compression)
+        elif self.count not in self.existing:  # a kept frame stays untouched
+            write_image(os.path.join(self.path, f"{self.count:08d}.png"), frame, self.compression)
         self.count += 1
+
+    def keep(self):
+        """Count the next frame as one kept from the interrupted run (resume=True)."""
+        if self.count not in self.existing:
+            raise ValueError(f"frame {self.count} is not in {self.path}: it cannot be kept")
+        self.count += 1
+
+    def _open_folder(self):
+        """Make the folder (replacing the old output with overwrite=True), or, resuming, check that the
+        kept frames have the size of this run's."""
+        if self._made and self.existing:
+            kept = read_image(os.path.join(self.path, f"{min(self.existing):08d}.png")).shape[:2]
+            if kept != self.size:
+                raise ValueError(f"the frames in {self.path} are {kept[1]}x{kept[0]}, this run makes "
+                                 f"{self.size[1]}x{self.size[0]}: another input or network? --overwrite starts again")
+        if self._made:
+            return
+        if self._replace:
+            if os.path.isdir(self.path) and not os.path.islink(self.path):
+                shutil.rmtree(self.path)
+            else:
+                os.remove(self.path)
+        os.makedirs(self.path)
+        self._made = self._created = True
 
     def _open_video(self):
         import av
@@ -293,7 +337,7 @@ class VideoWriter:
         self._container.mux(out.encode(frame))
 
     def close(self):
-        """Finish the file and move it into place; on failure, drop it."""
+        """Finish the file and move it into place; on failure, drop it (a folder: keep its frames)."""
         if self.count == 0:
             self.abort()
             raise ValueError(f"no frames were written: {self.path}")
@@ -306,21 +350,26 @@ class VideoWriter:
                 self._container.close()
                 self._container = None
                 self._close_source()
-            if os.path.isdir(self.path) and not os.path.islink(self.path):
-                shutil.rmtree(self.path)  # only reached with overwrite=True
-            self._out.commit()
+                if os.path.isdir(self.path) and not os.path.islink(self.path):
+                    shutil.rmtree(self.path)  # only reached with overwrite=True
+                self._out.commit()
         except BaseException:
             self.abort()
             raise
 
     def abort(self):
-        """Drop everything written so far."""
+        """Drop the video written so far; a folder keeps its complete frames (for resume), and is
+        removed if it holds none."""
         if self._container is not None:
             with contextlib.suppress(Exception):  # the file is removed next, its end does not matter
                 self._container.close()
             self._container = None
         self._close_source()
-        self._out.discard()
+        if self.is_video:
+            self._out.discard()
+        elif self._created:
+            with contextlib.suppress(OSError):  # only if empty: nothing that was written is lost
+                os.rmdir(self.path)
 
     def _close_source(self):
         if self._source is not None:

@@ -356,7 +356,11 @@ def test_failure_mid_run_leaves_nothing(tmp_path, weights, monkeypatch, capsys, 
         with pytest.raises(RuntimeError, match="boom"):
             ups.main(args)
     assert len(calls) == 2
-    assert sorted(os.listdir(tmp_path)) == ["in"]
+    if failure == "nan":
+        assert sorted(os.listdir(tmp_path)) == ["in"]
+    else:  # a frame folder keeps the first window's frames, for --resume (frame 0: the clip cuts after it)
+        assert sorted(os.listdir(tmp_path)) == ["in", "out_frames"]
+        assert sorted(os.listdir(out)) == ["00000000.png"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -634,3 +638,115 @@ def test_x2_weights_need_no_flag(tmp_path, capsys):
     with torch.no_grad():
         expected = to_uint8(net(data.frames_to_tensor(frames)[None])[0])
     assert got.shape == (3, 64, 96, 3) and np.abs(got.astype(int) - expected).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------
+# Several processes (torchrun) and --resume. Two CPU processes, each with one thread, must give the
+# one-process frames within one grey level: the reference here runs with the test's thread count,
+# and convolutions summed in another order may round a value at x.5 grey levels either way.
+
+
+def two_scenes():
+    """9 frames of 32x32: 5 of one scene, then 4 of an inverted other one (a scene cut at 5)."""
+    return clip(30, 5, 32) + [255 - f for f in clip(31, 4, 32)]
+
+
+def torchrun(*args, script=None, timeout=120):
+    """`python -m torch.distributed.run --nproc_per_node=2 upscale.py ARGS` (or `script`), 1 thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           script or os.path.join(ROOT, "upscale.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def frames_of(folder):
+    return [data.read_image(str(folder / n)).astype(int) for n in sorted(os.listdir(folder))]
+
+
+def assert_same_frames(got, expected):
+    assert len(got) == len(expected)
+    assert max(np.abs(g - e).max() for g, e in zip(got, expected)) <= 1
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, weights):
+    """INPUT, the flags, and the frames of the one-process run (chunk 2, 1 context frame: 5 windows)."""
+    root = tmp_path_factory.mktemp("one_process")
+    src = write_frames(root / "in", two_scenes())
+    flags = ["--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "2", "--overlap", "1", "--tile", "0"]
+    assert ups.main([src, str(root / "out")] + flags) == 0
+    return src, flags, frames_of(root / "out")
+
+
+def test_two_processes_give_the_one_process_frames(tmp_path, one_process):
+    src, flags, expected = one_process
+    run_ = torchrun(src, tmp_path / "out", *flags)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    assert_same_frames(frames_of(tmp_path / "out"), expected)
+    # rank 0 alone prints: the settings once, the summary once
+    assert run_.stderr.count("upscale: 32x32 -> 128x128") == 1 and run_.stderr.count("out: 9 frames") == 1
+
+
+def test_a_failing_rank_stops_all_and_the_folder_resumes(tmp_path, one_process):
+    """Rank 1 fails in its second window (the second round of 5 windows, 2 per round): both stop,
+    rank 0 prints one line, then rank 1 its error; the folder keeps the first round's 4 frames, and
+    --resume with two processes completes it to the one-process frames, those 4 untouched."""
+    src, flags, expected = one_process
+    script = tmp_path / "failing.py"
+    script.write_text(
+        f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport upscale\nruns, window = [], upscale.upscale_window\n"
+        "def failing(*args, **kwargs):\n    runs.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(runs) == 2:\n        raise ValueError('boom on rank 1')\n"
+        "    return window(*args, **kwargs)\n"
+        "upscale.upscale_window = failing\nsys.exit(upscale.main())\n")
+    out = tmp_path / "out"
+    run_ = torchrun(src, out, *flags, script=script)
+    errors = sorted(line for line in run_.stderr.splitlines() if line.startswith("error: "))
+    # (torchrun's launcher prints its own traceback of the failed run; the ranks print none)
+    assert run_.returncode != 0 and f'{ROOT}/upscale.py", line' not in run_.stderr, run_.stderr[-3000:]
+    assert errors == ["error: boom on rank 1", f"error: rank 1 of the run failed (its error line follows); {out} keeps "
+                                               f"its complete frames: the same command with --resume finishes it"]
+    assert sorted(os.listdir(out)) == [f"{i:08d}.png" for i in range(4)]
+    kept = {n: os.stat(out / n) for n in os.listdir(out)}
+    run_ = torchrun(src, out, *flags, "--resume")
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    assert "out: 9 frames of 128x128 (4 kept from the interrupted run)" in run_.stderr
+    assert_same_frames(frames_of(out), expected)
+    assert all((os.stat(out / n).st_mtime_ns, os.stat(out / n).st_ino) == (s.st_mtime_ns, s.st_ino)
+               for n, s in kept.items())
+
+
+def test_interrupted_folder_resumes_to_the_same_frames(tmp_path, one_process, monkeypatch, capsys):
+    """Ctrl-C after 3 frames were written leaves them; --resume skips the first window (frames 0, 1),
+    reruns the second (frame 2 is kept, 3 written) and the rest: the uninterrupted run's frames."""
+    src, flags, expected = one_process
+    out, write = tmp_path / "out", video.VideoWriter.write
+
+    def interrupted_write(self, frame):
+        if self.count == 3:
+            raise KeyboardInterrupt
+        write(self, frame)
+
+    monkeypatch.setattr(video.VideoWriter, "write", interrupted_write)
+    assert ups.main([src, str(out)] + flags) == 130
+    assert f"{out} keeps its complete frames: the same command with --resume finishes it" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [f"{i:08d}.png" for i in range(3)]
+    kept = {n: os.stat(out / n) for n in os.listdir(out)}
+    monkeypatch.setattr(video.VideoWriter, "write", write)
+    assert ups.main([src, str(out)] + flags) == 1  # without --resume an existing OUTPUT is refused
+    assert "--resume completes an interrupted frame folder" in capsys.readouterr().err
+    runs, window = [], ups.upscale_window
+    monkeypatch.setattr(ups, "upscale_window", lambda *a, **k: runs.append(a[3] - a[2]) or window(*a, **k))
+    assert ups.main([src, str(out)] + flags + ["--resume"]) == 0
+    assert runs == [2, 1, 2, 2]  # the windows of frames 2-3, 4, 5-6, 7-8: the first was skipped
+    assert_same_frames(frames_of(out), expected)
+    assert all((os.stat(out / n).st_mtime_ns, os.stat(out / n).st_ino) == (s.st_mtime_ns, s.st_ino)
+               for n, s in kept.items())
+
+
+def test_resume_of_a_video_output_is_refused(tmp_path, one_process, capsys):
+    src, flags, _ = one_process
+    assert ups.main([src, str(tmp_path / "out.mp4")] + flags + ["--resume"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(w in errors[0] for w in ["--resume", "out.mp4", "H.264", "frame folder"])
+    assert os.listdir(tmp_path) == []

@@ -44,11 +44,44 @@ def test_video_writer_odd_size_and_atomicity(tmp_path):
         with video.VideoWriter(str(tmp_path / "fail.mp4"), 25) as w:
             w.write(np.zeros((16, 16, 3), np.uint8))
             raise RuntimeError("interrupted")
-    with pytest.raises(ValueError, match="16x16"):
+    assert sorted(os.listdir(tmp_path)) == ["odd.mp4"]  # nothing half-written left behind
+    with pytest.raises(ValueError, match="16x16"):  # a frame folder keeps its complete frames (to resume)
         with video.VideoWriter(str(tmp_path / "fail"), 25) as w:
             w.write(np.zeros((16, 16, 3), np.uint8))
             w.write(np.zeros((8, 8, 3), np.uint8))
-    assert sorted(os.listdir(tmp_path)) == ["odd.mp4"]  # nothing half-written left behind
+    assert os.listdir(tmp_path / "fail") == ["00000000.png"]
+    with pytest.raises(RuntimeError):  # and leaves no empty folder
+        with video.VideoWriter(str(tmp_path / "empty"), 25):
+            raise RuntimeError("interrupted")
+    assert sorted(os.listdir(tmp_path)) == ["fail", "odd.mp4"]
+
+
+def test_video_writer_resumes_a_frame_folder(tmp_path):
+    frames = [np.full((8, 8, 3), i, np.uint8) for i in range(4)]
+    path = str(tmp_path / "frames")
+    with pytest.raises(KeyboardInterrupt):
+        with video.VideoWriter(path, 25) as w:
+            w.write(frames[0])
+            w.write(frames[1])
+            raise KeyboardInterrupt
+    open(os.path.join(path, "00000002.tmp-0123abcd.png"), "wb").close()  # a killed write's temporary
+    with pytest.raises(FileExistsError, match="--resume"):
+        video.VideoWriter(path, 25)
+    kept = os.stat(os.path.join(path, "00000001.png"))
+    with video.VideoWriter(path, 25, resume=True) as w:
+        assert w.existing == {0, 1}
+        w.keep()
+        w.write(np.zeros((8, 8, 3), np.uint8))  # an existing frame stays untouched
+        w.write(frames[2])
+        w.write(frames[3])
+    assert sorted(os.listdir(path)) == [f"{i:08d}.png" for i in range(4)]
+    assert [o[0, 0, 0] for o in video.read_video(path)] == [0, 1, 2, 3]
+    assert os.stat(os.path.join(path, "00000001.png")).st_mtime_ns == kept.st_mtime_ns
+    with pytest.raises(ValueError, match="4x4"):  # frames of another size: another run
+        with video.VideoWriter(path, 25, resume=True) as w:
+            w.write(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="frame folder"):
+        video.VideoWriter(str(tmp_path / "x.mp4"), 25, resume=True)
 
 
 def test_read_video_errors(tmp_path):
