@@ -20,8 +20,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import tqdm
 import torch.nn.functional as F
+import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import basicvsr
@@ -523,9 +523,10 @@ def weights_file(path, what, ema=True):
         path = latest_checkpoint(path, what) + ".safetensors"
     if path.endswith(".state.pt"):
         path = path[:-len(".state.pt")] + ".safetensors"
-    ema_path = path[:-len(".safetensors")] + "_ema.safetensors"
-    if ema and path.endswith(".safetensors") and not path.endswith("_ema.safetensors") and os.path.isfile(ema_path):
-        return ema_path
+    if ema and path.endswith(".safetensors") and not path.endswith("_ema.safetensors"):
+        ema_path = path[:-len(".safetensors")] + "_ema.safetensors"
+        if os.path.isfile(ema_path):
+            return ema_path
     return path
 
 
@@ -863,7 +864,7 @@ def train(args, ddp, rank, world_size, device):
     # --- loop
     step, max_iters = start, cfg["max_iters"]
     nonfinite_total = saved_state["nonfinite_total"] if saved_state else 0
-    nonfinite_run, last_ckpt, last_saved = 0, stem, start
+    nonfinite_run, last_ckpt = 0, stem
     sums, count, t0, timed_iters = {}, 0, time.time(), 0
     # Ctrl-C / SIGTERM only ask to stop: the iteration finishes, every rank agrees on where to stop,
     # a checkpoint is written there. A second signal during the write changes nothing.
@@ -914,18 +915,16 @@ def train(args, ddp, rank, world_size, device):
                 log({"iter": step, **means, "lr": lr, "it_s": it_s, "nonfinite": nonfinite_total,
                      **({"mem_gb": mem} if mem is not None else {})})
                 sums, count, t0, timed_iters = {}, 0, time.time(), 0
-            if step % cfg["save_interval"] == 0 or step == max_iters:
+            stopping = all_reduce_max(bool(stop), ddp)  # the same iteration on every rank
+            if step % cfg["save_interval"] == 0 or step == max_iters or stopping:
                 if nonfinite_run:  # keep the last checkpoint a good one
                     print0(f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank)
                 else:
                     last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
-                    last_saved = step
             if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
                 validate(step)
                 t0, timed_iters = time.time(), 0
-            if all_reduce_max(bool(stop), ddp):  # the same iteration on every rank
-                if last_saved != step and not nonfinite_run:
-                    last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
+            if stopping:
                 signum = stop[0] if stop else signal.SIGTERM  # another rank was signalled
                 saved = f"checkpoint {last_ckpt}.state.pt" if last_ckpt else "no checkpoint yet"
                 print0(f"{signal.Signals(signum).name}: stopped after iteration {step}; {saved}; "
