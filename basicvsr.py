@@ -392,8 +392,9 @@ class SecondOrderDeformableAlignment(nn.Module):
 
 
 class BasicVSRPlusPlus(nn.Module):
-    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, 4h, 4w), or (n, t, 3, h, w) when is_low_res_input=False
-    (then h, w are multiples of 4 and the network works at h/4 x w/4). The LR size must be >= 64x64.
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w), s = scale (4, or 2), or (n, t, 3, h, w) when
+    is_low_res_input=False (then h, w are multiples of 4 and the network works at h/4 x w/4). The LR
+    size must be >= 64x64.
 
     Long clips: when t > cpu_cache_length, features and flows are computed cpu_cache_chunk frames at
     a time, and on a GPU the per-frame maps live in pinned CPU memory (HostCache): only the maps a
@@ -437,7 +438,7 @@ class BasicVSRPlusPlus(nn.Module):
                 max_residue_magnitude=max_residue_magnitude)
             self.backbone[module] = ResidualBlocksWithInputConv((2 + i) * mid_channels, mid_channels, num_blocks)
 
-        # reconstruction from [spatial, backward_1, forward_1, backward_2, forward_2], then x4
+        # reconstruction from [spatial, backward_1, forward_1, backward_2, forward_2], then the head
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
         add_head(self, mid_channels, scale)
 
