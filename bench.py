@@ -54,7 +54,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -66,6 +65,7 @@ import basicvsr
 import kernels  # the package object the networks call through (kernels.deform_conv2d, ...)
 import realbasicvsr
 import train
+from data import atomic_path
 from kernels import bench as op_bench
 from kernels import flow_guided_offsets
 from kernels.bench import TORCHVISION, tv_deform_conv2d
@@ -746,19 +746,6 @@ def report_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text):
-    """Writes through a temporary file in the same folder and os.replace: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def run_report(out_dir, budget, device, dry_run=False, weights=None, command="python bench.py --report"):
     """Runs the parts within `budget` seconds and writes out_dir/report.md and report.json after each."""
     start = time.monotonic()
@@ -787,8 +774,9 @@ def run_report(out_dir, budget, device, dry_run=False, weights=None, command="py
         report["parts"][name] = part
         report["targets"] = report_targets(report["parts"].get("ops", {}), report["parts"].get("models", {}), dry_run)
         report["elapsed_s"] = time.monotonic() - start
-        write_atomic(os.path.join(out_dir, "report.json"), report_json(report))
-        write_atomic(os.path.join(out_dir, "report.md"), report_markdown(report))
+        for name, text in (("report.json", report_json(report)), ("report.md", report_markdown(report))):
+            with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:  # readers: old or new
+                f.write(text)
     return report
 
 
