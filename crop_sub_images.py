@@ -80,7 +80,7 @@ def _remove_stale_tmp(folder):
     # leftovers of a killed run (a rename that never happened)
     for d, _, names in os.walk(folder):
         for n in names:
-            if ".tmp-" in n:
+            if atomic_path.TAG in n:
                 os.remove(os.path.join(d, n))
 
 

@@ -22,8 +22,7 @@ Public names, in file order:
 
 Command line: `--bench-degradation` (RealBasicVSR samples/s, one worker), `--prepare bi|bd --src GT`.
 
-Randomness: a training sample is a pure function of (seed, rank, epoch, index) (an explicit
-np.random.Generator; dataset.set_epoch(epoch) each epoch), whatever num_workers.
+Randomness: a training sample is a pure function of (seed, rank, epoch (set_epoch), index), whatever num_workers.
 """
 import argparse
 import functools
@@ -56,15 +55,16 @@ def read_image(path):
 
 
 class atomic_path:
-    """The one way this project writes a file or folder: to a temporary sibling, fsynced and moved into
-    place once complete. `with atomic_path(path) as tmp:` renames on success, deletes on an exception; a
-    longer-lived writer uses a.tmp, then a.commit() or a.discard(). tmp keeps the extension (encoders
-    choose by it); ext=False drops it (a folder)."""
+    """The one way this project writes a file or folder: to a temporary sibling, <root>.tmp-<8 hex digits><ext>
+    (the extension kept: encoders choose by it; ext=False: none, a folder), fsynced and moved into place once
+    complete: `with atomic_path(path) as tmp:` (deleted on an exception), or a.tmp, a.commit() / a.discard()."""
+
+    TAG = ".tmp-"  # in every temporary's name: a killed run's leftovers are known by it
 
     def __init__(self, path, ext=True):
         self.path = os.fspath(path)
         root, suffix = os.path.splitext(self.path)
-        self.tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}{suffix if ext else ''}"
+        self.tmp = f"{root}{self.TAG}{uuid.uuid4().hex[:8]}{suffix if ext else ''}"
 
     def commit(self):
         if os.path.isfile(self.tmp):

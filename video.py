@@ -149,7 +149,7 @@ class VideoWriter:
             for name in os.listdir(self.path):
                 if re.fullmatch(r"\d{8}\.png", name):
                     self.existing.add(int(name[:8]))
-                elif re.fullmatch(r"\d{8}\.tmp-[0-9a-f]{8}\.png", name):  # a killed write_image's temporary
+                elif re.fullmatch(rf"\d{{8}}{re.escape(atomic_path.TAG)}[0-9a-f]{{8}}\.png", name):  # a killed write
                     os.remove(os.path.join(self.path, name))
         self.fps, self.crf, self.compression = fps, crf, compression
         self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
