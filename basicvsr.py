@@ -11,11 +11,6 @@ Videos are (n, t, 3, h, w) RGB in [0, 1]; flows are (n, 2, h, w) in pixels, chan
 Module and parameter names are mmagic's, so `model.state_dict()` keys equal the published checkpoints'.
 The two irregular ops, flow warping and modulated deformable convolution, come from `kernels`.
 """
-import contextlib
-import json
-import os
-import pickle
-import re
 
 import torch
 import torch.nn as nn
@@ -23,7 +18,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import kernels
-from data import atomic_path
 
 # ----------------------------------------------------------------------------------------
 # Building blocks
@@ -73,8 +67,12 @@ class PixelShufflePack(nn.Module):
     def __init__(self, in_channels, out_channels, scale_factor, upsample_kernel):
         super().__init__()
         self.scale_factor = scale_factor
-        self.upsample_conv = nn.Conv2d(in_channels, out_channels * scale_factor * scale_factor,
-                                       upsample_kernel, padding=(upsample_kernel - 1) // 2)
+        self.upsample_conv = nn.Conv2d(
+            in_channels,
+            out_channels * scale_factor * scale_factor,
+            upsample_kernel,
+            padding=(upsample_kernel - 1) // 2,
+        )
         default_init_weights([self.upsample_conv], 1.0)
 
     def forward(self, x):
@@ -89,7 +87,9 @@ def add_head(net, mid_channels, scale):
     the published files."""
     if scale not in (2, 4):
         raise ValueError(f"{type(net).__name__}: scale must be 2 or 4, got {scale}")
-    net.upsample1 = PixelShufflePack(mid_channels, mid_channels if scale == 4 else 64, 2, upsample_kernel=3)
+    net.upsample1 = PixelShufflePack(
+        mid_channels, mid_channels if scale == 4 else 64, 2, upsample_kernel=3
+    )
     if scale == 4:
         net.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3)
     net.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
@@ -119,7 +119,9 @@ class ConvModule(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 7, 1, 3, bias=True)
         self.act = nn.ReLU(inplace=True) if act else None
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv's default
+        nn.init.kaiming_normal_(
+            self.conv.weight, mode="fan_out", nonlinearity="relu"
+        )  # mmcv's default
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x):
@@ -133,8 +135,12 @@ class SPyNetBasicModule(nn.Module):
     def __init__(self):
         super().__init__()
         self.basic_module = nn.Sequential(
-            ConvModule(8, 32), ConvModule(32, 64), ConvModule(64, 32), ConvModule(32, 16),
-            ConvModule(16, 2, act=False))
+            ConvModule(8, 32),
+            ConvModule(32, 64),
+            ConvModule(64, 32),
+            ConvModule(32, 16),
+            ConvModule(16, 2, act=False),
+        )
 
     def forward(self, x):
         return self.basic_module(x)
@@ -174,18 +180,30 @@ class SPyNet(nn.Module):
             if level == 0:
                 flow_up = flow
             else:  # twice the size, so twice the displacement (size, not scale_factor=2: simpler to export)
-                flow_up = F.interpolate(flow, size=ref[level].shape[2:], mode="bilinear", align_corners=True) * 2.0
+                flow_up = (
+                    F.interpolate(
+                        flow, size=ref[level].shape[2:], mode="bilinear", align_corners=True
+                    )
+                    * 2.0
+                )
             supp_warped = kernels.flow_warp(supp[level], flow_up, padding_mode="border")
-            flow = flow_up + self.basic_module[level](torch.cat([ref[level], supp_warped, flow_up], dim=1))
+            flow = flow_up + self.basic_module[level](
+                torch.cat([ref[level], supp_warped, flow_up], dim=1)
+            )
         return flow
 
     def forward(self, ref, supp):
         if ref.dim() != 4 or ref.shape[1] != 3 or ref.shape != supp.shape:
-            raise ValueError(f"SPyNet: expected two (n, 3, h, w) images of one shape, got {tuple(ref.shape)} "
-                             f"and {tuple(supp.shape)}")
+            raise ValueError(
+                f"SPyNet: expected two (n, 3, h, w) images of one shape, got {tuple(ref.shape)} "
+                f"and {tuple(supp.shape)}"
+            )
         h, w = ref.shape[2:]
         # The pyramid halves the size 5 times: work at the next multiple of 32.
-        h_up, w_up = (h + 31) // 32 * 32, (w + 31) // 32 * 32  # no negative floor division: ONNX's truncates
+        h_up, w_up = (
+            (h + 31) // 32 * 32,
+            (w + 31) // 32 * 32,
+        )  # no negative floor division: ONNX's truncates
         # exported (ONNX), the sizes are symbolic: always resize (an identity at multiples of 32)
         resize = torch.compiler.is_exporting() or (h_up, w_up) != (h, w)
         if resize:
@@ -210,7 +228,9 @@ def check_video(lqs, name, min_size=0):
         raise ValueError(f"{name}: the clip has no frames, shape {tuple(lqs.shape)}")
     h, w = lqs.shape[3:]
     if h < min_size or w < min_size:
-        raise ValueError(f"{name}: input frames of {h}x{w} are too small, the minimum is {min_size}x{min_size}")
+        raise ValueError(
+            f"{name}: input frames of {h}x{w} are too small, the minimum is {min_size}x{min_size}"
+        )
     return lqs.shape
 
 
@@ -285,8 +305,10 @@ def compute_flow(spynet, lqs, mirror, cache=None, chunk=None):
     def flows(ref, supp):  # (n, t-1, 3, h, w) each -> t-1 flows
         out = []
         for s in range(0, t - 1, chunk):
-            r, p = ref[:, s:s + chunk], supp[:, s:s + chunk]
-            f = spynet(rearrange(r, "n t c h w -> (n t) c h w"), rearrange(p, "n t c h w -> (n t) c h w"))
+            r, p = ref[:, s : s + chunk], supp[:, s : s + chunk]
+            f = spynet(
+                rearrange(r, "n t c h w -> (n t) c h w"), rearrange(p, "n t c h w -> (n t) c h w")
+            )
             f = rearrange(f, "(n t) c h w -> n t c h w", n=n)
             out += [f[:, i] if cache is None else cache.put(f[:, i]) for i in range(r.shape[1])]
         return out
@@ -308,12 +330,18 @@ class BasicVSR(nn.Module):
 
     def __init__(self, mid_channels=64, num_blocks=30, scale=4):
         super().__init__()
-        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks, scale=scale)  # saved with the weights
+        self.config = dict(
+            mid_channels=mid_channels, num_blocks=num_blocks, scale=scale
+        )  # saved with the weights
         self.scale = scale
         self.mid_channels = mid_channels
         self.spynet = SPyNet()
-        self.backward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
-        self.forward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
+        self.backward_resblocks = ResidualBlocksWithInputConv(
+            mid_channels + 3, mid_channels, num_blocks
+        )
+        self.forward_resblocks = ResidualBlocksWithInputConv(
+            mid_channels + 3, mid_channels, num_blocks
+        )
         self.fusion = nn.Conv2d(mid_channels * 2, mid_channels, 1, 1, 0, bias=True)
         add_head(self, mid_channels, scale)
 
@@ -357,8 +385,15 @@ class SecondOrderDeformableAlignment(nn.Module):
     forward(x (n, 2C, h, w), extra_feat (n, 3C, h, w), flow_1, flow_2 (n, 2, h, w)) -> (n, C, h, w)
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, padding=1, deform_groups=16,
-                 max_residue_magnitude=10):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        padding=1,
+        deform_groups=16,
+        max_residue_magnitude=10,
+    ):
         super().__init__()
         self.padding = padding
         self.deform_groups = deform_groups
@@ -372,7 +407,9 @@ class SecondOrderDeformableAlignment(nn.Module):
             nn.LeakyReLU(negative_slope=0.1, inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, 1, 1),
             nn.LeakyReLU(negative_slope=0.1, inplace=True),
-            nn.Conv2d(out_channels, 27 * deform_groups, 3, 1, 1),  # 9 taps x (dy, dx, mask) per group
+            nn.Conv2d(
+                out_channels, 27 * deform_groups, 3, 1, 1
+            ),  # 9 taps x (dy, dx, mask) per group
         )
         # mmcv's DCN init; a zero last layer makes the initial offsets the flow and the mask 0.5.
         stdv = 1.0 / (in_channels * kernel_size * kernel_size) ** 0.5
@@ -386,9 +423,18 @@ class SecondOrderDeformableAlignment(nn.Module):
         # out holds, per group and tap, the (dy, dx) offset residues (groups 0-7 around flow_1, 8-15
         # around flow_2), bounded by max_residue_magnitude * tanh, then the mask logits (sigmoid).
         # The kernel builds offsets and mask on the fly (kernels.flow_guided_offsets is the reference).
-        return kernels.flow_guided_deform_conv2d(x, out, torch.cat([flow_1, flow_2], dim=1), self.weight, self.bias,
-                                                 self.max_residue_magnitude, stride=1, padding=self.padding,
-                                                 dilation=1, deform_groups=self.deform_groups)
+        return kernels.flow_guided_deform_conv2d(
+            x,
+            out,
+            torch.cat([flow_1, flow_2], dim=1),
+            self.weight,
+            self.bias,
+            self.max_residue_magnitude,
+            stride=1,
+            padding=self.padding,
+            dilation=1,
+            deform_groups=self.deform_groups,
+        )
 
 
 class BasicVSRPlusPlus(nn.Module):
@@ -403,15 +449,28 @@ class BasicVSRPlusPlus(nn.Module):
     for any clip (upscale.py --host-cache); on CPU its copies are no-ops.
     """
 
-    def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True,
-                 cpu_cache_length=100, scale=4):
+    def __init__(
+        self,
+        mid_channels=64,
+        num_blocks=7,
+        max_residue_magnitude=10,
+        is_low_res_input=True,
+        cpu_cache_length=100,
+        scale=4,
+    ):
         super().__init__()
-        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks,  # saved with the weights
-                           max_residue_magnitude=max_residue_magnitude, is_low_res_input=is_low_res_input,
-                           scale=scale)
+        self.config = dict(
+            mid_channels=mid_channels,
+            num_blocks=num_blocks,  # saved with the weights
+            max_residue_magnitude=max_residue_magnitude,
+            is_low_res_input=is_low_res_input,
+            scale=scale,
+        )
         if not is_low_res_input and scale != 4:
-            raise ValueError("BasicVSRPlusPlus: is_low_res_input=False restores at the input size with the x4 "
-                             "head; scale must be 4")
+            raise ValueError(
+                "BasicVSRPlusPlus: is_low_res_input=False restores at the input size with the x4 "
+                "head; scale must be 4"
+            )
         self.scale = scale if is_low_res_input else 1  # output size / input size
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
@@ -425,18 +484,28 @@ class BasicVSRPlusPlus(nn.Module):
             self.feat_extract = ResidualBlocksWithInputConv(3, mid_channels, 5)
         else:
             self.feat_extract = nn.Sequential(
-                nn.Conv2d(3, mid_channels, 3, 2, 1), nn.LeakyReLU(negative_slope=0.1, inplace=True),
-                nn.Conv2d(mid_channels, mid_channels, 3, 2, 1), nn.LeakyReLU(negative_slope=0.1, inplace=True),
-                ResidualBlocksWithInputConv(mid_channels, mid_channels, 5))
+                nn.Conv2d(3, mid_channels, 3, 2, 1),
+                nn.LeakyReLU(negative_slope=0.1, inplace=True),
+                nn.Conv2d(mid_channels, mid_channels, 3, 2, 1),
+                nn.LeakyReLU(negative_slope=0.1, inplace=True),
+                ResidualBlocksWithInputConv(mid_channels, mid_channels, 5),
+            )
 
         # four propagation branches; branch k aggregates the spatial features and all earlier branches
         self.deform_align = nn.ModuleDict()
         self.backbone = nn.ModuleDict()
         for i, module in enumerate(["backward_1", "forward_1", "backward_2", "forward_2"]):
             self.deform_align[module] = SecondOrderDeformableAlignment(
-                2 * mid_channels, mid_channels, 3, padding=1, deform_groups=16,
-                max_residue_magnitude=max_residue_magnitude)
-            self.backbone[module] = ResidualBlocksWithInputConv((2 + i) * mid_channels, mid_channels, num_blocks)
+                2 * mid_channels,
+                mid_channels,
+                3,
+                padding=1,
+                deform_groups=16,
+                max_residue_magnitude=max_residue_magnitude,
+            )
+            self.backbone[module] = ResidualBlocksWithInputConv(
+                (2 + i) * mid_channels, mid_channels, num_blocks
+            )
 
         # reconstruction from [spatial, backward_1, forward_1, backward_2, forward_2], then the head
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
@@ -457,10 +526,15 @@ class BasicVSRPlusPlus(nn.Module):
             flow_idx = frame_idx
         earlier = [k for k in feats if k not in ("spatial", module_name)]
 
-        def fetch(i):  # what step i reads: its frame's spatial and earlier-branch features, its two flows
+        def fetch(
+            i,
+        ):  # what step i reads: its frame's spatial and earlier-branch features, its two flows
             idx = frame_idx[i]
-            return cache.upload([feats["spatial"][idx]] + [feats[k][idx] for k in earlier]
-                                + [flows[flow_idx[i]] if i > 0 else None, flows[flow_idx[i - 1]] if i > 1 else None])
+            return cache.upload(
+                [feats["spatial"][idx]]
+                + [feats[k][idx] for k in earlier]
+                + [flows[flow_idx[i]] if i > 0 else None, flows[flow_idx[i - 1]] if i > 1 else None]
+            )
 
         pending = fetch(0)
         recent = []  # the outputs of the last two steps, kept on the device for the n-2 connection
@@ -481,8 +555,9 @@ class BasicVSRPlusPlus(nn.Module):
                     flow_n2 = flow_n1 + kernels.flow_warp(flow_prev, flow_n1)
                     cond_n2 = kernels.flow_warp(feat_n2, flow_n2)
                 cond = torch.cat([cond_n1, feat_current, cond_n2], dim=1)
-                feat_prop = self.deform_align[module_name](torch.cat([feat_prop, feat_n2], dim=1), cond,
-                                                           flow_n1, flow_n2)
+                feat_prop = self.deform_align[module_name](
+                    torch.cat([feat_prop, feat_n2], dim=1), cond, flow_n1, flow_n2
+                )
 
             # aggregate: this frame's spatial features, every earlier branch at this frame, the state
             feat = torch.cat([feat_current] + feat_earlier + [feat_prop], dim=1)
@@ -519,7 +594,9 @@ class BasicVSRPlusPlus(nn.Module):
 
     def forward(self, lqs):
         # SPyNet's flows need LR frames of at least 64x64 (the reference asserts it)
-        n, t, c, h, w = check_video(lqs, "BasicVSRPlusPlus", min_size=64 if self.is_low_res_input else 256)
+        n, t, c, h, w = check_video(
+            lqs, "BasicVSRPlusPlus", min_size=64 if self.is_low_res_input else 256
+        )
         cache = HostCache(lqs.device, t > self.cpu_cache_length)
         # all frames in one batch, as mmagic does, unless caching: then chunks bound the activations
         chunk = self.cpu_cache_chunk if cache.enabled else t
@@ -528,20 +605,30 @@ class BasicVSRPlusPlus(nn.Module):
             lqs_downsample = lqs
         else:
             if h % 4 or w % 4:
-                raise ValueError(f"BasicVSRPlusPlus: with is_low_res_input=False the frame size must be a "
-                                 f"multiple of 4, got {h}x{w}")
-            lqs_downsample = F.interpolate(rearrange(lqs, "n t c h w -> (n t) c h w"), scale_factor=0.25,
-                                           mode="bicubic")
+                raise ValueError(
+                    f"BasicVSRPlusPlus: with is_low_res_input=False the frame size must be a "
+                    f"multiple of 4, got {h}x{w}"
+                )
+            lqs_downsample = F.interpolate(
+                rearrange(lqs, "n t c h w -> (n t) c h w"), scale_factor=0.25, mode="bicubic"
+            )
             lqs_downsample = rearrange(lqs_downsample, "(n t) c h w -> n t c h w", n=n)
 
         # spatial features, one list entry per frame (n, C, h', w')
         feats = {"spatial": []}
         for s in range(0, t, chunk):
-            feat = self.feat_extract(rearrange(lqs[:, s:s + chunk], "n t c h w -> (n t) c h w"))
-            feats["spatial"] += [cache.put(f) for f in rearrange(feat, "(n t) c h w -> n t c h w", n=n).unbind(1)]
+            feat = self.feat_extract(rearrange(lqs[:, s : s + chunk], "n t c h w -> (n t) c h w"))
+            feats["spatial"] += [
+                cache.put(f) for f in rearrange(feat, "(n t) c h w -> n t c h w", n=n).unbind(1)
+            ]
 
-        flows_forward, flows_backward = compute_flow(self.spynet, lqs_downsample, is_mirror_extended(lqs),
-                                                     cache if cache.enabled else None, chunk)
+        flows_forward, flows_backward = compute_flow(
+            self.spynet,
+            lqs_downsample,
+            is_mirror_extended(lqs),
+            cache if cache.enabled else None,
+            chunk,
+        )
 
         for iter_ in [1, 2]:
             for direction in ["backward", "forward"]:
@@ -560,7 +647,12 @@ class BasicVSRPlusPlus(nn.Module):
 # addition and sigmoid) and cuts per-op launch overhead. The custom ops of `kernels` are traced,
 # not broken around.
 
-COMPILED_MODULES = (ResidualBlocksWithInputConv, SecondOrderDeformableAlignment, SPyNetBasicModule, PixelShufflePack)
+COMPILED_MODULES = (
+    ResidualBlocksWithInputConv,
+    SecondOrderDeformableAlignment,
+    SPyNetBasicModule,
+    PixelShufflePack,
+)
 
 
 def compile_network(model, mode=None):
@@ -577,241 +669,3 @@ def compile_network(model, mode=None):
         if isinstance(m, COMPILED_MODULES):
             m.compile(mode=mode)
     return model
-
-
-# ----------------------------------------------------------------------------------------
-# Weights. One reader for every published layout, strict loading, atomic safetensors saving.
-#   safetensors (ours)              flat {key: tensor}
-#   mmagic / mmediting .pth         {"meta": ..., "state_dict": {"generator.<key>": ...}} (also generator_ema.)
-#   BasicSR .pth                    {"params_ema" or "params": {...}}, SPyNet convs at basic_module.{0,2,4,6,8}
-#                                   and upsamplers upconv1/upconv2 (renamed here)
-#   plain .pth                      {key: tensor}
-#   standalone SPyNet checkpoints   no mean/std buffers: these constants are taken from the model
-
-
-def _is_safetensors(path):
-    # 8-byte little-endian header length, then the JSON header
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
-
-
-class _Opaque:
-    """Stand-in for any non-tensor object in a checkpoint's metadata (mmengine's message hub, numpy, ...)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    # Resolves only tensor rebuilding and plain containers; every other global becomes _Opaque,
-    # so no code from the file ever runs.
-    def find_class(self, module, name):
-        if (module == "torch._utils" and name.startswith("_rebuild_")) or (module, name) in {
-                ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device")}:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return _Opaque
-
-
-class _TensorsOnlyPickle:
-    Unpickler = _TensorsOnlyUnpickler
-    load = staticmethod(lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load())
-
-
-def _torch_load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints (mmagic 1.x) carry objects weights_only refuses in their metadata;
-        # read the tensors and leave those objects opaque.
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
-
-
-_BASICSR_SPYNET = re.compile(r"^(.*\bbasic_module\.\d+\.basic_module\.)(\d+)\.(weight|bias)$")
-_BASICSR_UPCONV = re.compile(r"^(.*?)\bupconv([12])\.")
-
-
-def _from_basicsr_names(state):
-    """BasicSR's SPyNet (Sequential with ReLU modules: convs at 0,2,..,8) and upsampler names -> mmagic's."""
-    out = {}
-    for k, v in state.items():
-        m = _BASICSR_SPYNET.match(k)
-        if m and int(m.group(2)) % 2 == 0:
-            k = f"{m.group(1)}{int(m.group(2)) // 2}.conv.{m.group(3)}"
-        k = _BASICSR_UPCONV.sub(r"\1upsample\2.upsample_conv.", k)
-        out[k] = v
-    return out
-
-
-def _strip_prefix(state, prefix, path):
-    prefix = prefix.rstrip(".") + "."
-    selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not selected:
-        heads = sorted({k.split(".")[0] for k in state})
-        raise ValueError(f"{path}: no keys start with {prefix!r}; the top-level names are {heads}")
-    return selected
-
-
-def read_state_dict(path, prefix=None):
-    """Any supported checkpoint file -> {mmagic key: tensor} for one network.
-
-    prefix picks the network inside the file (with or without the trailing dot): for mmagic files it
-    defaults to "generator_ema." when present, else "generator."; "discriminator" etc. pick another part.
-    For BasicSR files "params" or "params_ema" picks the part (default params_ema when present)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    is_safetensors = _is_safetensors(path)
-    try:
-        if is_safetensors:
-            import safetensors.torch
-            state = safetensors.torch.load_file(path)
-        else:
-            obj = _torch_load(path)
-    except Exception as e:  # truncated or not a checkpoint; the loaders' own messages vary
-        raise ValueError(f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {str(e)[:120]}); "
-                         f"is the file complete?") from None
-    if not is_safetensors:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
-        if isinstance(obj.get("state_dict"), dict):  # mmagic / mmediting
-            state = obj["state_dict"]
-            if prefix is None:
-                prefix = next((p for p in ("generator_ema.", "generator.") if any(k.startswith(p) for k in state)),
-                              None)
-        elif isinstance(obj.get("params_ema"), dict) or isinstance(obj.get("params"), dict):  # BasicSR
-            part = "params_ema" if isinstance(obj.get("params_ema"), dict) else "params"
-            if prefix is not None and prefix.rstrip(".") in ("params", "params_ema"):
-                part, prefix = prefix.rstrip("."), None
-                if not isinstance(obj.get(part), dict):
-                    raise ValueError(f"{path}: BasicSR checkpoint has no {part!r}")
-            state = obj[part]
-        else:
-            state = obj
-        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise ValueError(f"{path}: not a state dict; non-tensor entries {bad[:5]}"
-                             f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}")
-    if prefix is not None:
-        state = _strip_prefix(state, prefix, path)
-    return _from_basicsr_names(state)
-
-
-def _few(keys, n=5):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})")
-
-
-def load_strict(model, state, path, optional=()):
-    """model.load_state_dict(state), where a missing key (other than `optional` ones), an unexpected
-    or a mis-shaped one raises one ValueError naming the keys and the file. Returns the model."""
-    own = model.state_dict()
-    missing = set(own) - set(state) - set(optional)
-    unexpected = set(state) - set(own)
-    misshaped = [f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
-                 for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing {_few(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {_few(unexpected)}")
-        if misshaped:
-            problems.append(f"mis-shaped {_few(misshaped, 3)}")
-        raise ValueError(f"{os.fspath(path)} does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict({**{k: own[k] for k in optional if k not in state}, **state}, strict=True)
-    return model
-
-
-def load_state(model, state, path):
-    """load_strict, where SPyNet's mean/std may be absent (they are constants). Returns the model."""
-    constants = {f"{name}.{b}".lstrip(".") for name, m in model.named_modules() if isinstance(m, SPyNet)
-                 for b in ("mean", "std")}
-    return load_strict(model, state, path, optional=constants)
-
-
-def load_weights(model, path, prefix=None):
-    """Load any supported checkpoint into `model`, strictly (load_state). Returns the model."""
-    return load_state(model, read_state_dict(path, prefix), path)
-
-
-def save_weights(model_or_state_dict, path):
-    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically. The
-    file describes itself: its metadata names the network and its constructor arguments (a module's
-    `config`, else what the keys say), so upscale.py needs no architecture flags."""
-    import safetensors.torch
-    if isinstance(model_or_state_dict, nn.Module):
-        state, config = model_or_state_dict.state_dict(), getattr(model_or_state_dict, "config", None)
-        network = type(model_or_state_dict).__name__ if config is not None else None
-    else:
-        state, network, config = model_or_state_dict, None, None
-        with contextlib.suppress(ValueError):  # a part that is no upscaling network: no description
-            network, config = network_from_keys(state, path)
-    metadata = {"format": "pt"}
-    if network is not None:
-        metadata.update(network=network, config=json.dumps(config))
-    # safetensors wants contiguous CPU tensors that share no storage
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-
-
-# Which network a file holds. Our safetensors say it in their metadata; the published .pth files
-# (mmagic, mmediting, BasicSR) are recognised by their key names, and sizes are read off the
-# shapes: the channels from a convolution, the blocks by counting them.
-
-
-def _count(state, prefix):
-    """Number of residual blocks prefix{i}.conv1.weight."""
-    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix) and k.endswith("conv1.weight")})
-
-
-def _scale(state, prefix):
-    """4 with the second pixel-shuffle stage (every published file), else 2."""
-    return 4 if prefix + "upsample2.upsample_conv.weight" in state else 2
-
-
-def network_from_keys(state, path):
-    """(class name, constructor kwargs) of the upscaling network `state` fits, or one ValueError
-    saying what the file holds instead."""
-    if "deform_align.backward_1.conv_offset.0.weight" in state and "backbone.backward_1.main.0.weight" in state:
-        return "BasicVSRPlusPlus", dict(
-            mid_channels=state["backbone.backward_1.main.0.weight"].shape[0],
-            num_blocks=_count(state, "backbone.backward_1.main.2."),
-            max_residue_magnitude=10,  # a constant of the published models, not in the file
-            is_low_res_input="feat_extract.main.0.weight" in state,  # HR input: two stride-2 convs first
-            scale=_scale(state, ""))
-    if "image_cleaning.0.main.0.weight" in state and "basicvsr.backward_resblocks.main.0.weight" in state:
-        return "RealBasicVSR", dict(
-            mid_channels=state["image_cleaning.0.main.0.weight"].shape[0],
-            num_propagation_blocks=_count(state, "basicvsr.backward_resblocks.main.2."),
-            num_cleaning_blocks=_count(state, "image_cleaning.0.main.2."),
-            scale=_scale(state, "basicvsr."))
-    if "backward_resblocks.main.0.weight" in state:
-        return "BasicVSR", dict(mid_channels=state["backward_resblocks.main.0.weight"].shape[0],
-                                num_blocks=_count(state, "backward_resblocks.main.2."), scale=_scale(state, ""))
-    if state and all(k.startswith("basic_module.") or k in ("mean", "std") for k in state):
-        raise ValueError(f"{path} holds SPyNet, the optical-flow network, not an upscaling network "
-                         f"(train.py takes it as --spynet-weights)")
-    if "conv_0.weight" in state and any(k.startswith("conv_9.") for k in state):
-        raise ValueError(f"{path} holds the UNet discriminator, not an upscaling network")
-    heads = sorted({k.split(".")[0] for k in state})
-    raise ValueError(f"{path} fits no network here (BasicVSR++, BasicVSR, RealBasicVSR): its top-level "
-                     f"names are {heads[:8]}{' ...' if len(heads) > 8 else ''}")
-
-
-def network_of(path, state):
-    """(class name, constructor kwargs) of the network whose weights `state` (read from `path`) are:
-    our safetensors' metadata, else network_from_keys."""
-    if _is_safetensors(path):
-        import safetensors
-        with safetensors.safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        if "network" in metadata:
-            return metadata["network"], json.loads(metadata["config"])
-    return network_from_keys(state, path)

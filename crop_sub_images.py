@@ -11,6 +11,7 @@ Safe to interrupt: every file is written under a temporary name and renamed, and
 files already there. An output folder records its arguments in .crop_sub_images.json; a rerun
 with other arguments is refused, and a folder marked complete is reported and left alone.
 """
+
 import argparse
 import json
 import os
@@ -20,7 +21,7 @@ from multiprocessing import Pool
 import cv2
 import numpy as np
 
-from data import IMG_EXTS, atomic_path
+from files import IMG_EXTS, atomic_path
 
 STATE_FILE = ".crop_sub_images.json"
 
@@ -44,7 +45,10 @@ def crop_one(task):
         raise ValueError(f"cannot read image (missing, corrupt or unsupported): {path}")
     name, ext = os.path.splitext(os.path.basename(path))
     h, w = img.shape[:2]
-    hs, ws = crop_positions(h, crop_size, step, thresh_size), crop_positions(w, crop_size, step, thresh_size)
+    hs, ws = (
+        crop_positions(h, crop_size, step, thresh_size),
+        crop_positions(w, crop_size, step, thresh_size),
+    )
     if not hs or not ws:
         raise ValueError(f"image {w}x{h} is smaller than the crop size {crop_size}: {path}")
     written, index = 0, 0
@@ -55,8 +59,11 @@ def crop_one(task):
             if os.path.exists(out):  # complete: files only appear through an atomic rename
                 continue
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            ok, buf = cv2.imencode(ext, np.ascontiguousarray(img[y:y + crop_size, x:x + crop_size]),
-                                   [cv2.IMWRITE_PNG_COMPRESSION, level])
+            ok, buf = cv2.imencode(
+                ext,
+                np.ascontiguousarray(img[y : y + crop_size, x : x + crop_size]),
+                [cv2.IMWRITE_PNG_COMPRESSION, level],
+            )
             if not ok:
                 raise ValueError(f"cannot encode crop as {ext}: {out}")
             with atomic_path(out) as tmp:
@@ -87,22 +94,32 @@ def _remove_stale_tmp(folder):
 def crop_folder(input_folder, save_folder, crop_size, step, thresh_size, level, n_thread):
     """Crop every image of input_folder into save_folder; returns files written (0 if already complete)."""
     from tqdm import tqdm
+
     if not os.path.isdir(input_folder):
         raise FileNotFoundError(f"input folder not found: {input_folder}")
-    state = {"input": os.path.abspath(input_folder), "crop_size": crop_size, "step": step,
-             "thresh_size": thresh_size, "compression_level": level}
+    state = {
+        "input": os.path.abspath(input_folder),
+        "crop_size": crop_size,
+        "step": step,
+        "thresh_size": thresh_size,
+        "compression_level": level,
+    }
     state_path = os.path.join(save_folder, STATE_FILE)
     if os.path.isdir(save_folder):
         if not os.path.isfile(state_path):
-            raise FileExistsError(f"output folder exists but was not made by this script, "
-                                  f"not touching it: {save_folder}")
+            raise FileExistsError(
+                f"output folder exists but was not made by this script, "
+                f"not touching it: {save_folder}"
+            )
         with open(state_path) as f:
             old = json.load(f)
         if old.get("complete"):
             print(f"already complete, not overwriting: {save_folder}")
             return 0
         if {k: old.get(k) for k in state} != state:
-            raise ValueError(f"output folder was started with other arguments {old}, not mixing: {save_folder}")
+            raise ValueError(
+                f"output folder was started with other arguments {old}, not mixing: {save_folder}"
+            )
         _remove_stale_tmp(save_folder)
         print(f"resuming: {save_folder}")
     else:
@@ -131,31 +148,59 @@ def crop_folder(input_folder, save_folder, crop_size, step, thresh_size, level, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Crop REDS train_sharp (and its bicubic LQ) into sub-image clips.")
-    ap.add_argument("--data-root", required=True, help="REDS root holding train_sharp and train_sharp_bicubic")
-    ap.add_argument("--scales", type=int, nargs="*", default=[], help="LQ scales to crop too, e.g. 4")
+    ap = argparse.ArgumentParser(
+        description="Crop REDS train_sharp (and its bicubic LQ) into sub-image clips."
+    )
+    ap.add_argument(
+        "--data-root", required=True, help="REDS root holding train_sharp and train_sharp_bicubic"
+    )
+    ap.add_argument(
+        "--scales", type=int, nargs="*", default=[], help="LQ scales to crop too, e.g. 4"
+    )
     g = ap.add_argument_group("grid (GT pixels; divided by s for X{s})")
     g.add_argument("--crop-size", type=int, default=480, help="crop size")
     g.add_argument("--step", type=int, default=240, help="step between crops")
-    g.add_argument("--thresh-size", type=int, default=0, help="add an edge-flush crop if more than this is left over")
+    g.add_argument(
+        "--thresh-size",
+        type=int,
+        default=0,
+        help="add an edge-flush crop if more than this is left over",
+    )
     g = ap.add_argument_group("output")
     g.add_argument("--compression-level", type=int, default=3, help="PNG compression level 0-9")
-    g.add_argument("--n-thread", type=int, default=min(20, os.cpu_count() or 1), help="worker processes")
+    g.add_argument(
+        "--n-thread", type=int, default=min(20, os.cpu_count() or 1), help="worker processes"
+    )
     args = ap.parse_args(argv)
-    jobs = [(os.path.join(args.data_root, "train_sharp"), os.path.join(args.data_root, "train_sharp_sub"), 1)]
+    jobs = [
+        (
+            os.path.join(args.data_root, "train_sharp"),
+            os.path.join(args.data_root, "train_sharp_sub"),
+            1,
+        )
+    ]
     for s in args.scales:
         lq = os.path.join(args.data_root, "train_sharp_bicubic", f"X{s}")
         jobs.append((lq, lq + "_sub", s))
     try:
         for s in args.scales:
             if args.crop_size % s or args.step % s or args.thresh_size % s:
-                raise ValueError(f"--crop-size, --step and --thresh-size must be divisible by scale {s}")
+                raise ValueError(
+                    f"--crop-size, --step and --thresh-size must be divisible by scale {s}"
+                )
         for src, dst, s in jobs:  # check every input before writing anything
             if not os.path.isdir(src):
                 raise FileNotFoundError(f"input folder not found: {src}")
         for src, dst, s in jobs:
-            n = crop_folder(src, dst, args.crop_size // s, args.step // s, args.thresh_size // s,
-                            args.compression_level, args.n_thread)
+            n = crop_folder(
+                src,
+                dst,
+                args.crop_size // s,
+                args.step // s,
+                args.thresh_size // s,
+                args.compression_level,
+                args.n_thread,
+            )
             print(f"{dst}: {n} files written")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -5,6 +5,7 @@ for several GPUs, `--eval` for test-set PSNR/SSIM; README's Training section has
 The file reads top to bottom: recipes, flags, distributed setup, the data stream, metrics,
 validation, checkpoints, one training iteration, the training loop, evaluation.
 """
+
 import argparse
 import copy
 import glob
@@ -26,31 +27,76 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import basicvsr
 import data
+import files
 import realbasicvsr
-import upscale
+import weights
+from files import atomic_path
+from metrics import niqe, psnr, ssim
 
 # ---------------------------------------------------------------------------------------------
 # Recipes. Every field can be overridden by the flag of the same name (underscores -> dashes).
 
 BASICVSRPP_REDS4 = dict(
-    arch="basicvsrpp", scale=4, mid_channels=64, num_blocks=7, num_cleaning_blocks=0,
-    train_set="reds", val_set="reds4", degradation="BI", lq_dir=None, gt_dir=None,
-    metric_channel="rgb", crop_border=0,
-    num_frames=30, crop_size=256, batch_size=1,
-    pixel_loss="charbonnier", pixel_target="gt", cleaning_weight=0.0, perceptual_weight=0.0,
-    gan_weight=0.0, d_mid_channels=64,
-    lr=1e-4, lr_d=0.0, betas=(0.9, 0.99), lr_schedule="cosine", eta_min=1e-7, lr_period=None,
-    max_iters=600_000, spynet_lr_mult=0.25, spynet_fix_iters=5000, ema_decay=0.0, grad_clip=0.0,
-    needs_spynet_weights=True, num_workers=6,
-    val_interval=5000, save_interval=5000, val_clips=None,
+    arch="basicvsrpp",
+    scale=4,
+    mid_channels=64,
+    num_blocks=7,
+    num_cleaning_blocks=0,
+    train_set="reds",
+    val_set="reds4",
+    degradation="BI",
+    lq_dir=None,
+    gt_dir=None,
+    metric_channel="rgb",
+    crop_border=0,
+    num_frames=30,
+    crop_size=256,
+    batch_size=1,
+    pixel_loss="charbonnier",
+    pixel_target="gt",
+    cleaning_weight=0.0,
+    perceptual_weight=0.0,
+    gan_weight=0.0,
+    d_mid_channels=64,
+    lr=1e-4,
+    lr_d=0.0,
+    betas=(0.9, 0.99),
+    lr_schedule="cosine",
+    eta_min=1e-7,
+    lr_period=None,
+    max_iters=600_000,
+    spynet_lr_mult=0.25,
+    spynet_fix_iters=5000,
+    ema_decay=0.0,
+    grad_clip=0.0,
+    needs_spynet_weights=True,
+    num_workers=6,
+    val_interval=5000,
+    save_interval=5000,
+    val_clips=None,
 )
 REALBASICVSR_WOGAN = dict(
-    BASICVSRPP_REDS4, arch="realbasicvsr", mid_channels=64, num_blocks=20, num_cleaning_blocks=20,
-    train_set="reds_sub", val_set="udm10", lq_dir="BIx4", gt_dir="GT",
-    num_frames=15, crop_size=256, batch_size=2,  # 15 frames, mirrored to 30 by the dataset
-    pixel_loss="l1", pixel_target="gt_usm", cleaning_weight=1.0,
-    lr=1e-4, lr_schedule="constant", max_iters=300_000,
-    spynet_lr_mult=1.0, spynet_fix_iters=-1, ema_decay=0.999,  # SPyNet frozen throughout
+    BASICVSRPP_REDS4,
+    arch="realbasicvsr",
+    mid_channels=64,
+    num_blocks=20,
+    num_cleaning_blocks=20,
+    train_set="reds_sub",
+    val_set="udm10",
+    lq_dir="BIx4",
+    gt_dir="GT",
+    num_frames=15,
+    crop_size=256,
+    batch_size=2,  # 15 frames, mirrored to 30 by the dataset
+    pixel_loss="l1",
+    pixel_target="gt_usm",
+    cleaning_weight=1.0,
+    lr=1e-4,
+    lr_schedule="constant",
+    max_iters=300_000,
+    spynet_lr_mult=1.0,
+    spynet_fix_iters=-1,
+    ema_decay=0.999,  # SPyNet frozen throughout
     num_workers=10,
 )
 RECIPES = {
@@ -59,35 +105,94 @@ RECIPES = {
     # Vimeo-90K (§7.2): 7 frames mirrored to 14, batch 2/GPU, 300k, SPyNet trained from the start,
     # validation on Vid4 (Y channel).
     "basicvsrpp_vimeo_bi": dict(
-        BASICVSRPP_REDS4, train_set="vimeo90k", degradation="BI", val_set="vid4", lq_dir="BIx4",
-        gt_dir="GT", metric_channel="y", num_frames=7, batch_size=2, max_iters=300_000,
-        spynet_fix_iters=0),
+        BASICVSRPP_REDS4,
+        train_set="vimeo90k",
+        degradation="BI",
+        val_set="vid4",
+        lq_dir="BIx4",
+        gt_dir="GT",
+        metric_channel="y",
+        num_frames=7,
+        batch_size=2,
+        max_iters=300_000,
+        spynet_fix_iters=0,
+    ),
     "basicvsrpp_vimeo_bd": dict(
-        BASICVSRPP_REDS4, train_set="vimeo90k", degradation="BD", val_set="vid4", lq_dir="BDx4",
-        gt_dir="GT", metric_channel="y", num_frames=7, batch_size=2, max_iters=300_000,
-        spynet_fix_iters=0),
+        BASICVSRPP_REDS4,
+        train_set="vimeo90k",
+        degradation="BD",
+        val_set="vid4",
+        lq_dir="BDx4",
+        gt_dir="GT",
+        metric_channel="y",
+        num_frames=7,
+        batch_size=2,
+        max_iters=300_000,
+        spynet_fix_iters=0,
+    ),
     # RealBasicVSR stage 1 (§5.5): L1 on the sharpened GT + cleaning loss, EMA 0.999.
     "realbasicvsr_wogan": REALBASICVSR_WOGAN,
     # Stage 2: + perceptual (1.0) + GAN (0.05); G 5e-5, D 1e-4; starts from stage 1 (--init).
     "realbasicvsr": dict(
-        REALBASICVSR_WOGAN, perceptual_weight=1.0, gan_weight=0.05, lr=5e-5, lr_d=1e-4,
-        max_iters=150_000, batch_size=1, needs_spynet_weights=False),
+        REALBASICVSR_WOGAN,
+        perceptual_weight=1.0,
+        gan_weight=0.05,
+        lr=5e-5,
+        lr_d=1e-4,
+        max_iters=150_000,
+        batch_size=1,
+        needs_spynet_weights=False,
+    ),
 }
 
 # Without --data-root: the built-in synthetic clips (RealBasicVSR: through the degradations), with
 # small settings (flags win); on a CPU a smaller network too, which passes bicubic within minutes.
 # BasicVSR++ needs LR frames of 64x64, hence its 256 crop.
 SYNTHETIC = {
-    "basicvsrpp": dict(num_frames=5, crop_size=256, synthetic_clips=200, val_clips=2, num_workers=4,
-                       val_interval=500, save_interval=500, max_iters=5000),
-    "realbasicvsr": dict(num_frames=5, crop_size=128, synthetic_clips=200, val_clips=2, num_workers=4,
-                         val_interval=500, save_interval=500, max_iters=5000),
+    "basicvsrpp": dict(
+        num_frames=5,
+        crop_size=256,
+        synthetic_clips=200,
+        val_clips=2,
+        num_workers=4,
+        val_interval=500,
+        save_interval=500,
+        max_iters=5000,
+    ),
+    "realbasicvsr": dict(
+        num_frames=5,
+        crop_size=128,
+        synthetic_clips=200,
+        val_clips=2,
+        num_workers=4,
+        val_interval=500,
+        save_interval=500,
+        max_iters=5000,
+    ),
 }
 SYNTHETIC_CPU = {
-    "basicvsrpp": dict(num_frames=2, mid_channels=16, num_blocks=2, num_workers=0, lr=1e-3,
-                       val_interval=50, save_interval=50, max_iters=1000),
-    "realbasicvsr": dict(num_frames=2, crop_size=64, mid_channels=16, num_blocks=2, num_cleaning_blocks=2,
-                         d_mid_channels=16, num_workers=0, val_interval=50, save_interval=50, max_iters=1000),
+    "basicvsrpp": dict(
+        num_frames=2,
+        mid_channels=16,
+        num_blocks=2,
+        num_workers=0,
+        lr=1e-3,
+        val_interval=50,
+        save_interval=50,
+        max_iters=1000,
+    ),
+    "realbasicvsr": dict(
+        num_frames=2,
+        crop_size=64,
+        mid_channels=16,
+        num_blocks=2,
+        num_cleaning_blocks=2,
+        d_mid_channels=16,
+        num_workers=0,
+        val_interval=50,
+        save_interval=50,
+        max_iters=1000,
+    ),
 }
 
 # The published files the recipes start from; nothing is downloaded.
@@ -105,8 +210,20 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="training data root; none: the built-in synthetic clips")
     g.add_argument("--val-root", help="validation data root (default: --data-root for reds4)")
-    g.add_argument("--val-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "videolq",
-                                         "synthetic", "none"])
+    g.add_argument(
+        "--val-set",
+        choices=[
+            "reds4",
+            "redsval",
+            "vid4",
+            "udm10",
+            "vimeo90k_t",
+            "folders",
+            "videolq",
+            "synthetic",
+            "none",
+        ],
+    )
     g.add_argument("--lq-dir", help="LQ folder name of a Vid4/UDM10-style set, e.g. BIx4, BDx4")
     g.add_argument("--gt-dir", help="GT folder name of a Vid4/UDM10-style set")
     g.add_argument("--degradation", choices=["BI", "BD"], help="Vimeo-90K LQ degradation")
@@ -117,15 +234,27 @@ def build_parser():
     g.add_argument("--val-clips", type=int, help="validate on the first N clips only")
     g.add_argument("--synthetic-clips", type=int, help="number of synthetic training clips")
     g = p.add_argument_group("model")
-    g.add_argument("--scale", type=int, choices=[4, 2], help="upscaling factor (default: 4; x2 LQ folders: X2, BIx2)")
+    g.add_argument(
+        "--scale",
+        type=int,
+        choices=[4, 2],
+        help="upscaling factor (default: 4; x2 LQ folders: X2, BIx2)",
+    )
     g.add_argument("--mid-channels", type=int)
-    g.add_argument("--num-blocks", type=int, help="residual blocks (RealBasicVSR: propagation blocks)")
+    g.add_argument(
+        "--num-blocks", type=int, help="residual blocks (RealBasicVSR: propagation blocks)"
+    )
     g.add_argument("--num-cleaning-blocks", type=int, help="RealBasicVSR cleaning blocks")
     g.add_argument("--d-mid-channels", type=int, help="discriminator width (GAN stage)")
     g.add_argument("--spynet-weights", help=f"pretrained SPyNet ({SPYNET_FILE})")
-    g.add_argument("--vgg-weights", help=f"torchvision VGG19 ({VGG_FILE}) for the perceptual loss; "
-                                         "'random' = untrained VGG, for tests only")
-    g.add_argument("--init", help="initial weights only (file or run folder; EMA weights preferred)")
+    g.add_argument(
+        "--vgg-weights",
+        help=f"torchvision VGG19 ({VGG_FILE}) for the perceptual loss; "
+        "'random' = untrained VGG, for tests only",
+    )
+    g.add_argument(
+        "--init", help="initial weights only (file or run folder; EMA weights preferred)"
+    )
     g = p.add_argument_group("losses and optimisation")
     g.add_argument("--pixel-loss", choices=["charbonnier", "l1"])
     g.add_argument("--cleaning-weight", type=float)
@@ -136,10 +265,14 @@ def build_parser():
     g.add_argument("--betas", type=float, nargs=2)
     g.add_argument("--lr-schedule", choices=["cosine", "constant"])
     g.add_argument("--eta-min", type=float, help="cosine schedule floor")
-    g.add_argument("--lr-period", type=int, help="cosine period in iterations (default: --max-iters)")
+    g.add_argument(
+        "--lr-period", type=int, help="cosine period in iterations (default: --max-iters)"
+    )
     g.add_argument("--max-iters", type=int)
     g.add_argument("--spynet-lr-mult", type=float)
-    g.add_argument("--spynet-fix-iters", type=int, help="SPyNet frozen for this many iterations (-1: always)")
+    g.add_argument(
+        "--spynet-fix-iters", type=int, help="SPyNet frozen for this many iterations (-1: always)"
+    )
     g.add_argument("--ema-decay", type=float, help="0: no EMA")
     g.add_argument("--grad-clip", type=float, help="max gradient norm; 0: off")
     g = p.add_argument_group("run")
@@ -147,27 +280,58 @@ def build_parser():
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the generator's per-frame modules (basicvsr.compile_network)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the generator's per-frame modules (basicvsr.compile_network)",
+    )
     g.add_argument("--resume", help="run folder or checkpoint file to continue exactly")
     g.add_argument("--val-interval", type=int)
     g.add_argument("--save-interval", type=int)
     g.add_argument("--log-interval", type=int)
     g.add_argument("--keep-last", type=int, help="checkpoints kept")
-    g.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row")
+    g.add_argument(
+        "--max-nonfinite", type=int, help="stop after this many non-finite losses in a row"
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="evaluate --weights on --eval-set and exit")
-    g.add_argument("--weights", help="weights to evaluate: .safetensors, a published .pth, or a run folder")
-    g.add_argument("--eval-set", choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "videolq"],
-                   help="videolq (or any LQ-only folder of clips): NIQE, no GT needed")
+    g.add_argument(
+        "--weights", help="weights to evaluate: .safetensors, a published .pth, or a run folder"
+    )
+    g.add_argument(
+        "--eval-set",
+        choices=["reds4", "redsval", "vid4", "udm10", "vimeo90k_t", "folders", "videolq"],
+        help="videolq (or any LQ-only folder of clips): NIQE, no GT needed",
+    )
     g.add_argument("--metric-channel", choices=["rgb", "y"])
     g.add_argument("--crop-border", type=int)
     return p
 
 
-RUN_DEFAULTS = dict(seed=0, amp="none", compile=False, log_interval=10, keep_last=3, max_nonfinite=10, synthetic_clips=200)
-FLAG_ONLY = ("model", "data_root", "val_root", "out_dir", "device", "resume", "init", "spynet_weights",
-             "vgg_weights", "eval", "weights", "eval_set")
+RUN_DEFAULTS = dict(
+    seed=0,
+    amp="none",
+    compile=False,
+    log_interval=10,
+    keep_last=3,
+    max_nonfinite=10,
+    synthetic_clips=200,
+)
+FLAG_ONLY = (
+    "model",
+    "data_root",
+    "val_root",
+    "out_dir",
+    "device",
+    "resume",
+    "init",
+    "spynet_weights",
+    "vgg_weights",
+    "eval",
+    "weights",
+    "eval_set",
+)
 
 
 def resolve_config(args, device, world_size, saved=None):
@@ -182,21 +346,37 @@ def resolve_config(args, device, world_size, saved=None):
             cfg.update(SYNTHETIC[cfg["arch"]])
             if device.type == "cpu":
                 cfg.update(SYNTHETIC_CPU[cfg["arch"]])
-            cfg.update(val_set="synthetic", metric_channel="rgb", crop_border=0,  # x2: the same LR crops
-                       crop_size=cfg["crop_size"] * (args.scale or 4) // 4)
+            cfg.update(
+                val_set="synthetic",
+                metric_channel="rgb",
+                crop_border=0,  # x2: the same LR crops
+                crop_size=cfg["crop_size"] * (args.scale or 4) // 4,
+            )
     for k, v in vars(args).items():
         if k in FLAG_ONLY or v is None:
             continue
         cfg[k] = tuple(v) if isinstance(v, list) else v
     if args.val_root is not None or saved is None:
-        cfg["val_root"] = args.val_root if args.val_root is not None else (
-            cfg["data_root"] if cfg["val_set"] in ("reds4", "redsval") else None)
+        cfg["val_root"] = (
+            args.val_root
+            if args.val_root is not None
+            else (cfg["data_root"] if cfg["val_set"] in ("reds4", "redsval") else None)
+        )
     if cfg.get("lr_period") is None:
         cfg["lr_period"] = cfg["max_iters"]
     cfg["world_size"] = world_size
     cfg["total_batch_size"] = cfg["batch_size"] * world_size
-    for k in ("num_frames", "crop_size", "batch_size", "max_iters", "val_interval", "save_interval",
-              "log_interval", "keep_last", "max_nonfinite"):
+    for k in (
+        "num_frames",
+        "crop_size",
+        "batch_size",
+        "max_iters",
+        "val_interval",
+        "save_interval",
+        "log_interval",
+        "keep_last",
+        "max_nonfinite",
+    ):
         if cfg[k] < 1:
             raise ValueError(f"train.py: --{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
     if cfg["crop_size"] % 4:
@@ -265,7 +445,8 @@ class EndlessStream(torch.utils.data.Sampler):
 
     def __init__(self, dataset, rank, world_size, seed, start=0):
         self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         self.start = start
 
     def __iter__(self):
@@ -289,7 +470,9 @@ class EpochIndexed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        getattr(self.dataset, "set_epoch", lambda epoch: None)(epoch)  # SyntheticClips draws no epochs
+        getattr(self.dataset, "set_epoch", lambda epoch: None)(
+            epoch
+        )  # SyntheticClips draws no epochs
         return self.dataset[index]
 
 
@@ -297,17 +480,37 @@ def build_train_set(cfg, rank):
     seed, root, scale = cfg["seed"], cfg["data_root"], cfg["scale"]
     if cfg["arch"] == "realbasicvsr":
         # GT clips (REDS sub-images, or synthetic ones) through the degradation pipeline (§6)
-        return data.RealDegradationDataset(root, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"], scale=scale,
-                                           num_synthetic_clips=cfg["synthetic_clips"], seed=seed, rank=rank)
+        return data.RealDegradationDataset(
+            root,
+            num_frames=cfg["num_frames"],
+            gt_size=cfg["crop_size"],
+            scale=scale,
+            num_synthetic_clips=cfg["synthetic_clips"],
+            seed=seed,
+            rank=rank,
+        )
     if root is None:
-        return data.SyntheticClips(cfg["synthetic_clips"], cfg["num_frames"], cfg["crop_size"], scale, seed=seed)
+        return data.SyntheticClips(
+            cfg["synthetic_clips"], cfg["num_frames"], cfg["crop_size"], scale, seed=seed
+        )
     if cfg["train_set"] == "reds":
-        return data.REDS(root, "train", cfg["num_frames"], cfg["crop_size"], scale, seed=seed, rank=rank)
+        return data.REDS(
+            root, "train", cfg["num_frames"], cfg["crop_size"], scale, seed=seed, rank=rank
+        )
     if cfg["train_set"] == "vimeo90k":
         if cfg["num_frames"] != 7:
-            raise ValueError(f"train.py: Vimeo-90K septuplets have 7 frames (mirrored to 14), got --num-frames {cfg['num_frames']}")
-        return data.Vimeo90K(root, "train", degradation=cfg["degradation"], gt_size=cfg["crop_size"], scale=scale,
-                             seed=seed, rank=rank)
+            raise ValueError(
+                f"train.py: Vimeo-90K septuplets have 7 frames (mirrored to 14), got --num-frames {cfg['num_frames']}"
+            )
+        return data.Vimeo90K(
+            root,
+            "train",
+            degradation=cfg["degradation"],
+            gt_size=cfg["crop_size"],
+            scale=scale,
+            seed=seed,
+            rank=rank,
+        )
     raise ValueError(f"train.py: unknown train_set {cfg['train_set']!r}")
 
 
@@ -316,17 +519,31 @@ def build_eval_set(name, root, cfg):
     scale = cfg["scale"]
     if name == "synthetic":  # held-out clips: another seed than the training clips
         if cfg["arch"] == "realbasicvsr":
-            return data.RealDegradationDataset(None, num_frames=cfg["num_frames"], gt_size=cfg["crop_size"],
-                                               scale=scale, seed=cfg["seed"] + 1, rank=0)
-        return data.SyntheticClips(cfg["val_clips"] or 2, cfg["num_frames"], cfg["crop_size"], scale, seed=cfg["seed"] + 1)
+            return data.RealDegradationDataset(
+                None,
+                num_frames=cfg["num_frames"],
+                gt_size=cfg["crop_size"],
+                scale=scale,
+                seed=cfg["seed"] + 1,
+                rank=0,
+            )
+        return data.SyntheticClips(
+            cfg["val_clips"] or 2, cfg["num_frames"], cfg["crop_size"], scale, seed=cfg["seed"] + 1
+        )
     if root is None:
-        raise ValueError(f"train.py: the {name} set needs a root folder (--val-root, or --data-root for --eval)")
+        raise ValueError(
+            f"train.py: the {name} set needs a root folder (--val-root, or --data-root for --eval)"
+        )
     if name in ("reds4", "redsval"):
         return data.REDS(root, name, scale=scale)
     if name in ("vid4", "udm10", "folders"):
         if not cfg.get("lq_dir") or not cfg.get("gt_dir"):
-            raise ValueError(f"train.py: the {name} set needs --lq-dir and --gt-dir (e.g. BIx4 and GT)")
-        return data.PairedFolders(root, cfg["lq_dir"].replace("x4", f"x{scale}"), cfg["gt_dir"], scale)
+            raise ValueError(
+                f"train.py: the {name} set needs --lq-dir and --gt-dir (e.g. BIx4 and GT)"
+            )
+        return data.PairedFolders(
+            root, cfg["lq_dir"].replace("x4", f"x{scale}"), cfg["gt_dir"], scale
+        )
     if name == "vimeo90k_t":
         return data.Vimeo90K(root, "test", degradation=cfg["degradation"], scale=scale)
     if name == "videolq":
@@ -335,69 +552,17 @@ def build_eval_set(name, root, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics, with the reference protocol (spec §7.1): images are [0, 255] RGB, PSNR and SSIM per
-# frame, averaged over a clip, then over clips. SSIM is the MATLAB-style one: 11x11 Gaussian
-# window, sigma 1.5, "valid" filtering, per channel then averaged. Y is BT.601 studio range.
-
-
-def rgb2y(img):
-    """(..., 3, h, w) RGB in [0, 255] -> (..., 1, h, w) Y in [16, 235]."""
-    r, g, b = img.unbind(-3)
-    return (16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0).unsqueeze(-3)
-
-
-def _prepare(img1, img2, crop_border, y_channel):
-    if img1.shape != img2.shape or img1.dim() != 3:
-        raise ValueError(f"metrics expect two (c, h, w) images of the same shape, got "
-                         f"{tuple(img1.shape)} and {tuple(img2.shape)}")
-    img1, img2 = img1.double(), img2.double()
-    if y_channel:
-        img1, img2 = rgb2y(img1), rgb2y(img2)
-    if crop_border:
-        img1 = img1[:, crop_border:-crop_border, crop_border:-crop_border]
-        img2 = img2[:, crop_border:-crop_border, crop_border:-crop_border]
-    return img1, img2
-
-
-def psnr(img1, img2, crop_border=0, y_channel=False):
-    """PSNR in dB of two (3, h, w) images in [0, 255]; inf when they are identical."""
-    img1, img2 = _prepare(img1, img2, crop_border, y_channel)
-    mse = torch.mean((img1 - img2) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
-
-
-def _gaussian_window(device):
-    x = torch.arange(11, dtype=torch.float64, device=device) - 5
-    k = torch.exp(-x ** 2 / (2 * 1.5 ** 2))
-    return k / k.sum()  # what cv2.getGaussianKernel(11, 1.5) returns
-
-
-def ssim(img1, img2, crop_border=0, y_channel=False):
-    """MATLAB-style SSIM of two (3, h, w) images in [0, 255] (frames of at least 11x11)."""
-    img1, img2 = _prepare(img1, img2, crop_border, y_channel)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    k = _gaussian_window(img1.device)
-    wy, wx = k.view(1, 1, 11, 1), k.view(1, 1, 1, 11)
-
-    def blur(x):  # separable 11x11 Gaussian, valid region only: = filter2D(...)[5:-5, 5:-5]
-        return F.conv2d(F.conv2d(x, wy), wx)
-
-    x, y = img1.unsqueeze(1), img2.unsqueeze(1)  # channels as a batch: (c, 1, h, w)
-    mu1, mu2 = blur(x), blur(y)
-    sigma1_sq = blur(x * x) - mu1 ** 2
-    sigma2_sq = blur(y * y) - mu2 ** 2
-    sigma12 = blur(x * y) - mu1 * mu2
-    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (sigma1_sq + sigma2_sq + c2))
-    return ssim_map.mean(dim=(1, 2, 3)).mean().item()
-
-
-niqe = realbasicvsr.niqe  # with the network it evaluates: train.py is at its size limit
+# Metrics as text, and frames on the [0, 255] scale they are computed on.
 
 
 def metrics_text(p, s, b, frames=None):
     """One row or mean of evaluate_clips as text: NIQE where there was no GT, else PSNR / SSIM."""
     n = f", {frames} frames" if frames else ""
-    return f"NIQE {p:.4f}{n}" if math.isnan(s) else f"PSNR {p:.4f}  SSIM {s:.4f}  (bicubic PSNR {b:.4f}{n})"
+    return (
+        f"NIQE {p:.4f}{n}"
+        if math.isnan(s)
+        else f"PSNR {p:.4f}  SSIM {s:.4f}  (bicubic PSNR {b:.4f}{n})"
+    )
 
 
 def to_255(frames):
@@ -428,15 +593,28 @@ def bicubic(lqs, gt_frames, scale):
     """Bicubic upscaling of the LQ, the baseline printed beside the model (Vimeo-90K-T: frame 4 only)."""
     if gt_frames == 1 and lqs.shape[1] > 1:
         k = lqs.shape[1] // 4 if basicvsr.is_mirror_extended(lqs) else lqs.shape[1] // 2
-        lqs = lqs[:, k:k + 1]
+        lqs = lqs[:, k : k + 1]
     n, t, c, h, w = lqs.shape
-    up = F.interpolate(lqs.reshape(n * t, c, h, w).float(), scale_factor=scale, mode="bicubic", align_corners=False)
+    up = F.interpolate(
+        lqs.reshape(n * t, c, h, w).float(), scale_factor=scale, mode="bicubic", align_corners=False
+    )
     return up.view(n, t, c, scale * h, scale * w)
 
 
 @torch.no_grad()
-def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, ddp=False,
-                   image_path=None, max_clips=None, verbose=False):
+def evaluate_clips(
+    model,
+    dataset,
+    cfg,
+    device,
+    amp_ctx,
+    rank=0,
+    world_size=1,
+    ddp=False,
+    image_path=None,
+    max_clips=None,
+    verbose=False,
+):
     """[(key, psnr, ssim, bicubic_psnr, frames)] of the clips (clip i on rank i % world_size) on every rank,
     and their means; a clip without GT (VideoLQ) gets the output's NIQE for PSNR and nan for the rest."""
     was_training = model.training
@@ -465,14 +643,20 @@ def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, d
             print(f"  {item['key']:<24s} {metrics_text(*rows[-1][1:])}", flush=True)
         if i == 0 and image_path is not None:
             k = out.shape[0] // 2
-            side_by_side = torch.cat([bic[k].cpu(), out[k].cpu(), gt255[k].cpu()], dim=2)  # bicubic | output | GT
-            data.write_image(image_path, side_by_side.permute(1, 2, 0).numpy().astype(np.uint8))
+            side_by_side = torch.cat(
+                [bic[k].cpu(), out[k].cpu(), gt255[k].cpu()], dim=2
+            )  # bicubic | output | GT
+            files.write_image(image_path, side_by_side.permute(1, 2, 0).numpy().astype(np.uint8))
     if ddp:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
     model.train(was_training)
-    means = tuple(sum(r[j] for r in rows) / len(rows) for j in (1, 2, 3)) if rows else (float("nan"),) * 3
+    means = (
+        tuple(sum(r[j] for r in rows) / len(rows) for j in (1, 2, 3))
+        if rows
+        else (float("nan"),) * 3
+    )
     return rows, means
 
 
@@ -482,11 +666,16 @@ def evaluate_clips(model, dataset, cfg, device, amp_ctx, rank=0, world_size=1, d
 
 def build_generator(cfg):
     if cfg["arch"] == "basicvsrpp":
-        return basicvsr.BasicVSRPlusPlus(mid_channels=cfg["mid_channels"], num_blocks=cfg["num_blocks"],
-                                         scale=cfg["scale"])
+        return basicvsr.BasicVSRPlusPlus(
+            mid_channels=cfg["mid_channels"], num_blocks=cfg["num_blocks"], scale=cfg["scale"]
+        )
     if cfg["arch"] == "realbasicvsr":
-        return realbasicvsr.RealBasicVSR(mid_channels=cfg["mid_channels"], num_propagation_blocks=cfg["num_blocks"],
-                                         num_cleaning_blocks=cfg["num_cleaning_blocks"], scale=cfg["scale"])
+        return realbasicvsr.RealBasicVSR(
+            mid_channels=cfg["mid_channels"],
+            num_propagation_blocks=cfg["num_blocks"],
+            num_cleaning_blocks=cfg["num_cleaning_blocks"],
+            scale=cfg["scale"],
+        )
     raise ValueError(f"train.py: unknown arch {cfg['arch']!r}")
 
 
@@ -522,9 +711,9 @@ def weights_file(path, what, ema=True):
     if os.path.isdir(path):
         path = latest_checkpoint(path, what) + ".safetensors"
     if path.endswith(".state.pt"):
-        path = path[:-len(".state.pt")] + ".safetensors"
+        path = path[: -len(".state.pt")] + ".safetensors"
     if ema and path.endswith(".safetensors") and not path.endswith("_ema.safetensors"):
-        ema_path = path[:-len(".safetensors")] + "_ema.safetensors"
+        ema_path = path[: -len(".safetensors")] + "_ema.safetensors"
         if os.path.isfile(ema_path):
             return ema_path
     return path
@@ -536,13 +725,16 @@ def load_init(model, ema, path, rank):
     ours), with no EMA-to-generator copy. A file with one set of weights fills both."""
     g_path, ema_path = weights_file(path, "--init", ema=False), weights_file(path, "--init")
     try:
-        g_state = basicvsr.read_state_dict(g_path, "generator")
+        g_state = weights.read_state_dict(g_path, "generator")
     except ValueError:  # not an mmagic file with a generator part
-        g_state = basicvsr.read_state_dict(g_path)
-    print0(f"init: generator from {g_path}" + (f", EMA from {ema_path}" if ema is not None else ""), rank=rank)
-    basicvsr.load_state(model, g_state, g_path)
+        g_state = weights.read_state_dict(g_path)
+    print0(
+        f"init: generator from {g_path}" + (f", EMA from {ema_path}" if ema is not None else ""),
+        rank=rank,
+    )
+    weights.load_state(model, g_state, g_path)
     if ema is not None:
-        basicvsr.load_weights(ema, ema_path)  # mmagic files: generator_ema when present
+        weights.load_weights(ema, ema_path)  # mmagic files: generator_ema when present
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +761,7 @@ def latest_checkpoint(folder, what="--resume"):
     states = sorted(glob.glob(os.path.join(folder, "iter_*.state.pt")))
     if not states:
         raise FileNotFoundError(f"train.py: {what}: no iter_*.state.pt checkpoint in {folder}")
-    return states[-1][:-len(".state.pt")]
+    return states[-1][: -len(".state.pt")]
 
 
 def checkpoint_stem(path):
@@ -579,22 +771,24 @@ def checkpoint_stem(path):
         return latest_checkpoint(path)
     for suffix in (".state.pt", "_ema.safetensors", ".safetensors"):
         if path.endswith(suffix):
-            stem = path[:-len(suffix)]
+            stem = path[: -len(suffix)]
             if not os.path.isfile(stem + ".state.pt"):
                 raise FileNotFoundError(f"train.py: --resume: {stem}.state.pt not found")
             return stem
-    raise ValueError(f"train.py: --resume takes a run folder or an iter_*.state.pt / .safetensors file, got {path}")
+    raise ValueError(
+        f"train.py: --resume takes a run folder or an iter_*.state.pt / .safetensors file, got {path}"
+    )
 
 
 def save_checkpoint(out_dir, step, state, g_raw, ema, keep_last):
     stem = os.path.join(out_dir, f"iter_{step:07d}")
-    basicvsr.save_weights(g_raw, stem + ".safetensors")
+    weights.save_weights(g_raw, stem + ".safetensors")
     if ema is not None:
-        basicvsr.save_weights(ema, stem + "_ema.safetensors")
-    with data.atomic_path(stem + ".state.pt") as tmp:
+        weights.save_weights(ema, stem + "_ema.safetensors")
+    with atomic_path(stem + ".state.pt") as tmp:
         torch.save(state, tmp)
     for old in sorted(glob.glob(os.path.join(out_dir, "iter_*.state.pt")))[:-keep_last]:
-        old_stem = old[:-len(".state.pt")]
+        old_stem = old[: -len(".state.pt")]
         for f in (old, old_stem + ".safetensors", old_stem + "_ema.safetensors"):
             if os.path.exists(f):
                 os.remove(f)
@@ -615,11 +809,20 @@ class Trainer:
         self.amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
         spy = set(map(id, spynet_params(g_raw)))
         betas = tuple(cfg["betas"])
-        self.opt_g = torch.optim.Adam([
-            {"params": [p for p in g_raw.parameters() if id(p) not in spy], "lr_mult": 1.0},
-            {"params": [p for p in g_raw.parameters() if id(p) in spy], "lr_mult": cfg["spynet_lr_mult"]},
-        ], lr=cfg["lr"], betas=betas)
-        self.opt_d = torch.optim.Adam(d_raw.parameters(), lr=cfg["lr_d"], betas=betas) if d_raw else None
+        self.opt_g = torch.optim.Adam(
+            [
+                {"params": [p for p in g_raw.parameters() if id(p) not in spy], "lr_mult": 1.0},
+                {
+                    "params": [p for p in g_raw.parameters() if id(p) in spy],
+                    "lr_mult": cfg["spynet_lr_mult"],
+                },
+            ],
+            lr=cfg["lr"],
+            betas=betas,
+        )
+        self.opt_d = (
+            torch.optim.Adam(d_raw.parameters(), lr=cfg["lr_d"], betas=betas) if d_raw else None
+        )
         # fp16 needs loss scaling; bf16 and fp32 do not (the scalers are then no-ops)
         self.scaler_g = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -627,14 +830,20 @@ class Trainer:
         self.spynet_frozen = None
 
     def wrap(self, module):
-        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.ddp else module
+        return (
+            DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.ddp
+            else module
+        )
 
     def set_phase(self, step):
         """SPyNet freeze under DDP without find_unused_parameters: DDP reduces only the parameters
         that require grad when it is built, so at the switch every rank, at the same iteration,
         unfreezes SPyNet and rebuilds the wrapper (toggling it under a live one crashes the reference)."""
         fix = self.cfg["spynet_fix_iters"]
-        frozen = fix < 0 or step < fix  # a function of the iteration: a resumed run lands in its phase
+        frozen = (
+            fix < 0 or step < fix
+        )  # a function of the iteration: a resumed run lands in its phase
         if frozen == self.spynet_frozen:
             return False
         for p in spynet_params(self.g_raw):
@@ -661,7 +870,9 @@ class Trainer:
         if self.cfg["grad_clip"] > 0:
             scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["grad_clip"])
-            ok = bool(torch.isfinite(norm)) or scaler.is_enabled()  # fp16: the scaler skips inf steps
+            ok = (
+                bool(torch.isfinite(norm)) or scaler.is_enabled()
+            )  # fp16: the scaler skips inf steps
         if ok:
             scaler.step(opt)
         scaler.update()
@@ -680,10 +891,16 @@ class Trainer:
                 out, lqs_clean = self.g(lqs, return_lqs=True)
             else:
                 out = self.g(lqs)
-        pixel = realbasicvsr.charbonnier_loss if cfg["pixel_loss"] == "charbonnier" else realbasicvsr.l1_loss
+        pixel = (
+            realbasicvsr.charbonnier_loss
+            if cfg["pixel_loss"] == "charbonnier"
+            else realbasicvsr.l1_loss
+        )
         losses["pix"] = pixel(out.float(), target)
         if cfg["cleaning_weight"] > 0:
-            losses["clean"] = cfg["cleaning_weight"] * realbasicvsr.cleaning_loss(lqs_clean.float(), target)
+            losses["clean"] = cfg["cleaning_weight"] * realbasicvsr.cleaning_loss(
+                lqs_clean.float(), target
+            )
         if cfg["perceptual_weight"] > 0:
             with self.amp_ctx:
                 losses["perceptual"] = cfg["perceptual_weight"] * self.percep(out, target).float()
@@ -692,7 +909,9 @@ class Trainer:
             self.d_raw.requires_grad_(False)
             with self.amp_ctx:
                 fake_logits = self.d_raw(out.flatten(0, 1))
-            losses["gan"] = realbasicvsr.gan_loss(fake_logits.float(), True, weight=cfg["gan_weight"])
+            losses["gan"] = realbasicvsr.gan_loss(
+                fake_logits.float(), True, weight=cfg["gan_weight"]
+            )
         loss_g = sum(losses.values())
         if all_reduce_max(not torch.isfinite(loss_g).item(), self.ddp):
             return {k: v.item() for k, v in losses.items()} | {"loss": loss_g.item()}, False
@@ -722,10 +941,13 @@ class Trainer:
         return {k: v.item() for k, v in losses.items()} | {"loss": loss_g.item()}, ok
 
     def state_dict(self):
-        return {"opt_g": self.opt_g.state_dict(), "scaler_g": self.scaler_g.state_dict(),
-                "scaler_d": self.scaler_d.state_dict(),
-                "opt_d": self.opt_d.state_dict() if self.opt_d else None,
-                "discriminator": self.d_raw.state_dict() if self.d_raw else None}
+        return {
+            "opt_g": self.opt_g.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+            "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "discriminator": self.d_raw.state_dict() if self.d_raw else None,
+        }
 
     def load_state_dict(self, state):
         self.opt_g.load_state_dict(state["opt_g"])
@@ -746,40 +968,66 @@ def train(args, ddp, rank, world_size, device):
         stem = checkpoint_stem(args.resume)
         saved_state = torch.load(stem + ".state.pt", map_location="cpu", weights_only=True)
     cfg = resolve_config(args, device, world_size, saved_state["config"] if saved_state else None)
-    out_dir = args.out_dir or (os.path.dirname(stem) if stem else os.path.join("runs", cfg["model"]))
+    out_dir = args.out_dir or (
+        os.path.dirname(stem) if stem else os.path.join("runs", cfg["model"])
+    )
     cfg["out_dir"] = out_dir
 
     # --- say what runs
     if cfg["data_root"] is None:
-        print0(f"data: no --data-root, training on the built-in synthetic clips"
-               f"{' through the degradation pipeline' if cfg['arch'] == 'realbasicvsr' else ''}"
-               f" with small {'CPU ' if device.type == 'cpu' else ''}settings (flags override them)", rank=rank)
-    if cfg["needs_spynet_weights"] and not args.spynet_weights and not args.init and not args.resume:
-        print0(f"warning: no --spynet-weights: SPyNet starts untrained (zero flow); the {cfg['model']} recipe "
-               f"starts from the pretrained {SPYNET_FILE}", rank=rank)
+        print0(
+            f"data: no --data-root, training on the built-in synthetic clips"
+            f"{' through the degradation pipeline' if cfg['arch'] == 'realbasicvsr' else ''}"
+            f" with small {'CPU ' if device.type == 'cpu' else ''}settings (flags override them)",
+            rank=rank,
+        )
+    if (
+        cfg["needs_spynet_weights"]
+        and not args.spynet_weights
+        and not args.init
+        and not args.resume
+    ):
+        print0(
+            f"warning: no --spynet-weights: SPyNet starts untrained (zero flow); the {cfg['model']} recipe "
+            f"starts from the pretrained {SPYNET_FILE}",
+            rank=rank,
+        )
     if cfg["perceptual_weight"] > 0 and not args.vgg_weights:
-        raise ValueError(f"train.py: --model {cfg['model']} needs --vgg-weights (torchvision's {VGG_FILE}) "
-                         f"for the perceptual loss; '--vgg-weights random' is for tests only")
+        raise ValueError(
+            f"train.py: --model {cfg['model']} needs --vgg-weights (torchvision's {VGG_FILE}) "
+            f"for the perceptual loss; '--vgg-weights random' is for tests only"
+        )
     if cfg["gan_weight"] > 0 and not args.init and not args.resume:
-        print0("warning: no --init: the GAN stage starts from scratch; the recipe starts from the "
-               "stage-1 (realbasicvsr_wogan) weights", rank=rank)
-    print0("config (total batch = batch_size x world_size):\n" + "\n".join(f"  {k:22s} {cfg[k]}" for k in sorted(cfg)),
-           rank=rank)
-    resume_cmd = (f"torchrun --nproc_per_node={world_size} " if ddp else "python ") + \
-        f"train.py --model {cfg['model']} --resume {out_dir}"
+        print0(
+            "warning: no --init: the GAN stage starts from scratch; the recipe starts from the "
+            "stage-1 (realbasicvsr_wogan) weights",
+            rank=rank,
+        )
+    print0(
+        "config (total batch = batch_size x world_size):\n"
+        + "\n".join(f"  {k:22s} {cfg[k]}" for k in sorted(cfg)),
+        rank=rank,
+    )
+    resume_cmd = (
+        f"torchrun --nproc_per_node={world_size} " if ddp else "python "
+    ) + f"train.py --model {cfg['model']} --resume {out_dir}"
     if not args.resume and glob.glob(os.path.join(out_dir, "iter_*.state.pt")):
         # keep-last pruning would otherwise delete the new run's checkpoints, not the old ones
-        raise ValueError(f"train.py: {out_dir} already holds checkpoints; continue it with `{resume_cmd}`, "
-                         f"or pick another --out-dir")
+        raise ValueError(
+            f"train.py: {out_dir} already holds checkpoints; continue it with `{resume_cmd}`, "
+            f"or pick another --out-dir"
+        )
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed training shapes; GPU runs are not bitwise reproducible anyway
+        torch.backends.cudnn.benchmark = (
+            True  # fixed training shapes; GPU runs are not bitwise reproducible anyway
+        )
 
     # --- models; identical initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(cfg["seed"])
     g_raw = build_generator(cfg)
     spynet = g_raw.basicvsr.spynet if cfg["arch"] == "realbasicvsr" else g_raw.spynet
     if args.spynet_weights:
-        basicvsr.load_weights(spynet, args.spynet_weights)
+        weights.load_weights(spynet, args.spynet_weights)
     else:
         spynet.zero_flow_()
     g_raw.to(device).train()
@@ -788,21 +1036,33 @@ def train(args, ddp, rank, world_size, device):
         load_init(g_raw, ema, args.init, rank)
     if cfg.get("compile"):  # after the EMA copy: the EMA only evaluates, and stays eager
         basicvsr.compile_network(g_raw)
-    d_raw = realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train() if cfg["gan_weight"] > 0 else None
-    percep = realbasicvsr.PerceptualLoss(args.vgg_weights).to(device) if cfg["perceptual_weight"] > 0 else None
+    d_raw = (
+        realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train()
+        if cfg["gan_weight"] > 0
+        else None
+    )
+    percep = None
+    if cfg["perceptual_weight"] > 0:
+        percep = realbasicvsr.PerceptualLoss()
+        if args.vgg_weights != "random":
+            weights.load_vgg19_features(percep.vgg, args.vgg_weights)
+        percep = percep.to(device)
     trainer = Trainer(cfg, g_raw, ema, d_raw, percep, device, ddp, cfg["amp"])
 
     start = 0
     if saved_state is not None:
-        basicvsr.load_weights(g_raw, stem + ".safetensors")
+        weights.load_weights(g_raw, stem + ".safetensors")
         if ema is not None:
-            basicvsr.load_weights(ema, stem + "_ema.safetensors")
+            weights.load_weights(ema, stem + "_ema.safetensors")
         trainer.load_state_dict(saved_state["trainer"])
         start = saved_state["step"]
         rngs = saved_state["rng"]
         if len(rngs) != world_size:
-            print0(f"warning: resuming a {len(rngs)}-rank run on {world_size} ranks: the data stream and "
-                   f"random states differ from an uninterrupted run", rank=rank)
+            print0(
+                f"warning: resuming a {len(rngs)}-rank run on {world_size} ranks: the data stream and "
+                f"random states differ from an uninterrupted run",
+                rank=rank,
+            )
             torch.manual_seed(cfg["seed"] + rank)
         else:
             set_rng_state(rngs[rank], device)
@@ -813,17 +1073,26 @@ def train(args, ddp, rank, world_size, device):
 
     # --- data
     train_set = build_train_set(cfg, rank)
-    stream = EndlessStream(train_set, rank, world_size, cfg["seed"], start=start * cfg["batch_size"])
+    stream = EndlessStream(
+        train_set, rank, world_size, cfg["seed"], start=start * cfg["batch_size"]
+    )
     loader = torch.utils.data.DataLoader(
-        EpochIndexed(train_set), batch_size=cfg["batch_size"], sampler=stream,
-        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+        EpochIndexed(train_set),
+        batch_size=cfg["batch_size"],
+        sampler=stream,
+        num_workers=cfg["num_workers"],
+        pin_memory=device.type == "cuda",
         persistent_workers=cfg["num_workers"] > 0,
-        generator=torch.Generator().manual_seed(cfg["seed"] + rank))  # not the global RNG: resume stays exact
+        generator=torch.Generator().manual_seed(cfg["seed"] + rank),
+    )  # not the global RNG: resume stays exact
     batches = iter(loader)
     val_set = None
     if cfg["val_set"] != "none":
         if cfg["val_set"] != "synthetic" and cfg["val_root"] is None:
-            print0(f"warning: no --val-root for the {cfg['val_set']} validation set: validation is off", rank=rank)
+            print0(
+                f"warning: no --val-root for the {cfg['val_set']} validation set: validation is off",
+                rank=rank,
+            )
         else:
             val_set = build_eval_set(cfg["val_set"], cfg["val_root"], cfg)
 
@@ -836,7 +1105,9 @@ def train(args, ddp, rank, world_size, device):
 
     def log(record):
         if rank == 0:
-            record["time"] = round(time.time() - run_start, 1)  # wall seconds since this process started
+            record["time"] = round(
+                time.time() - run_start, 1
+            )  # wall seconds since this process started
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
@@ -845,20 +1116,42 @@ def train(args, ddp, rank, world_size, device):
         if ddp:
             dist.all_gather_object(rngs, rng_state(device))
         if rank == 0:
-            state = {"step": step, "config": cfg, "trainer": trainer.state_dict(), "rng": rngs,
-                     "data_position": step * cfg["batch_size"], "nonfinite_total": nonfinite_total}
+            state = {
+                "step": step,
+                "config": cfg,
+                "trainer": trainer.state_dict(),
+                "rng": rngs,
+                "data_position": step * cfg["batch_size"],
+                "nonfinite_total": nonfinite_total,
+            }
             return save_checkpoint(out_dir, step, state, g_raw, ema, cfg["keep_last"])
 
     def validate(step):
         image = os.path.join(out_dir, f"val_{step:07d}.png") if rank == 0 else None
-        rows, (p, s, b) = evaluate_clips(ema if ema is not None else g_raw, val_set, cfg, device,
-                                         trainer.amp_ctx, rank, world_size, ddp, image, cfg["val_clips"])
-        print0(f"val   {step:>7d} | {metrics_text(p, s, b)} "
-               f"({cfg['metric_channel'].upper()}, {len(rows)} clips{', EMA' if ema is not None else ''})", rank=rank)
-        log({"iter": step, "val_niqe": p} if math.isnan(s) else
-            {"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b})
+        rows, (p, s, b) = evaluate_clips(
+            ema if ema is not None else g_raw,
+            val_set,
+            cfg,
+            device,
+            trainer.amp_ctx,
+            rank,
+            world_size,
+            ddp,
+            image,
+            cfg["val_clips"],
+        )
+        print0(
+            f"val   {step:>7d} | {metrics_text(p, s, b)} "
+            f"({cfg['metric_channel'].upper()}, {len(rows)} clips{', EMA' if ema is not None else ''})",
+            rank=rank,
+        )
+        log(
+            {"iter": step, "val_niqe": p}
+            if math.isnan(s)
+            else {"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b}
+        )
         if rank == 0:
-            for old in sorted(glob.glob(os.path.join(out_dir, "val_*.png")))[:-cfg["keep_last"]]:
+            for old in sorted(glob.glob(os.path.join(out_dir, "val_*.png")))[: -cfg["keep_last"]]:
                 os.remove(old)
 
     # --- loop
@@ -870,15 +1163,20 @@ def train(args, ddp, rank, world_size, device):
     # a checkpoint is written there. A second signal during the write changes nothing.
     stop, handlers = [], {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {
+            sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
     print0(f"train: iterations {start + 1}..{max_iters} on {world_size} x {device.type}", rank=rank)
     try:
         while step < max_iters:
             if trainer.set_phase(step):
                 fix = cfg["spynet_fix_iters"]
-                print0(f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}"
-                       + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""), rank=rank)
+                print0(
+                    f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}"
+                    + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""),
+                    rank=rank,
+                )
             lr = trainer.set_lr(step)
             batch = next(batches)
             losses, ok = trainer.train_step(batch)
@@ -891,34 +1189,58 @@ def train(args, ddp, rank, world_size, device):
             else:
                 nonfinite_run += 1
                 nonfinite_total += 1
-                print0(f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
-                       f"({nonfinite_run} in a row, {nonfinite_total} in all)", rank=rank)
+                print0(
+                    f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
+                    f"({nonfinite_run} in a row, {nonfinite_total} in all)",
+                    rank=rank,
+                )
                 log({"iter": step, "nonfinite": nonfinite_total})
                 if nonfinite_run >= cfg["max_nonfinite"]:
-                    msg = (f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
-                           f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: "
-                           f"{last_ckpt + '.safetensors' if last_ckpt else 'none'} (untouched)")
+                    msg = (
+                        f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
+                        f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: "
+                        f"{last_ckpt + '.safetensors' if last_ckpt else 'none'} (untouched)"
+                    )
                     if ddp:
                         dist.destroy_process_group()
                     sys.exit(msg if rank == 0 else 1)
             timed_iters += 1
             if (step % cfg["log_interval"] == 0 or step == max_iters) and count:
                 names = sorted(sums)
-                means = dict(zip(names, all_reduce_mean([sums[k] / max(count, 1) for k in names], ddp)))
+                means = dict(
+                    zip(names, all_reduce_mean([sums[k] / max(count, 1) for k in names], ddp))
+                )
                 elapsed = time.time() - t0
                 it_s = timed_iters / max(elapsed, 1e-9)
-                mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+                mem = (
+                    torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda"
+                    else None
+                )
                 parts = " ".join(f"{k} {means[k]:.4g}" for k in names if k != "loss")
-                print0(f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
-                       f"lr {lr:.2e} | {it_s:.2f} it/s | eta {tqdm.tqdm.format_interval((max_iters - step) / it_s)} | "
-                       f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}", rank=rank)
-                log({"iter": step, **means, "lr": lr, "it_s": it_s, "nonfinite": nonfinite_total,
-                     **({"mem_gb": mem} if mem is not None else {})})
+                print0(
+                    f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
+                    f"lr {lr:.2e} | {it_s:.2f} it/s | eta {tqdm.tqdm.format_interval((max_iters - step) / it_s)} | "
+                    f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}",
+                    rank=rank,
+                )
+                log(
+                    {
+                        "iter": step,
+                        **means,
+                        "lr": lr,
+                        "it_s": it_s,
+                        "nonfinite": nonfinite_total,
+                        **({"mem_gb": mem} if mem is not None else {}),
+                    }
+                )
                 sums, count, t0, timed_iters = {}, 0, time.time(), 0
             stopping = all_reduce_max(bool(stop), ddp)  # the same iteration on every rank
             if step % cfg["save_interval"] == 0 or step == max_iters or stopping:
                 if nonfinite_run:  # keep the last checkpoint a good one
-                    print0(f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank)
+                    print0(
+                        f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank
+                    )
                 else:
                     last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
             if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
@@ -927,8 +1249,11 @@ def train(args, ddp, rank, world_size, device):
             if stopping:
                 signum = stop[0] if stop else signal.SIGTERM  # another rank was signalled
                 saved = f"checkpoint {last_ckpt}.state.pt" if last_ckpt else "no checkpoint yet"
-                print0(f"{signal.Signals(signum).name}: stopped after iteration {step}; {saved}; "
-                       f"continue with `{resume_cmd}`", rank=rank)
+                print0(
+                    f"{signal.Signals(signum).name}: stopped after iteration {step}; {saved}; "
+                    f"continue with `{resume_cmd}`",
+                    rank=rank,
+                )
                 sys.exit(128 + signum)
     finally:
         for sig, handler in handlers.items():
@@ -943,9 +1268,13 @@ def train(args, ddp, rank, world_size, device):
 
 
 EVAL_SETS = {  # set -> metric channel and default LQ/GT folder names (spec §7.2, §10)
-    "reds4": ("rgb", None, None), "redsval": ("rgb", None, None),
-    "vid4": ("y", "BIx4", "GT"), "udm10": ("y", "BDx4", "GT"), "vimeo90k_t": ("y", None, None),
-    "folders": ("rgb", None, None), "videolq": ("rgb", None, None),  # videolq: LQ only, NIQE
+    "reds4": ("rgb", None, None),
+    "redsval": ("rgb", None, None),
+    "vid4": ("y", "BIx4", "GT"),
+    "udm10": ("y", "BDx4", "GT"),
+    "vimeo90k_t": ("y", None, None),
+    "folders": ("rgb", None, None),
+    "videolq": ("rgb", None, None),  # videolq: LQ only, NIQE
 }
 
 
@@ -959,18 +1288,44 @@ def evaluate(args, ddp, rank, world_size, device):
     if name != cfg["val_set"]:  # the recipe's own protocol for its validation set, else §10's
         channel, lq_dir, gt_dir = EVAL_SETS[name]
         cfg.update(metric_channel=channel, lq_dir=lq_dir, gt_dir=gt_dir)
-    cfg.update({k: getattr(args, k) for k in ("lq_dir", "gt_dir", "degradation", "metric_channel", "crop_border",
-                                              "amp", "val_clips") if getattr(args, k) is not None})
+    cfg.update(
+        {
+            k: getattr(args, k)
+            for k in (
+                "lq_dir",
+                "gt_dir",
+                "degradation",
+                "metric_channel",
+                "crop_border",
+                "amp",
+                "val_clips",
+            )
+            if getattr(args, k) is not None
+        }
+    )
     path = weights_file(args.weights, "--weights")
-    model = upscale.load_network(path).to(device).eval()  # the network and its size from the file
+    model = weights.load_network(path).to(device).eval()  # the network and its size from the file
     cfg["scale"] = model.scale
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
     amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     dataset = build_eval_set(name, args.data_root, cfg)
-    print0(f"eval: {path} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
-           f"crop border {cfg['crop_border']}", rank=rank)
-    rows, (p, s, b) = evaluate_clips(model, dataset, cfg, device, amp_ctx, rank, world_size, ddp,
-                                     max_clips=cfg["val_clips"], verbose=world_size == 1)
+    print0(
+        f"eval: {path} on {name} ({args.data_root}), {cfg['metric_channel'].upper()} channel, "
+        f"crop border {cfg['crop_border']}",
+        rank=rank,
+    )
+    rows, (p, s, b) = evaluate_clips(
+        model,
+        dataset,
+        cfg,
+        device,
+        amp_ctx,
+        rank,
+        world_size,
+        ddp,
+        max_clips=cfg["val_clips"],
+        verbose=world_size == 1,
+    )
     if world_size > 1:
         for key, *values in rows:
             print0(f"  {key:<24s} {metrics_text(*values)}", rank=rank)

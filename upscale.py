@@ -12,6 +12,7 @@ depends on the window and tile sizes, never on the video's length.
 
 From Python: `upscale(model, frames_or_path, ...)` yields RGB uint8 frames.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -27,11 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from basicvsr import (BasicVSR, BasicVSRPlusPlus, ResidualBlocksWithInputConv, compile_network, load_state, network_of, read_state_dict,
-                      save_weights)
-from data import atomic_path
+from basicvsr import BasicVSR, BasicVSRPlusPlus, ResidualBlocksWithInputConv, compile_network
+from export import ONNX_FRAMES, ONNX_OPSET, PROVIDERS, OnnxNetwork, export_onnx
 from realbasicvsr import RealBasicVSR
 from video import WRITTEN_VIDEO_EXTS, VideoWriter, read_video
+from weights import convert, load_network, min_input_size, scale_of
 
 # ----------------------------------------------------------------------------------------
 # Upscaling videos. The LR stream is cut into scenes where the mean grey-level difference of
@@ -41,39 +42,12 @@ from video import WRITTEN_VIDEO_EXTS, VideoWriter, read_video
 # ramps. Peak memory depends on chunk and tile size, never on the length of the video.
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MIN_TILE = 64        # smaller tiles starve SPyNet's coarsest level (and BasicVSR++ refuses them)
-MIN_CHUNK, MAX_CHUNK = 15, 60   # automatic chunk lengths: RealBasicVSR's training length .. diminishing returns
-CPU_BUDGET = 4 << 30            # bytes the automatic settings aim for on CPU
-
-
-NETWORKS = {"BasicVSRPlusPlus": BasicVSRPlusPlus, "BasicVSR": BasicVSR, "RealBasicVSR": RealBasicVSR}
-
-
-def load_network(path, refine_thres=255):
-    """The network a weights file holds (basicvsr.network_of: our safetensors' metadata, or the
-    key names and shapes of a published .pth), with its weights. RealBasicVSR is built as the
-    official inference runs it: sequential cleaning, `refine_thres` (0-255) for more passes."""
-    state = read_state_dict(path)
-    name, config = network_of(path, state)
-    if name == "RealBasicVSR":
-        config = dict(config, is_sequential_cleaning=True, dynamic_refine_thres=refine_thres)
-    return load_state(NETWORKS[name](**config), state, path)
-
-
-def scale_of(model):
-    """Output size / input size: 4 or 2, or 1 for BasicVSR++ restoring at the input size (deblur,
-    denoise, decompression: is_low_res_input=False)."""
-    return getattr(model, "scale", 4)  # a plain function (the tests) is x4
-
-
-def min_input_size(model):
-    """Smallest frame the network is run on: 64 LR pixels for SPyNet's coarsest level in BasicVSR++
-    and RealBasicVSR; x1 models pad smaller frames (_forward), so any size."""
-    if isinstance(model, OnnxNetwork):
-        return model.min_size
-    if scale_of(model) == 1 or isinstance(model, BasicVSR):
-        return 1
-    return 64
+MIN_TILE = 64  # smaller tiles starve SPyNet's coarsest level (and BasicVSR++ refuses them)
+MIN_CHUNK, MAX_CHUNK = (
+    15,
+    60,
+)  # automatic chunk lengths: RealBasicVSR's training length .. diminishing returns
+CPU_BUDGET = 4 << 30  # bytes the automatic settings aim for on CPU
 
 
 def min_tile(model):
@@ -85,7 +59,9 @@ def _precision_dtype(precision, device):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA device, got {device}; on CPU use bf16 or fp32")
+        raise ValueError(
+            f"precision fp16 needs a CUDA device, got {device}; on CPU use bf16 or fp32"
+        )
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
         raise ValueError(f"precision bf16 runs on CUDA or CPU, got {device}")
     return PRECISIONS[precision]
@@ -124,21 +100,31 @@ def _resident_bytes():
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     """Estimated peak bytes of model(lqs) for lqs of shape (1, t, 3, h, w): on CPU the process's
     peak resident memory, on CUDA what the run allocates; see the note above."""
-    net = next(m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus, OnnxNetwork)))
-    maps = 5 if isinstance(net, BasicVSRPlusPlus) or getattr(net, "network", "") == "BasicVSRPlusPlus" else 1
+    net = next(
+        m for m in model.modules() if isinstance(m, (BasicVSR, BasicVSRPlusPlus, OnnxNetwork))
+    )
+    maps = (
+        5
+        if isinstance(net, BasicVSRPlusPlus) or getattr(net, "network", "") == "BasicVSRPlusPlus"
+        else 1
+    )
     cpu = torch.device(device).type == "cpu"
     b = 4 if PRECISIONS[precision] is None or (maps == 5 and cpu) else 2
     k = 8300 if maps == 5 and cpu else 3300
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
         run = t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16
     else:  # K's upsampling scales with the output's area
-        run = t * h * w * (maps * net.mid_channels * b + 60) + h * w * k * b * scale_of(model) ** 2 / 16
+        run = (
+            t * h * w * (maps * net.mid_channels * b + 60)
+            + h * w * k * b * scale_of(model) ** 2 / 16
+        )
     if cpu:
         return _resident_bytes() + 1.25 * run
     return run + sum(p.numel() * p.element_size() for p in model.parameters())
@@ -155,7 +141,9 @@ def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4
     else:
         budget = CPU_BUDGET
     if tile is None:
-        sizes = [None] + [s for s in range(max(h, w) // 32 * 32, min_tile(model) - 1, -32) if s < max(h, w)]
+        sizes = [None] + [
+            s for s in range(max(h, w) // 32 * 32, min_tile(model) - 1, -32) if s < max(h, w)
+        ]
     else:
         sizes = [None if tile == 0 or tile >= max(h, w) else tile]
 
@@ -164,7 +152,10 @@ def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4
         return estimate_memory(model, t, th, tw, precision, device)
 
     for size in sizes:
-        fixed, per_frame = cost(0, size), cost(1, size) - cost(0, size)  # linear in the window length
+        fixed, per_frame = (
+            cost(0, size),
+            cost(1, size) - cost(0, size),
+        )  # linear in the window length
         fit = min(MAX_CHUNK, (budget - fixed) // per_frame - 2 * overlap)
         if fit >= (chunk or MIN_CHUNK):
             break
@@ -191,7 +182,10 @@ class SceneCuts:
         if not self.threshold:
             return False
         thumb = _grey_thumbnail(frame)
-        cut = self.previous is not None and (thumb - self.previous).abs().mean().item() > self.threshold
+        cut = (
+            self.previous is not None
+            and (thumb - self.previous).abs().mean().item() > self.threshold
+        )
         self.previous = thumb
         return cut
 
@@ -203,13 +197,13 @@ def plan_windows(frames, chunk, overlap, is_cut):
     Within a scene, chunk [a, a+chunk) runs on [a-overlap, a+chunk+overlap) as soon as that
     many frames have arrived. The last chunk of a scene, of any length, reaches back so that its
     run still sees chunk + overlap frames where the scene has them. Windows never cross a cut."""
-    buf, base, done = [], 0, 0   # frames still needed, scene index of buf[0], frames emitted
+    buf, base, done = [], 0, 0  # frames still needed, scene index of buf[0], frames emitted
 
     def tail():
         end = base + len(buf)
         if done < end:
             start = max(0, min(done, end - chunk) - overlap)
-            yield buf[start - base:], done - start, end - start
+            yield buf[start - base :], done - start, end - start
 
     for frame in frames:
         if is_cut(frame):
@@ -218,7 +212,11 @@ def plan_windows(frames, chunk, overlap, is_cut):
         buf.append(frame)
         if base + len(buf) - done >= chunk + overlap:
             start = max(0, done - overlap)
-            yield buf[start - base:done + chunk + overlap - base], done - start, done + chunk - start
+            yield (
+                buf[start - base : done + chunk + overlap - base],
+                done - start,
+                done + chunk - start,
+            )
             done += chunk
             # the longest look-back is the last chunk's: chunk + overlap frames before the scene's end
             drop = max(0, done + 1 - chunk - overlap) - base
@@ -258,13 +256,17 @@ def _forward(model, lqs, dtype, frames_desc):
     if scale_of(model) == 1:
         pad_h, pad_w = max(256, -(-h // 4) * 4) - h, max(256, -(-w // 4) * 4) - w
         if pad_h or pad_w:
-            lqs = F.pad(lqs.flatten(0, 1), (0, pad_w, 0, pad_h), mode="replicate").unflatten(0, lqs.shape[:2])
+            lqs = F.pad(lqs.flatten(0, 1), (0, pad_w, 0, pad_h), mode="replicate").unflatten(
+                0, lqs.shape[:2]
+            )
     with torch.autocast(lqs.device.type, dtype=dtype, enabled=dtype is not None):
         out = model(lqs)
     if not torch.isfinite(out).all():
-        raise FloatingPointError(f"upscale: the network produced inf/NaN for {frames_desc}"
-                                 + ("; try precision bf16 or fp32" if dtype == torch.float16 else ""))
-    return out.float()[..., :out.shape[-2] - pad_h, :out.shape[-1] - pad_w]
+        raise FloatingPointError(
+            f"upscale: the network produced inf/NaN for {frames_desc}"
+            + ("; try precision bf16 or fp32" if dtype == torch.float16 else "")
+        )
+    return out.float()[..., : out.shape[-2] - pad_h, : out.shape[-1] - pad_w]
 
 
 ENSEMBLES = {None: 1, "spatial": 8, "temporal": 16}
@@ -281,7 +283,7 @@ def _run(model, lqs, dtype, frames_desc, ensemble=None):
         x = lqs.flip(-1) if k & 1 else lqs
         x = x.flip(-2) if k & 2 else x
         x = x.transpose(-1, -2) if k & 4 else x
-        for reverse in ((False, True) if ensemble == "temporal" else (False,)):
+        for reverse in (False, True) if ensemble == "temporal" else (False,):
             y = _forward(model, x.flip(1) if reverse else x, dtype, frames_desc)
             y = y.flip(1) if reverse else y
             y = y.transpose(-1, -2) if k & 4 else y
@@ -290,37 +292,80 @@ def _run(model, lqs, dtype, frames_desc, ensemble=None):
     return out / ENSEMBLES[ensemble]
 
 
-def upscale_window(model, window, first, last, device, dtype, tile=None, tile_overlap=16, ensemble=None):
+def upscale_window(
+    model, window, first, last, device, dtype, tile=None, tile_overlap=16, ensemble=None
+):
     """Run `model` on a list of RGB uint8 (h, w, 3) frames and return the outputs of
     window[first:last] as uint8 (last - first, s*h, s*w, 3) on the CPU (s = scale_of(model)),
     tiled if tile < h or w. Out of memory, it runs the kept frames in two halves (each with the
     window's context frames), one frame with half its context, then in tiles of half the size, with
     a note each time."""
     try:
-        return _upscale_window(model, window, first, last, device, dtype, tile, tile_overlap, ensemble)
+        return _upscale_window(
+            model, window, first, last, device, dtype, tile, tile_overlap, ensemble
+        )
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         after, h, w = len(window) - last, *window[0].shape[:2]
         if last - first > 1:
             mid = (first + last) // 2
-            print(f"note: out of memory on {device} for {last - first} frames: running {mid - first} and "
-                  f"{last - mid}", file=sys.stderr)
-            return torch.cat([upscale_window(model, window[:mid + after], first, mid, device, dtype, tile,
-                                             tile_overlap, ensemble),
-                              upscale_window(model, window[mid - first:], first, first + last - mid, device, dtype,
-                                             tile, tile_overlap, ensemble)])
+            print(
+                f"note: out of memory on {device} for {last - first} frames: running {mid - first} and "
+                f"{last - mid}",
+                file=sys.stderr,
+            )
+            return torch.cat(
+                [
+                    upscale_window(
+                        model,
+                        window[: mid + after],
+                        first,
+                        mid,
+                        device,
+                        dtype,
+                        tile,
+                        tile_overlap,
+                        ensemble,
+                    ),
+                    upscale_window(
+                        model,
+                        window[mid - first :],
+                        first,
+                        first + last - mid,
+                        device,
+                        dtype,
+                        tile,
+                        tile_overlap,
+                        ensemble,
+                    ),
+                ]
+            )
         if len(window) > 1:  # one frame kept: half the context frames on each side
             before, after = first // 2, after // 2
-            print(f"note: out of memory on {device} for one frame and {len(window) - 1} context frames: "
-                  f"running it with {before + after}", file=sys.stderr)
-            return upscale_window(model, window[first - before:last + after], before, before + 1, device, dtype,
-                                  tile, tile_overlap, ensemble)
+            print(
+                f"note: out of memory on {device} for one frame and {len(window) - 1} context frames: "
+                f"running it with {before + after}",
+                file=sys.stderr,
+            )
+            return upscale_window(
+                model,
+                window[first - before : last + after],
+                before,
+                before + 1,
+                device,
+                dtype,
+                tile,
+                tile_overlap,
+                ensemble,
+            )
         half = (min(tile, max(h, w)) if tile else max(h, w)) // 2
         if half < min_tile(model):
             raise
         print(f"note: out of memory on {device} for one frame: tiles of {half} px", file=sys.stderr)
-        return upscale_window(model, window, first, last, device, dtype, half, min(tile_overlap, half // 2), ensemble)
+        return upscale_window(
+            model, window, first, last, device, dtype, half, min(tile_overlap, half // 2), ensemble
+        )
 
 
 @torch.inference_mode()
@@ -338,16 +383,41 @@ def _upscale_window(model, window, first, last, device, dtype, tile, tile_overla
         weight_sum = torch.zeros(s * h, s * w)
         for i, y in enumerate(ys):
             for j, x in enumerate(xs):
-                patch = _run(model, lqs[..., y:y + th, x:x + tw], dtype, f"{desc}, tile at x={x}, y={y}", ensemble)
+                patch = _run(
+                    model,
+                    lqs[..., y : y + th, x : x + tw],
+                    dtype,
+                    f"{desc}, tile at x={x}, y={y}",
+                    ensemble,
+                )
                 weight = _ramp(ys, th, i, s)[:, None] * _ramp(xs, tw, j, s)[None, :]
-                out[..., s * y:s * (y + th), s * x:s * (x + tw)] += patch[0, first:last].cpu() * weight
-                weight_sum[s * y:s * (y + th), s * x:s * (x + tw)] += weight
+                out[..., s * y : s * (y + th), s * x : s * (x + tw)] += (
+                    patch[0, first:last].cpu() * weight
+                )
+                weight_sum[s * y : s * (y + th), s * x : s * (x + tw)] += weight
         out /= weight_sum
-    return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+    return (
+        out.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+    )
 
 
-def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap=4, tile=None, tile_overlap=16,
-            scene_threshold=20.0, max_frames=None, ensemble=None, progress=False, skip=None, distributed=False):
+def upscale(
+    model,
+    frames,
+    *,
+    device=None,
+    precision="fp32",
+    chunk=None,
+    overlap=4,
+    tile=None,
+    tile_overlap=16,
+    scene_threshold=20.0,
+    max_frames=None,
+    ensemble=None,
+    progress=False,
+    skip=None,
+    distributed=False,
+):
     """Upscale a video, streaming: yields RGB uint8 (s*h, s*w, 3) frames in order, s = scale_of(model).
 
     model: BasicVSRPlusPlus, BasicVSR or RealBasicVSR (moved to `device`, set to eval).
@@ -385,13 +455,20 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available")
     dtype = _precision_dtype(precision, device)
-    for name, value, lo in [("chunk", chunk, 1), ("overlap", overlap, 0), ("tile", tile, 0),
-                            ("tile_overlap", tile_overlap, 0), ("max_frames", max_frames, 1)]:
+    for name, value, lo in [
+        ("chunk", chunk, 1),
+        ("overlap", overlap, 0),
+        ("tile", tile, 0),
+        ("tile_overlap", tile_overlap, 0),
+        ("max_frames", max_frames, 1),
+    ]:
         if value is not None and (not isinstance(value, int) or value < lo):
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     if tile and tile < min_tile(model):
-        raise ValueError(f"tile must be at least {min_tile(model)} input pixels for {type(model).__name__}, "
-                         f"got {tile}")
+        raise ValueError(
+            f"tile must be at least {min_tile(model)} input pixels for {type(model).__name__}, "
+            f"got {tile}"
+        )
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be None, 'spatial' or 'temporal', got {ensemble!r}")
 
@@ -403,34 +480,52 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
     h, w = _check_frame(first, None, 0, source)
     min_size = min_input_size(model)
     if h < min_size or w < min_size:
-        raise ValueError(f"{source}: frames of {w}x{h} are too small for {type(model).__name__}, which needs "
-                         f"at least {min_size}x{min_size}")
+        raise ValueError(
+            f"{source}: frames of {w}x{h} are too small for {type(model).__name__}, which needs "
+            f"at least {min_size}x{min_size}"
+        )
 
     model = model.to(device).eval()
     s = scale_of(model)
-    if isinstance(model, OnnxNetwork):  # every window must fit the exported one (shorter ones are padded)
+    if isinstance(
+        model, OnnxNetwork
+    ):  # every window must fit the exported one (shorter ones are padded)
         chunk = chunk or model.frames - 2 * overlap
         if chunk < 1 or chunk + 2 * overlap > model.frames or dtype is not None:
-            raise ValueError(f"the ONNX model runs fp32 windows of {model.frames} frames: --chunk + 2 x --overlap "
-                             f"must be at most {model.frames}, got {chunk} + 2 x {overlap}, precision {precision}")
-    chunk, tile, estimate, budget = choose_settings(model, h, w, device, precision, chunk, overlap, tile)
-    if distributed:  # the ranks' free memory differs, their window plan must not: the smallest settings
+            raise ValueError(
+                f"the ONNX model runs fp32 windows of {model.frames} frames: --chunk + 2 x --overlap "
+                f"must be at most {model.frames}, got {chunk} + 2 x {overlap}, precision {precision}"
+            )
+    chunk, tile, estimate, budget = choose_settings(
+        model, h, w, device, precision, chunk, overlap, tile
+    )
+    if (
+        distributed
+    ):  # the ranks' free memory differs, their window plan must not: the smallest settings
         chunk, tile = _agree(None, True, (chunk, tile or max(h, w)))
         tile = tile if tile < max(h, w) else None
     if tile and 2 * tile_overlap > tile:
         raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
-    passes = ENSEMBLES[ensemble] * (len(tile_starts(h, tile, tile_overlap)) * len(tile_starts(w, tile, tile_overlap))
-                                    if tile else 1)
+    passes = ENSEMBLES[ensemble] * (
+        len(tile_starts(h, tile, tile_overlap)) * len(tile_starts(w, tile, tile_overlap))
+        if tile
+        else 1
+    )
     if progress:
         where = "free on " + str(device) if device.type == "cuda" else "CPU budget"
-        print(f"upscale: {w}x{h} -> {s * w}x{s * h}, {type(model).__name__} on {device} ({precision}); "
-              f"chunk {chunk} + {overlap} context frames each side; "
-              f"{f'tiles of {tile} px, {tile_overlap} px overlap' if tile else 'whole frames'}; "
-              f"scene cuts {f'at a grey-level change > {scene_threshold:g}' if scene_threshold else 'off'}; "
-              + (f"{ensemble} self-ensemble: {ENSEMBLES[ensemble]} passes, {ENSEMBLES[ensemble]}x the time; "
-                 if ensemble else "")
-              + f"estimated peak {estimate / 2**30:.2f} GiB (budget {budget / 2**30:.1f} GiB {where})",
-              file=sys.stderr)
+        print(
+            f"upscale: {w}x{h} -> {s * w}x{s * h}, {type(model).__name__} on {device} ({precision}); "
+            f"chunk {chunk} + {overlap} context frames each side; "
+            f"{f'tiles of {tile} px, {tile_overlap} px overlap' if tile else 'whole frames'}; "
+            f"scene cuts {f'at a grey-level change > {scene_threshold:g}' if scene_threshold else 'off'}; "
+            + (
+                f"{ensemble} self-ensemble: {ENSEMBLES[ensemble]} passes, {ENSEMBLES[ensemble]}x the time; "
+                if ensemble
+                else ""
+            )
+            + f"estimated peak {estimate / 2**30:.2f} GiB (budget {budget / 2**30:.1f} GiB {where})",
+            file=sys.stderr,
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -442,7 +537,9 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
 
     if total is not None and max_frames is not None:
         total = min(total, max_frames)
-    bar = tqdm.tqdm(total=total, unit="frame", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=total, unit="frame", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
     # The bar moves while a window runs: each per-frame step of the network (a forward call of
     # a ResidualBlocksWithInputConv) is worth a share of the window's kept frames.
     window_progress = {"share": 0.0, "done": 0.0, "shown": 0}
@@ -454,12 +551,19 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
             bar.update(shown - window_progress["shown"])
             window_progress["shown"] = shown
 
-    hooks = [m.register_forward_hook(step) for m in model.modules()
-             if progress and isinstance(m, ResidualBlocksWithInputConv)]
+    hooks = [
+        m.register_forward_hook(step)
+        for m in model.modules()
+        if progress and isinstance(m, ResidualBlocksWithInputConv)
+    ]
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     skip = skip or ()
     plan = plan_windows(checked(stream), chunk, overlap, SceneCuts(scene_threshold))
-    index, runs, sending = 0, 0, None  # next output frame, windows run, rank > 0: its send in flight
+    index, runs, sending = (
+        0,
+        0,
+        None,
+    )  # next output frame, windows run, rank > 0: its send in flight
     try:
         while True:
             # A round: the next `world` windows to run, the j-th run on rank j % world, all at once.
@@ -471,14 +575,20 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
                     window, a, b = next(plan, (None, 0, 0))
                     if window is None:
                         break
-                    owner = None if all(i in skip for i in range(index, index + b - a)) else runs % world
+                    owner = (
+                        None
+                        if all(i in skip for i in range(index, index + b - a))
+                        else runs % world
+                    )
                     runs += owner is not None
                     rounds.append((owner, b - a))
                     index += b - a
                     if owner == rank:
                         steps = STEPS_PER_FRAME.get(type(model), 1) * len(window) * passes
                         window_progress.update(share=(b - a) / steps, done=0.0, shown=0)
-                        out = upscale_window(model, window, a, b, device, dtype, tile, tile_overlap, ensemble)
+                        out = upscale_window(
+                            model, window, a, b, device, dtype, tile, tile_overlap, ensemble
+                        )
                         window_progress["share"] = 0.0
                         bar.update(b - a - window_progress["shown"])
             except BaseException as e:  # Ctrl-C too: the other ranks must not wait for this one
@@ -487,7 +597,9 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
             if not rounds:
                 break
             if rank > 0:
-                if out is not None:  # one output in flight: rank 0 receives it while this rank runs the next
+                if (
+                    out is not None
+                ):  # one output in flight: rank 0 receives it while this rank runs the next
                     if sending is not None:
                         sending.wait()
                     sending = dist.isend(out, 0)
@@ -514,8 +626,11 @@ def upscale(model, frames, *, device=None, precision="fp32", chunk=None, overlap
             hook.remove()
         bar.close()
     if progress and device.type == "cuda":
-        print(f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
-              f"(estimated {estimate / 2**30:.2f} GiB)", file=sys.stderr)
+        print(
+            f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+            f"(estimated {estimate / 2**30:.2f} GiB)",
+            file=sys.stderr,
+        )
 
 
 class PeerFailed(Exception):
@@ -535,14 +650,16 @@ def _agree(error, distributed, settings=()):
         world, n = dist.get_world_size(), len(settings)
         flags = torch.zeros(world + 2, dtype=torch.float64)
         flags[dist.get_rank()] = error is not None
-        flags[world:world + n] = -torch.tensor(settings, dtype=torch.float64)  # MAX of -x: MIN of x
+        flags[world : world + n] = -torch.tensor(
+            settings, dtype=torch.float64
+        )  # MAX of -x: MIN of x
         dist.all_reduce(flags, dist.ReduceOp.MAX)
         failed = flags[:world].nonzero().flatten().tolist()
         if error is not None:
             error.agreed = True  # run_upscale must not agree on it again
         if failed and (error is None or failed[0] != dist.get_rank()):
             raise PeerFailed(failed[0]) from None
-        settings = [int(-x) for x in flags[world:world + n].tolist()]
+        settings = [int(-x) for x in flags[world : world + n].tolist()]
     if error is not None:
         raise error
     return settings
@@ -552,81 +669,6 @@ def _agree(error, distributed, settings=()):
 # ONNX: export_onnx unrolls the recurrences over a fixed window, h and w dynamic (kernels.onnx_translations:
 # DeformConv, GridSample); OnnxNetwork runs the file with onnxruntime through the same upscale().
 
-ONNX_FRAMES, ONNX_OPSET = 15, 20
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-class _CleanedOnce(torch.nn.Module):
-    """RealBasicVSR without its data-dependent branch: extra cleaning passes (refine_thres < 255) as
-    torch.where over three; else one, as the official inference (mean |residue| >= 1 means nonsense)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, lqs):
-        lqs, residue = self.net.clean(lqs)
-        if self.net.dynamic_refine_thres < 1:
-            lqs_2, residue_2 = self.net.clean(lqs)
-            lqs_2 = torch.where(residue_2 < self.net.dynamic_refine_thres, lqs_2, self.net.clean(lqs_2)[0])
-            lqs = torch.where(residue < self.net.dynamic_refine_thres, lqs, lqs_2)
-        return self.net.basicvsr(lqs)
-
-
-def export_onnx(model, path, frames=ONNX_FRAMES, opset=ONNX_OPSET, size=None):
-    """Write `model` to `path` as ONNX, atomically: lqs (1, frames, 3, h, w) -> (1, frames, 3, s*h, s*w),
-    h, w dynamic (x1 models: multiples of 4, >= 256), or fixed at size=(h, w) (a file for that frame size
-    only; exports ~3x faster), fp32; both flows computed (no mirror detection).
-    metadata_props: network, scale, min_size, mid_channels."""
-    import kernels
-    if not isinstance(frames, int) or frames < 2:
-        raise ValueError(f"--frames must be an integer >= 2, got {frames!r}")
-    model, s = model.cpu().float().eval(), scale_of(model)
-    dims = [4 * torch.export.Dim(n, min=64, max=4096) if s == 1 else  # x1: multiples of 4, >= 256
-            torch.export.Dim(n, min=max(2, min_input_size(model)), max=4096) for n in ("h", "w")]
-    lqs = torch.rand(1, frames, 3, *(size or ((256, 260) if s == 1 else (64, 72))))
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(_CleanedOnce(model).eval() if isinstance(model, RealBasicVSR) else model, (lqs,),
-                                    dynamo=True, opset_version=opset, input_names=["lqs"], output_names=["output"],
-                                    dynamic_shapes=None if size else ({3: dims[0], 4: dims[1]},), optimize=False,
-                                    custom_translation_table=kernels.onnx_translations(opset))
-    inner = model.basicvsr if isinstance(model, RealBasicVSR) else model
-    program.model.metadata_props.update(network=type(model).__name__, scale=str(s), min_size=str(min_input_size(model)),
-                                        mid_channels=str(inner.mid_channels))
-    with atomic_path(path) as tmp:
-        program.save(tmp, external_data=False)
-
-
-class OnnxNetwork(torch.nn.Module):
-    """A file of export_onnx run by onnxruntime: forward(lqs (1, t, 3, h, w)), t up to the exported window.
-    A shorter window (a scene's last) is padded in time by mirroring (frames t-2, t-3, ...; outputs
-    dropped): no frame is neutral to a recurrent network, and mirrored clips are what it saw in training.
-    Only kept frames near the padding differ from the PyTorch run, as extra context frames would."""
-
-    def __init__(self, path, provider="cpu"):
-        super().__init__()
-        import onnxruntime as ort
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--onnx {path}: no such file (write one with --export)")
-        if PROVIDERS[provider] not in ort.get_available_providers():
-            raise ValueError(f"--provider {provider}: this onnxruntime has no {PROVIDERS[provider]} (only "
-                             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu in place of "
-                             f"onnxruntime{' and TensorRT' if provider == 'tensorrt' else ''}")
-        try:
-            providers = list(PROVIDERS.values())[list(PROVIDERS).index(provider)::-1]  # falls back to CUDA, CPU
-            self.session = ort.InferenceSession(path, providers=providers)
-            meta = self.session.get_modelmeta().custom_metadata_map
-            self.network, self.scale, self.min_size = meta["network"], int(meta["scale"]), int(meta["min_size"])
-            self.mid_channels, self.frames = int(meta["mid_channels"]), self.session.get_inputs()[0].shape[1]
-        except Exception as e:  # not ONNX, or not written by export_onnx
-            raise ValueError(f"--onnx {path}: not a network exported by upscale.py --export "
-                             f"({type(e).__name__}: {str(e)[:120]})") from None
-
-    def forward(self, lqs):
-        period = max(1, 2 * (lqs.shape[1] - 1))  # frame i >= t is frame period - i (mirrored, periodic)
-        index = [min(i % period, period - i % period) for i in range(self.frames)]
-        return torch.from_numpy(self.session.run(None, {"lqs": lqs[:, index].float().cpu().numpy()})[0][:, :len(lqs[0])])
-
 
 # forward calls of ResidualBlocksWithInputConv per frame: four propagation branches and the
 # reconstruction; two directions; the same and the sequential cleaning
@@ -634,12 +676,21 @@ STEPS_PER_FRAME = {BasicVSRPlusPlus: 5, BasicVSR: 2, RealBasicVSR: 3}
 
 
 def _check_frame(frame, size, index, source):
-    if not hasattr(frame, "dtype") or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"{source}: frame {index} is not RGB uint8 (h, w, 3): "
-                         f"{getattr(frame, 'dtype', type(frame).__name__)} {getattr(frame, 'shape', '')}")
+    if (
+        not hasattr(frame, "dtype")
+        or frame.dtype != np.uint8
+        or frame.ndim != 3
+        or frame.shape[2] != 3
+    ):
+        raise ValueError(
+            f"{source}: frame {index} is not RGB uint8 (h, w, 3): "
+            f"{getattr(frame, 'dtype', type(frame).__name__)} {getattr(frame, 'shape', '')}"
+        )
     if size is not None and frame.shape[:2] != size:
-        raise ValueError(f"{source}: frame {index} is {frame.shape[1]}x{frame.shape[0]}, the first frame "
-                         f"{size[1]}x{size[0]}; all frames must have the same size")
+        raise ValueError(
+            f"{source}: frame {index} is {frame.shape[1]}x{frame.shape[0]}, the first frame "
+            f"{size[1]}x{size[0]}; all frames must have the same size"
+        )
     return frame.shape[:2]
 
 
@@ -661,72 +712,168 @@ class Interrupted(Exception):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Upscale a video with BasicVSR++, BasicVSR or RealBasicVSR (the network and its size are "
-                    "read from the weights file), or convert a checkpoint.",
+        "read from the weights file), or convert a checkpoint.",
         epilog="examples:\n"
-               "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_c64n7_8x1_600k_reds4_20210217-db622b2f.pth\n"
-               "  python upscale.py frames/ out_frames/ --weights runs/basicvsrpp/iter_0000200_ema.safetensors --tile 256\n"
-               "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_deblur_dvd-ecd08b7f.pth --ensemble\n"
-               "  python upscale.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", nargs="?", metavar="INPUT",
-                        help="video file (.mp4 .mov .mkv .avi ...) or a folder of frames")
-    parser.add_argument("output", nargs="?", metavar="OUTPUT",
-                        help=f"video file ({' '.join(WRITTEN_VIDEO_EXTS)}: H.264 crf 18, the input's fps) or a folder "
-                             f"(no extension) for PNG frames")
-    parser.add_argument("--weights", metavar="FILE",
-                        help="mmagic/mmediting or BasicSR .pth, or safetensors from train.py / --convert")
+        "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_c64n7_8x1_600k_reds4_20210217-db622b2f.pth\n"
+        "  python upscale.py frames/ out_frames/ --weights runs/basicvsrpp/iter_0000200_ema.safetensors --tile 256\n"
+        "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_deblur_dvd-ecd08b7f.pth --ensemble\n"
+        "  python upscale.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "input",
+        nargs="?",
+        metavar="INPUT",
+        help="video file (.mp4 .mov .mkv .avi ...) or a folder of frames",
+    )
+    parser.add_argument(
+        "output",
+        nargs="?",
+        metavar="OUTPUT",
+        help=f"video file ({' '.join(WRITTEN_VIDEO_EXTS)}: H.264 crf 18, the input's fps) or a folder "
+        f"(no extension) for PNG frames",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="mmagic/mmediting or BasicSR .pth, or safetensors from train.py / --convert",
+    )
     net = parser.add_argument_group("network")
-    net.add_argument("--refine-thres", type=float, default=255, metavar="D",
-                     help="RealBasicVSR: clean again while the mean |residue| of a chunk is >= D/255, at most "
-                          "3 passes (default: 255, one pass)")
-    net.add_argument("--ensemble", action="store_true",
-                     help="self-ensemble: the mean of the 8 flips/transposes of the frames (8x the time)")
-    net.add_argument("--temporal-ensemble", action="store_true",
-                     help="with --ensemble: also the time-reversed clip (16x the time)")
-    run = parser.add_argument_group("memory and speed (by default chunk and tile fit the free memory)")
-    run.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
-    run.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                     help="autocast dtype; fp16 needs CUDA (default: fp32)")
+    net.add_argument(
+        "--refine-thres",
+        type=float,
+        default=255,
+        metavar="D",
+        help="RealBasicVSR: clean again while the mean |residue| of a chunk is >= D/255, at most "
+        "3 passes (default: 255, one pass)",
+    )
+    net.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="self-ensemble: the mean of the 8 flips/transposes of the frames (8x the time)",
+    )
+    net.add_argument(
+        "--temporal-ensemble",
+        action="store_true",
+        help="with --ensemble: also the time-reversed clip (16x the time)",
+    )
+    run = parser.add_argument_group(
+        "memory and speed (by default chunk and tile fit the free memory)"
+    )
+    run.add_argument(
+        "--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)"
+    )
+    run.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="autocast dtype; fp16 needs CUDA (default: fp32)",
+    )
     run.add_argument("--chunk", type=int, metavar="N", help="frames per run of the network")
-    run.add_argument("--overlap", type=int, default=4, metavar="K",
-                     help="context frames on each side of a chunk, run and then dropped (default: 4)")
-    run.add_argument("--tile", type=int, metavar="T",
-                     help=f"tile size in input pixels, >= {MIN_TILE} (x1 models: >= {4 * MIN_TILE}); 0: whole frames")
-    run.add_argument("--tile-overlap", type=int, default=16, metavar="P",
-                     help="input pixels shared by neighbouring tiles, blended linearly (default: 16)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the per-frame modules (compile_network); the first window is slower")
-    run.add_argument("--channels-last", action="store_true",
-                     help="run the network in channels-last (NHWC) memory format, native to cuDNN's bf16 convolutions")
-    run.add_argument("--host-cache", action="store_true",
-                     help="BasicVSR++ on a GPU: keep the per-frame features in pinned host memory, so a long "
-                          "--chunk fits a small GPU (copies overlap the compute)")
+    run.add_argument(
+        "--overlap",
+        type=int,
+        default=4,
+        metavar="K",
+        help="context frames on each side of a chunk, run and then dropped (default: 4)",
+    )
+    run.add_argument(
+        "--tile",
+        type=int,
+        metavar="T",
+        help=f"tile size in input pixels, >= {MIN_TILE} (x1 models: >= {4 * MIN_TILE}); 0: whole frames",
+    )
+    run.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=16,
+        metavar="P",
+        help="input pixels shared by neighbouring tiles, blended linearly (default: 16)",
+    )
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the per-frame modules (compile_network); the first window is slower",
+    )
+    run.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="run the network in channels-last (NHWC) memory format, native to cuDNN's bf16 convolutions",
+    )
+    run.add_argument(
+        "--host-cache",
+        action="store_true",
+        help="BasicVSR++ on a GPU: keep the per-frame features in pinned host memory, so a long "
+        "--chunk fits a small GPU (copies overlap the compute)",
+    )
     video = parser.add_argument_group("video")
-    video.add_argument("--max-frames", type=int, metavar="N", help="upscale only the first N frames")
-    video.add_argument("--scene-threshold", type=float, default=20.0, metavar="D",
-                       help="mean grey-level change (0-255) between frames that restarts the recurrence; 0: off "
-                            "(default: 20)")
-    video.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 for frame folders)")
+    video.add_argument(
+        "--max-frames", type=int, metavar="N", help="upscale only the first N frames"
+    )
+    video.add_argument(
+        "--scene-threshold",
+        type=float,
+        default=20.0,
+        metavar="D",
+        help="mean grey-level change (0-255) between frames that restarts the recurrence; 0: off "
+        "(default: 20)",
+    )
+    video.add_argument(
+        "--fps", type=float, help="output frame rate (default: the input's; 25 for frame folders)"
+    )
     video.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    video.add_argument("--resume", action="store_true",
-                       help="complete the frame folder OUTPUT of an interrupted run (the same command): its frames "
-                            "are kept, the run restarts at the first missing one")
-    video.add_argument("--no-audio", action="store_true",
-                       help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
-                            "hold the codec; cut to the written video)")
-    onnx = parser.add_argument_group("ONNX: export the network of --weights, or upscale with an exported one")
-    onnx.add_argument("--export", metavar="MODEL.onnx", help="write the network of --weights as ONNX (opset >= 19)")
-    onnx.add_argument("--frames", type=int, default=ONNX_FRAMES, metavar="T",
-                      help=f"with --export: the window length, fixed in the file (default: {ONNX_FRAMES})")
-    onnx.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"with --export (default: {ONNX_OPSET})")
-    onnx.add_argument("--onnx", metavar="MODEL.onnx", help="upscale with an exported network (onnxruntime)")
-    onnx.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="onnxruntime's (default: cpu)")
-    convert = parser.add_argument_group("convert a checkpoint (mmagic/mmediting, BasicSR, plain .pth, safetensors) "
-                                        "to our safetensors")
-    convert.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help="checkpoint to read, safetensors to write")
-    convert.add_argument("--prefix", default=None,
-                         help="part of the file to take, e.g. generator, generator_ema, discriminator, params "
-                              "(default: generator_ema, else generator; BasicSR: params_ema, else params)")
+    video.add_argument(
+        "--resume",
+        action="store_true",
+        help="complete the frame folder OUTPUT of an interrupted run (the same command): its frames "
+        "are kept, the run restarts at the first missing one",
+    )
+    video.add_argument(
+        "--no-audio",
+        action="store_true",
+        help="leave out the input's audio (default: copied, or AAC where OUTPUT's container cannot "
+        "hold the codec; cut to the written video)",
+    )
+    onnx = parser.add_argument_group(
+        "ONNX: export the network of --weights, or upscale with an exported one"
+    )
+    onnx.add_argument(
+        "--export",
+        metavar="MODEL.onnx",
+        help="write the network of --weights as ONNX (opset >= 19)",
+    )
+    onnx.add_argument(
+        "--frames",
+        type=int,
+        default=ONNX_FRAMES,
+        metavar="T",
+        help=f"with --export: the window length, fixed in the file (default: {ONNX_FRAMES})",
+    )
+    onnx.add_argument(
+        "--opset", type=int, default=ONNX_OPSET, help=f"with --export (default: {ONNX_OPSET})"
+    )
+    onnx.add_argument(
+        "--onnx", metavar="MODEL.onnx", help="upscale with an exported network (onnxruntime)"
+    )
+    onnx.add_argument(
+        "--provider", choices=list(PROVIDERS), default="cpu", help="onnxruntime's (default: cpu)"
+    )
+    convert = parser.add_argument_group(
+        "convert a checkpoint (mmagic/mmediting, BasicSR, plain .pth, safetensors) "
+        "to our safetensors"
+    )
+    convert.add_argument(
+        "--convert",
+        nargs=2,
+        metavar=("SRC", "DST"),
+        help="checkpoint to read, safetensors to write",
+    )
+    convert.add_argument(
+        "--prefix",
+        default=None,
+        help="part of the file to take, e.g. generator, generator_ema, discriminator, params "
+        "(default: generator_ema, else generator; BasicSR: params_ema, else params)",
+    )
     return parser
 
 
@@ -736,18 +883,24 @@ def run_upscale(args):
     removed; a frame folder keeps its complete frames for --resume. Under torchrun (WORLD_SIZE > 1)
     every rank reads the input and runs its share of the windows; rank 0 alone writes and prints."""
     if not args.weights and not args.onnx:
-        raise ValueError("--weights FILE (or --onnx MODEL.onnx) is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
-                         "RealBasicVSR)")
+        raise ValueError(
+            "--weights FILE (or --onnx MODEL.onnx) is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
+            "RealBasicVSR)"
+        )
     if args.temporal_ensemble and not args.ensemble:
         raise ValueError("--temporal-ensemble adds to --ensemble: pass both")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ValueError(f"OUTPUT is the INPUT: {args.output}")
     if args.resume and os.path.splitext(args.output)[1].lower() in WRITTEN_VIDEO_EXTS:
-        raise ValueError(f"--resume: {args.output} is a video, which cannot be resumed: an H.264 stream cannot be "
-                         f"appended to cleanly (the encoder's state ends with the process); to be able to resume, "
-                         f"write a frame folder (OUTPUT without an extension) and encode it when complete")
+        raise ValueError(
+            f"--resume: {args.output} is a video, which cannot be resumed: an H.264 stream cannot be "
+            f"appended to cleanly (the encoder's state ends with the process); to be able to resume, "
+            f"write a frame folder (OUTPUT without an extension) and encode it when complete"
+        )
     if args.resume and args.overwrite:
-        raise ValueError("--resume keeps OUTPUT's frames, --overwrite replaces them: pass one of them")
+        raise ValueError(
+            "--resume keeps OUTPUT's frames, --overwrite replaces them: pass one of them"
+        )
     distributed, rank, device = int(os.environ.get("WORLD_SIZE", 1)) > 1, 0, args.device
     if distributed:
         # gloo carries everything, also on GPUs: the outputs are uint8 frames on the host already
@@ -762,26 +915,44 @@ def run_upscale(args):
     with contextlib.ExitStack() as stack:
         writer = None
         try:  # before OUTPUT exists: a bad file leaves nothing
-            model = OnnxNetwork(args.onnx, args.provider) if args.onnx else load_network(args.weights, args.refine_thres)
+            model = (
+                OnnxNetwork(args.onnx, args.provider)
+                if args.onnx
+                else load_network(args.weights, args.refine_thres)
+            )
             reader = read_video(args.input, fps=args.fps)
             if rank == 0:
                 for note in reader.notes:
                     print(f"note: {note}", file=sys.stderr)
                 audio_from = None if args.no_audio or os.path.isdir(args.input) else args.input
-                writer = args.writer = stack.enter_context(VideoWriter(
-                    args.output, reader.fps, overwrite=args.overwrite, audio_from=audio_from, resume=args.resume))
+                writer = args.writer = stack.enter_context(
+                    VideoWriter(
+                        args.output,
+                        reader.fps,
+                        overwrite=args.overwrite,
+                        audio_from=audio_from,
+                        resume=args.resume,
+                    )
+                )
         except BaseException as e:
             _agree(e, distributed)
         _agree(None, distributed)
         skip = writer.existing if writer is not None else None
-        if distributed and args.resume:  # rank 0's view of OUTPUT: the ranks must skip the same windows
+        if (
+            distributed and args.resume
+        ):  # rank 0's view of OUTPUT: the ranks must skip the same windows
             box = [skip]
             dist.broadcast_object_list(box, src=0)
             skip = box[0]
-        reencoded = [codec for codec, mode in writer.audio if mode == "aac"] if writer is not None else []
+        reencoded = (
+            [codec for codec, mode in writer.audio if mode == "aac"] if writer is not None else []
+        )
         if reencoded:
-            print(f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
-                  f"input as it is: re-encoding it to AAC", file=sys.stderr)
+            print(
+                f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
+                f"input as it is: re-encoding it to AAC",
+                file=sys.stderr,
+            )
         if args.host_cache and isinstance(model, BasicVSRPlusPlus):
             model.cpu_cache_length = 0
         if args.channels_last:
@@ -790,37 +961,58 @@ def run_upscale(args):
             compile_network(model)
         ensemble = ("temporal" if args.temporal_ensemble else "spatial") if args.ensemble else None
         try:
-            for frame in upscale(model, reader, device=device, precision=args.precision, chunk=args.chunk,
-                                 overlap=args.overlap, tile=args.tile, tile_overlap=args.tile_overlap,
-                                 scene_threshold=args.scene_threshold, max_frames=args.max_frames, ensemble=ensemble,
-                                 progress=rank == 0, skip=skip, distributed=distributed):
+            for frame in upscale(
+                model,
+                reader,
+                device=device,
+                precision=args.precision,
+                chunk=args.chunk,
+                overlap=args.overlap,
+                tile=args.tile,
+                tile_overlap=args.tile_overlap,
+                scene_threshold=args.scene_threshold,
+                max_frames=args.max_frames,
+                ensemble=ensemble,
+                progress=rank == 0,
+                skip=skip,
+                distributed=distributed,
+            ):
                 if frame is None:
                     writer.keep()
                 else:
                     writer.write(frame)
         except BaseException as e:
             if distributed and not getattr(e, "agreed", False):  # not yet known to the other ranks
-                with contextlib.suppress(Exception):  # a rank already gone: the original error matters
+                with contextlib.suppress(
+                    Exception
+                ):  # a rank already gone: the original error matters
                     _agree(e, True)
             raise
     if writer is not None:
-        audio = "".join(f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}" for codec, mode in writer.audio)
+        audio = "".join(
+            f", {codec} audio {'copied' if mode == 'copy' else 'as AAC'}"
+            for codec, mode in writer.audio
+        )
         size = f" of {writer.size[1]}x{writer.size[0]}" if writer.size else ""
         kept = f" ({len(writer.existing)} kept from the interrupted run)" if args.resume else ""
-        print(f"{args.output}: {writer.count} frames{size}{kept} at {reader.fps:g} fps{audio}", file=sys.stderr)
-
-
-def convert(src, dst, prefix):
-    state = read_state_dict(src, prefix)
-    save_weights(state, dst)
-    print(f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
+        print(
+            f"{args.output}: {writer.count} frames{size}{kept} at {reader.fps:g} fps{audio}",
+            file=sys.stderr,
+        )
 
 
 def _left_behind(args):
     """What an unfinished upscale leaves, for its last line: a frame folder keeps its frames."""
     writer = getattr(args, "writer", None)
-    if writer is not None and not writer.is_video and os.path.isdir(writer.path) and (writer.count or writer.existing):
-        return f"{writer.path} keeps its complete frames: the same command with --resume finishes it"
+    if (
+        writer is not None
+        and not writer.is_video
+        and os.path.isdir(writer.path)
+        and (writer.count or writer.existing)
+    ):
+        return (
+            f"{writer.path} keeps its complete frames: the same command with --resume finishes it"
+        )
     return "the unfinished output was removed"
 
 
@@ -831,13 +1023,18 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.convert and not args.export and not (args.input and args.output):
-        parser.error("pass INPUT OUTPUT --weights FILE to upscale, --convert SRC DST, or --export MODEL.onnx")
+        parser.error(
+            "pass INPUT OUTPUT --weights FILE to upscale, --convert SRC DST, or --export MODEL.onnx"
+        )
 
     def terminate(signum, frame):
         raise Interrupted()
 
-    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
+    previous = (
+        signal.signal(signal.SIGTERM, terminate)
+        if threading.current_thread() is threading.main_thread()
         else None
+    )
     quiet = int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) > 0
     deferred = []  # a rank > 0's error line, said after rank 0's (whose progress bar would cut it)
 
@@ -853,8 +1050,12 @@ def main(argv=None):
         elif args.export:
             if not args.weights:
                 raise ValueError("--export needs --weights FILE, the network to export")
-            export_onnx(load_network(args.weights, args.refine_thres), args.export, args.frames, args.opset)
-            print(f"{args.weights} -> {args.export}: windows of {args.frames} frames, opset {args.opset}")
+            export_onnx(
+                load_network(args.weights, args.refine_thres), args.export, args.frames, args.opset
+            )
+            print(
+                f"{args.weights} -> {args.export}: windows of {args.frames} frames, opset {args.opset}"
+            )
         else:
             run_upscale(args)
         return 0
@@ -862,13 +1063,19 @@ def main(argv=None):
         say("error: out of GPU memory; pass a smaller --chunk or --tile, or --precision bf16/fp16")
     except UPSCALE_ERRORS as e:
         left = _left_behind(args)
-        say("error: " + str(e).replace("\n", " ") + ("" if left.endswith("removed") else f"; {left}"))
+        say(
+            "error: "
+            + str(e).replace("\n", " ")
+            + ("" if left.endswith("removed") else f"; {left}")
+        )
     except PeerFailed as e:
         if not quiet:
             print(f"error: {e} (its error line follows); {_left_behind(args)}", file=sys.stderr)
     except dist.DistError as e:  # another rank vanished in the middle of an exchange
-        say(f"error: lost contact with another process of the run ({str(e).splitlines()[0][:200]}); "
-            f"{_left_behind(args)}")
+        say(
+            f"error: lost contact with another process of the run ({str(e).splitlines()[0][:200]}); "
+            f"{_left_behind(args)}"
+        )
     except KeyboardInterrupt:
         if not quiet:
             print(f"interrupted (Ctrl-C): {_left_behind(args)}", file=sys.stderr)

@@ -3,7 +3,9 @@ H.264 with the input's audio, written under a temporary name and moved into plac
 complete; or PNG frames, each written atomically straight into the folder, so that an interrupted
 run can be resumed).
 """
+
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -11,7 +13,7 @@ import shutil
 import cv2
 import numpy as np
 
-from data import _list_frames, atomic_path, check_video_codec, read_image, write_image
+from files import atomic_path, list_frames, read_image, write_image
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 WRITTEN_VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".m4v")  # the containers that take H.264
@@ -25,15 +27,18 @@ class VideoReader:
     def __init__(self, path, fps=None):
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
-            self.frame_paths = _list_frames(self.path)
+            self.frame_paths = list_frames(self.path)
             first = read_image(self.frame_paths[0])
             self.height, self.width = first.shape[:2]
             self.num_frames, self.fps = len(self.frame_paths), float(fps or 25.0)
-            self.notes = _conversions(cv2.imread(self.frame_paths[0], cv2.IMREAD_UNCHANGED), self.path)
+            self.notes = _conversions(
+                cv2.imread(self.frame_paths[0], cv2.IMREAD_UNCHANGED), self.path
+            )
             return
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"video or frame folder not found: {self.path}")
         import av
+
         self.frame_paths = None
         try:
             with av.open(self.path) as container:
@@ -60,11 +65,14 @@ class VideoReader:
             for p in self.frame_paths:
                 frame = read_image(p)
                 if frame.shape[:2] != (self.height, self.width):
-                    raise ValueError(f"frame size {frame.shape[1]}x{frame.shape[0]} differs from "
-                                     f"{self.width}x{self.height} of the first frame: {p}")
+                    raise ValueError(
+                        f"frame size {frame.shape[1]}x{frame.shape[0]} differs from "
+                        f"{self.width}x{self.height} of the first frame: {p}"
+                    )
                 yield frame
             return
         import av
+
         try:
             with av.open(self.path) as container:
                 stream = container.streams.video[0]
@@ -82,7 +90,9 @@ def _conversions(first, path):
     if isinstance(first, str):  # FFmpeg's pixel format, e.g. gray, rgba, yuv420p10le
         if first.startswith(("gray", "ya")):
             notes.append(f"{path}: grayscale frames ({first}), upscaled as RGB")
-        if first.startswith(("yuva", "gbrap", "ya")) or any(c in first for c in ("rgba", "bgra", "argb", "abgr")):
+        if first.startswith(("yuva", "gbrap", "ya")) or any(
+            c in first for c in ("rgba", "bgra", "argb", "abgr")
+        ):
             notes.append(f"{path}: the frames' alpha channel ({first}) is dropped")
         if any(bits in first for bits in ("10", "12", "14", "16")):
             notes.append(f"{path}: {first} frames have more than 8 bits per channel: reduced to 8")
@@ -92,7 +102,9 @@ def _conversions(first, path):
         elif first.shape[2] == 4:
             notes.append(f"{path}: the frames' alpha channel (RGBA) is dropped")
         if first.dtype != np.uint8:
-            notes.append(f"{path}: {first.dtype} frames ({8 * first.itemsize}-bit) reduced to 8 bits per channel")
+            notes.append(
+                f"{path}: {first.dtype} frames ({8 * first.itemsize}-bit) reduced to 8 bits per channel"
+            )
     return notes
 
 
@@ -120,26 +132,37 @@ class VideoWriter:
     (.existing, their indices; write() skips them, keep() counts one) and the run completes it.
     Odd frame sizes are padded by one replicated row/column for yuv420p."""
 
-    def __init__(self, path, fps, crf=18, overwrite=False, compression=3, audio_from=None, resume=False):
+    def __init__(
+        self, path, fps, crf=18, overwrite=False, compression=3, audio_from=None, resume=False
+    ):
         from fractions import Fraction
+
         self.path = os.fspath(path)
         ext = os.path.splitext(self.path)[1].lower()
         self.is_video = ext in WRITTEN_VIDEO_EXTS
         if resume and (self.is_video or overwrite):
             raise ValueError(f"resume=True needs a frame folder and no overwrite: {self.path}")
         self.existing = set()  # indices of the frames kept from an interrupted run (resume)
-        if os.path.exists(self.path) and not overwrite and not (resume and os.path.isdir(self.path)):
-            raise FileExistsError(f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it"
-                                  f"{'' if self.is_video else '; --resume completes an interrupted frame folder'}): "
-                                  f"{self.path}")
+        if (
+            os.path.exists(self.path)
+            and not overwrite
+            and not (resume and os.path.isdir(self.path))
+        ):
+            raise FileExistsError(
+                f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it"
+                f"{'' if self.is_video else '; --resume completes an interrupted frame folder'}): "
+                f"{self.path}"
+            )
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output folder not found: {parent}")
         if not fps or fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}: {self.path}")
         if ext and not self.is_video and not os.path.isdir(self.path):
-            raise ValueError(f"OUTPUT {self.path}: {ext} is not a video container this writes "
-                             f"({' '.join(WRITTEN_VIDEO_EXTS)}); for PNG frames name a folder without an extension")
+            raise ValueError(
+                f"OUTPUT {self.path}: {ext} is not a video container this writes "
+                f"({' '.join(WRITTEN_VIDEO_EXTS)}); for PNG frames name a folder without an extension"
+            )
         self._out = atomic_path(self.path) if self.is_video else None
         self.tmp = self._out.tmp if self.is_video else None
         self._replace = overwrite and os.path.lexists(self.path)
@@ -149,7 +172,9 @@ class VideoWriter:
             for name in os.listdir(self.path):
                 if re.fullmatch(r"\d{8}\.png", name):
                     self.existing.add(int(name[:8]))
-                elif re.fullmatch(rf"\d{{8}}{re.escape(atomic_path.TAG)}[0-9a-f]{{8}}\.png", name):  # a killed write
+                elif re.fullmatch(
+                    rf"\d{{8}}{re.escape(atomic_path.TAG)}[0-9a-f]{{8}}\.png", name
+                ):  # a killed write
                     os.remove(os.path.join(self.path, name))
         self.fps, self.crf, self.compression = fps, crf, compression
         self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
@@ -161,6 +186,7 @@ class VideoWriter:
     def _plan_audio(self, source):
         """Open `source` and choose, per audio stream, a copy or (the container cannot hold the codec) AAC."""
         import av
+
         try:
             self._source = av.open(source)
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -169,22 +195,30 @@ class VideoWriter:
             streams = self._source.streams
             video = streams.video[0] if streams.video else None
             # output time 0 is the source's first video frame
-            self._audio_start = video.start_time * video.time_base if video and video.start_time else 0
+            self._audio_start = (
+                video.start_time * video.time_base if video and video.start_time else 0
+            )
             rate = video and (video.average_rate or video.guessed_rate)
             if streams.audio and rate and abs(rate - self.rate) > 1e-3 * rate:
-                raise ValueError(f"fps {float(self.rate):g} differs from the {float(rate):g} fps of {source}, "
-                                 f"whose audio would drift (drop it: audio_from=None, --no-audio): {self.path}")
+                raise ValueError(
+                    f"fps {float(self.rate):g} differs from the {float(rate):g} fps of {source}, "
+                    f"whose audio would drift (drop it: audio_from=None, --no-audio): {self.path}"
+                )
             for stream in streams.audio:
-                codec = stream.codec_context.codec.canonical_name  # "mp3", not the decoder's "mp3float"
+                codec = (
+                    stream.codec_context.codec.canonical_name
+                )  # "mp3", not the decoder's "mp3float"
                 if self._takes(lambda probe: probe.add_stream_from_template(stream)):
                     self.audio.append((codec, "copy"))
                 elif self._takes(lambda probe: self._add_aac(probe, stream)):
                     self.audio.append((codec, "aac"))
                 else:
                     ctx = stream.codec_context
-                    raise ValueError(f"the container takes neither the {codec} audio of {source} nor AAC at "
-                                     f"{ctx.sample_rate} Hz, {ctx.layout.name} (drop it: audio_from=None, "
-                                     f"--no-audio): {self.path}")
+                    raise ValueError(
+                        f"the container takes neither the {codec} audio of {source} nor AAC at "
+                        f"{ctx.sample_rate} Hz, {ctx.layout.name} (drop it: audio_from=None, "
+                        f"--no-audio): {self.path}"
+                    )
         except BaseException:
             self._source.close()
             raise
@@ -198,6 +232,7 @@ class VideoWriter:
         import io
 
         import av
+
         probe_file = io.BytesIO()
         probe_file.name = self.path  # the format comes from the extension
         with av.open(probe_file, "w") as probe:
@@ -212,15 +247,20 @@ class VideoWriter:
     def _add_aac(container, source_stream):
         """An AAC stream with the source's sample rate and channels."""
         import av
+
         ctx = source_stream.codec_context
         layout = ctx.layout
-        if layout.name.endswith(" channels"):  # channel order unknown: FFmpeg's default for that count
+        if layout.name.endswith(
+            " channels"
+        ):  # channel order unknown: FFmpeg's default for that count
             layout = av.AudioLayout(f"{layout.nb_channels}c")
         return container.add_stream("aac", rate=ctx.sample_rate, layout=layout)
 
     def write(self, frame):
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise ValueError(f"frames must be RGB uint8 (h, w, 3), got {frame.dtype} {frame.shape}: {self.path}")
+            raise ValueError(
+                f"frames must be RGB uint8 (h, w, 3), got {frame.dtype} {frame.shape}: {self.path}"
+            )
         if self.size is None:
             self.size = frame.shape[:2]
             if self.is_video:
@@ -228,12 +268,17 @@ class VideoWriter:
             else:
                 self._open_folder()
         elif frame.shape[:2] != self.size:
-            raise ValueError(f"frame {self.count} is {frame.shape[1]}x{frame.shape[0]}, the video is "
-                             f"{self.size[1]}x{self.size[0]}: {self.path}")
+            raise ValueError(
+                f"frame {self.count} is {frame.shape[1]}x{frame.shape[0]}, the video is "
+                f"{self.size[1]}x{self.size[0]}: {self.path}"
+            )
         if self.is_video:
             import av
+
             pad = ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0))
-            vf = av.VideoFrame.from_ndarray(np.pad(frame, pad, mode="edge"), format="rgb24").reformat(format="yuv420p")
+            vf = av.VideoFrame.from_ndarray(
+                np.pad(frame, pad, mode="edge"), format="rgb24"
+            ).reformat(format="yuv420p")
             vf.pts = self.count
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
@@ -255,8 +300,10 @@ class VideoWriter:
         if self._made and self.existing:
             kept = read_image(os.path.join(self.path, f"{min(self.existing):08d}.png")).shape[:2]
             if kept != self.size:
-                raise ValueError(f"the frames in {self.path} are {kept[1]}x{kept[0]}, this run makes "
-                                 f"{self.size[1]}x{self.size[0]}: another input or network? --overwrite starts again")
+                raise ValueError(
+                    f"the frames in {self.path} are {kept[1]}x{kept[0]}, this run makes "
+                    f"{self.size[1]}x{self.size[0]}: another input or network? --overwrite starts again"
+                )
         if self._made:
             return
         if self._replace:
@@ -269,10 +316,14 @@ class VideoWriter:
 
     def _open_video(self):
         import av
+
         check_video_codec("libx264")
         self._container = av.open(self.tmp, "w")
         self._stream = self._container.add_stream("libx264", rate=self.rate)
-        self._stream.height, self._stream.width = self.size[0] + self.size[0] % 2, self.size[1] + self.size[1] % 2
+        self._stream.height, self._stream.width = (
+            self.size[0] + self.size[0] % 2,
+            self.size[1] + self.size[1] % 2,
+        )
         self._stream.pix_fmt = "yuv420p"
         self._stream.options = {"crf": str(self.crf)}
         if self.audio:
@@ -294,6 +345,7 @@ class VideoWriter:
         """Mux the source's audio packets that start before `end` seconds of output video; with
         flush, the AAC re-encoders' last packets too."""
         import av
+
         try:
             while True:
                 if self._packet is None:
@@ -324,11 +376,14 @@ class VideoWriter:
                             self._encode_audio(frame, out)
                         self._container.mux(out.encode(None))
         except av.error.FFmpegError as e:
-            raise ValueError(f"cannot write the audio of {self._source.name} ({e.__class__.__name__}: {e}): "
-                             f"{self.path}") from None
+            raise ValueError(
+                f"cannot write the audio of {self._source.name} ({e.__class__.__name__}: {e}): "
+                f"{self.path}"
+            ) from None
 
     def _encode_audio(self, frame, out):
         from fractions import Fraction
+
         # samples follow each other without gaps, from the first frame's time on the output clock
         if out.index not in self._audio_pts:
             self._audio_pts[out.index] = round((frame.time - self._audio_start) * frame.sample_rate)
@@ -361,7 +416,9 @@ class VideoWriter:
         """Drop the video written so far; a folder keeps its complete frames (for resume), and is
         removed if it holds none."""
         if self._container is not None:
-            with contextlib.suppress(Exception):  # the file is removed next, its end does not matter
+            with contextlib.suppress(
+                Exception
+            ):  # the file is removed next, its end does not matter
                 self._container.close()
             self._container = None
         self._close_source()
@@ -384,3 +441,18 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+@functools.lru_cache(maxsize=None)
+def check_video_codec(name):
+    """Raise a clear error if this PyAV/FFmpeg build cannot encode with `name` (no silent fallback)."""
+    import av
+
+    try:
+        av.codec.Codec(name, "w")
+    except Exception as e:
+        raise RuntimeError(
+            f"video codec {name!r} is not available in this PyAV/FFmpeg build "
+            f"(needed by the RealBasicVSR video-compression degradation): {e}"
+        ) from None
+    return name

@@ -31,6 +31,7 @@ is process-wide (every thread sees it, autograd's included); the previous one is
 the block exits, also on an exception. The choice is made in the forward call, so a backward
 pass follows its forward's backend wherever it runs.
 """
+
 import contextlib
 
 from .common import BACKENDS
@@ -48,7 +49,9 @@ def use_backend(backend):
     """Within the block, ops called with backend=None use `backend` ("torch", "triton" or None)."""
     global _default_backend
     if backend not in BACKENDS:
-        raise ValueError(f"kernels.use_backend: backend must be None, 'torch' or 'triton', got {backend!r}")
+        raise ValueError(
+            f"kernels.use_backend: backend must be None, 'torch' or 'triton', got {backend!r}"
+        )
     previous, _default_backend = _default_backend, backend
     try:
         yield
@@ -57,8 +60,12 @@ def use_backend(backend):
 
 
 # Imported after get_backend exists: the public functions look it up at call time.
-from .deform_conv import (deform_conv2d, deform_conv2d_reference, flow_guided_deform_conv2d,  # noqa: E402
-                          flow_guided_offsets)
+from .deform_conv import (  # noqa: E402
+    deform_conv2d,
+    deform_conv2d_reference,
+    flow_guided_deform_conv2d,
+    flow_guided_offsets,
+)
 from .flow_warp import flow_warp, flow_warp_reference  # noqa: E402
 
 
@@ -68,8 +75,18 @@ def onnx_translations(opset=20):
     traces, the ops appear as their custom ops (vsr::*) whatever the device (common.exporting)."""
     from .deform_conv import onnx_translations as deform_conv_onnx
     from .flow_warp import onnx_translations as flow_warp_onnx
+
     return {**deform_conv_onnx(opset), **flow_warp_onnx(opset)}
 
 
-__all__ = ["deform_conv2d", "deform_conv2d_reference", "flow_guided_deform_conv2d", "flow_guided_offsets",
-           "flow_warp", "flow_warp_reference", "get_backend", "onnx_translations", "use_backend"]
+__all__ = [
+    "deform_conv2d",
+    "deform_conv2d_reference",
+    "flow_guided_deform_conv2d",
+    "flow_guided_offsets",
+    "flow_warp",
+    "flow_warp_reference",
+    "get_backend",
+    "onnx_translations",
+    "use_backend",
+]

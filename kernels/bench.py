@@ -25,6 +25,7 @@ compulsory bytes are every tensor the op must read or write, counted once:
   forward+backward   forward + (grad_out + inputs) read + (one gradient per input) written
 "% floor" = floor time / measured time; GB/s = compulsory bytes / measured time.
 """
+
 import argparse
 import statistics
 import sys
@@ -34,11 +35,19 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from . import common, deform_conv2d, flow_guided_deform_conv2d, flow_guided_offsets, flow_warp, flow_warp_reference
+from . import (
+    common,
+    deform_conv2d,
+    flow_guided_deform_conv2d,
+    flow_guided_offsets,
+    flow_warp,
+    flow_warp_reference,
+)
 
 try:
     import torchvision
     from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
     TORCHVISION = torchvision.__version__
 except ImportError:  # torchvision is optional: its rows are skipped
     tv_deform_conv2d, TORCHVISION = None, "not installed"
@@ -55,6 +64,7 @@ DRY_RUN_SIZE = dict(h=8, w=12, c_in=32, c_out=16, groups=16, c_warp=8)
 # ----------------------------------------------------------------------------------------
 # Compulsory bytes (pure arithmetic; see the module docstring).
 
+
 def nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -70,6 +80,7 @@ def compulsory_bytes(inputs, output):
 # ----------------------------------------------------------------------------------------
 # Inputs.
 
+
 def smooth_flow(n, h, w, magnitude, device):
     """(n, 2, h, w) fp32, dx then dy: a coarse random field upsampled, like optical flow."""
     coarse = torch.randn(n, 2, max(1, h // 16), max(1, w // 16), device=device) * magnitude
@@ -80,7 +91,9 @@ def dcn_inputs(n, dtype, device, h=180, w=320, c_in=128, c_out=64, groups=16):
     K = 9
     flow = smooth_flow(n, h, w, 4.0, device)
     # BasicVSR++: offset = flow.flip(1) repeated over groups and taps + a residue; mask = sigmoid.
-    offset = flow.flip(1).repeat(1, groups * K, 1, 1) + torch.randn(n, groups * 2 * K, h, w, device=device)
+    offset = flow.flip(1).repeat(1, groups * K, 1, 1) + torch.randn(
+        n, groups * 2 * K, h, w, device=device
+    )
     mask = torch.sigmoid(torch.randn(n, groups * K, h, w, device=device)).to(dtype)
     x = torch.randn(n, c_in, h, w, device=device).to(dtype)
     weight = (torch.randn(c_out, c_in, 3, 3, device=device) / (c_in * K) ** 0.5).to(dtype)
@@ -106,6 +119,7 @@ def warp_inputs(n, dtype, device, h=180, w=320, c=64):
 
 # ----------------------------------------------------------------------------------------
 # Timing.
+
 
 def median_ms(fn, reps, warmup=5):
     """Median ms of fn() over reps calls after warm-up: CUDA events on a GPU, the wall clock on
@@ -156,15 +170,20 @@ def rel_err(a, b):
 # ----------------------------------------------------------------------------------------
 # One op at one (batch, dtype): implementations -> times.
 
+
 def _dcn_impls(op, size):
     """{implementation: fn} of "dcn" or "dcn + offset glue"."""
     conv = dict(stride=1, padding=1, dilation=1, deform_groups=size["groups"])
     if op == "dcn":
-        impls = {"triton": lambda *a: deform_conv2d(*a, **conv, backend="triton"),
-                 "torch reference": lambda *a: deform_conv2d(*a, **conv, backend="torch")}
+        impls = {
+            "triton": lambda *a: deform_conv2d(*a, **conv, backend="triton"),
+            "torch reference": lambda *a: deform_conv2d(*a, **conv, backend="torch"),
+        }
         if tv_deform_conv2d is not None:
             # Same layout as mmcv; torchvision wants the offsets in the features' dtype.
-            impls["torchvision"] = lambda x, o, m, w, b: tv_deform_conv2d(x, o.to(x.dtype), w, b, 1, 1, 1, mask=m)
+            impls["torchvision"] = lambda x, o, m, w, b: tv_deform_conv2d(
+                x, o.to(x.dtype), w, b, 1, 1, 1, mask=m
+            )
         return impls
     mag = 10.0
 
@@ -187,11 +206,20 @@ def bench_op(op, batch, dtype_name, reps, device, size=SIZE, warmup=5):
     if op == "flow_warp":
         x, flow = inputs = warp_inputs(batch, dtype, device, h, w, size["c_warp"])
         # Plain grid_sample: the grid precomputed, in x's dtype (grid_sample takes a single dtype).
-        gy, gx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        grid = torch.stack((2 * (gx + flow[:, 0]) / (w - 1) - 1, 2 * (gy + flow[:, 1]) / (h - 1) - 1), 3).to(dtype)
-        runs = {"triton": (lambda x, f: flow_warp(x, f, backend="triton"), inputs),
-                "torch reference": (flow_warp_reference, inputs),
-                "grid_sample": (lambda x, g: F.grid_sample(x, g, "bilinear", "zeros", align_corners=True), (x, grid))}
+        gy, gx = torch.meshgrid(
+            torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+        )
+        grid = torch.stack(
+            (2 * (gx + flow[:, 0]) / (w - 1) - 1, 2 * (gy + flow[:, 1]) / (h - 1) - 1), 3
+        ).to(dtype)
+        runs = {
+            "triton": (lambda x, f: flow_warp(x, f, backend="triton"), inputs),
+            "torch reference": (flow_warp_reference, inputs),
+            "grid_sample": (
+                lambda x, g: F.grid_sample(x, g, "bilinear", "zeros", align_corners=True),
+                (x, grid),
+            ),
+        }
         out_like, moved = x, inputs
     else:
         make = dcn_inputs if op == "dcn" else dcn_glue_inputs
@@ -200,19 +228,27 @@ def bench_op(op, batch, dtype_name, reps, device, size=SIZE, warmup=5):
         x, weight = inputs[0], inputs[3]
         out_like = x.new_empty(batch, weight.shape[0], h, w)  # stride 1, padding 1
         moved = inputs if op == "dcn" else inputs[:3]  # the glue: x, conv_offset, flows
-    results = {impl: fwd_and_fwd_bwd(impl, fn, args, reps, warmup) for impl, (fn, args) in runs.items()}
+    results = {
+        impl: fwd_and_fwd_bwd(impl, fn, args, reps, warmup) for impl, (fn, args) in runs.items()
+    }
     got, ref = results["triton"][2], results["torch reference"][2]
-    return dict(op=op, batch=batch, dtype=dtype_name,
-                times={impl: None if r[0] is None else [r[0], r[1]] for impl, r in results.items()},
-                bytes=list(compulsory_bytes(moved, out_like)),
-                rel_err=None if got is None or ref is None else rel_err(got, ref))
+    return dict(
+        op=op,
+        batch=batch,
+        dtype=dtype_name,
+        times={impl: None if r[0] is None else [r[0], r[1]] for impl, r in results.items()},
+        bytes=list(compulsory_bytes(moved, out_like)),
+        rel_err=None if got is None or ref is None else rel_err(got, ref),
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Table: one row per (op, batch, dtype, implementation).
 
-HEADER = ("| op | batch | dtype | implementation | fwd ms | fwd GB/s | fwd % floor | fwd+bwd ms | "
-          "fwd+bwd GB/s | fwd+bwd % floor | Triton speedup fwd | Triton speedup fwd+bwd |")
+HEADER = (
+    "| op | batch | dtype | implementation | fwd ms | fwd GB/s | fwd % floor | fwd+bwd ms | "
+    "fwd+bwd GB/s | fwd+bwd % floor | Triton speedup fwd | Triton speedup fwd+bwd |"
+)
 
 
 def table_rows(result, peak):
@@ -229,7 +265,11 @@ def table_rows(result, peak):
                 floor_ms = b / peak * 1e3
                 cells += [f"{t:.3f}", f"{b / t / 1e6:.0f}", f"{100 * floor_ms / t:.0f}%"]
         for t, t_triton in zip(times, triton_times):
-            cells.append(f"{t / t_triton:.1f}x" if impl != "triton" and t is not None and t_triton is not None else "")
+            cells.append(
+                f"{t / t_triton:.1f}x"
+                if impl != "triton" and t is not None and t_triton is not None
+                else ""
+            )
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -248,9 +288,14 @@ def bench_ops(batches, dtypes, ops, reps, device, size=SIZE, warmup=5, results=N
             for op in ops:
                 print(f"  ... {op} batch {batch} {dtype_name}", file=sys.stderr, flush=True)
                 results.append(bench_op(op, batch, dtype_name, reps, device, size, warmup))
-                if results[-1]["rel_err"] is not None:  # a cheap guard against timing a wrong kernel
-                    print(f"  {op} batch {batch} {dtype_name}: Triton vs reference forward, rel err "
-                          f"{results[-1]['rel_err']:.1e}", file=sys.stderr)
+                if (
+                    results[-1]["rel_err"] is not None
+                ):  # a cheap guard against timing a wrong kernel
+                    print(
+                        f"  {op} batch {batch} {dtype_name}: Triton vs reference forward, rel err "
+                        f"{results[-1]['rel_err']:.1e}",
+                        file=sys.stderr,
+                    )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
@@ -262,25 +307,46 @@ def device_for(dry_run):
     if torch.cuda.is_available():
         return torch.device("cuda")
     if not dry_run:
-        raise ValueError("needs a CUDA GPU, and none is available (--dry-run runs the code path on the CPU)")
+        raise ValueError(
+            "needs a CUDA GPU, and none is available (--dry-run runs the code path on the CPU)"
+        )
     if not common.INTERPRET:
-        raise ValueError("a dry run without a GPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+        raise ValueError(
+            "a dry run without a GPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1"
+        )
     return torch.device("cpu")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench",
-                                     description="The two ops at BasicVSR++ shapes: Triton vs the PyTorch reference "
-                                                 "and torchvision (the whole models: python bench.py).")
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.bench",
+        description="The two ops at BasicVSR++ shapes: Triton vs the PyTorch reference "
+        "and torchvision (the whole models: python bench.py).",
+    )
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--ops", nargs="+", choices=["dcn", "flow_warp"], default=["dcn", "flow_warp"],
-                        help="dcn includes the DCN with BasicVSR++'s offset glue")
-    parser.add_argument("--reps", type=int, default=50, help="timed calls per cell, the median is reported")
-    parser.add_argument("--peak-tbps", type=float, default=3.35,
-                        help="memory bandwidth of the floor, TB/s (H100 SXM: 3.35)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 1 call each, on the CPU without a GPU "
-                                                                "(needs TRITON_INTERPRET=1 there); no real timings")
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=["dcn", "flow_warp"],
+        default=["dcn", "flow_warp"],
+        help="dcn includes the DCN with BasicVSR++'s offset glue",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=50, help="timed calls per cell, the median is reported"
+    )
+    parser.add_argument(
+        "--peak-tbps",
+        type=float,
+        default=3.35,
+        help="memory bandwidth of the floor, TB/s (H100 SXM: 3.35)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes, 1 call each, on the CPU without a GPU "
+        "(needs TRITON_INTERPRET=1 there); no real timings",
+    )
     parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, no usage
     args = parser.parse_args(argv)
     if args.reps < 1 or min(args.batch) < 1:
@@ -292,10 +358,16 @@ def main(argv=None):
     except ValueError as e:
         parser.exit(1, f"error: {e}\n")
     torch.manual_seed(0)
-    print(f"{'GPU: ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'device: CPU (dry run)'}; "
-          f"torch {torch.__version__}; triton {triton.__version__}; torchvision {TORCHVISION}")
-    print(f"command: python -m kernels.bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-    print(f"floor = compulsory bytes / {args.peak_tbps} TB/s; Triton speedup = that row's time / Triton's time")
+    print(
+        f"{'GPU: ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'device: CPU (dry run)'}; "
+        f"torch {torch.__version__}; triton {triton.__version__}; torchvision {TORCHVISION}"
+    )
+    print(
+        f"command: python -m kernels.bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    )
+    print(
+        f"floor = compulsory bytes / {args.peak_tbps} TB/s; Triton speedup = that row's time / Triton's time"
+    )
     ops = [op for op in OPS if op.split(" ")[0] in args.ops]
     size, reps, warmup = (DRY_RUN_SIZE, 1, 0) if args.dry_run else (SIZE, args.reps, 5)
     results = bench_ops(args.batch, args.dtype, ops, reps, device, size, warmup)

@@ -1,5 +1,6 @@
 """What deform_conv.py and flow_warp.py share: the memory-format rule of their outputs, the choice
 between the Triton kernel and the PyTorch reference, and the casts under torch.autocast."""
+
 import torch
 import triton
 
@@ -37,13 +38,16 @@ def use_triton(op, backend, x):
         raise ValueError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
     if backend is None:
         from . import get_backend  # the package is loaded by the time an op runs
+
         backend = get_backend()
     if exporting():
         return True  # the custom ops: torch.export traces their fakes, ONNX export translates them
     triton_ = backend == "triton" or (backend is None and x.is_cuda)
     if triton_ and not x.is_cuda and not INTERPRET:
-        raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                           "before triton is imported to run on the CPU")
+        raise RuntimeError(
+            f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+            "before triton is imported to run on the CPU"
+        )
     return triton_
 
 
@@ -66,7 +70,10 @@ def onnx_opset(version):
     if version < 19:
         raise ValueError(f"ONNX export: opset {version} has no DeformConv; use 19 or later")
     import onnxscript
+
     try:
         return getattr(onnxscript, f"opset{version}")
     except AttributeError:
-        raise ValueError(f"ONNX export: onnxscript {onnxscript.__version__} does not know opset {version}") from None
+        raise ValueError(
+            f"ONNX export: onnxscript {onnxscript.__version__} does not know opset {version}"
+        ) from None

@@ -14,6 +14,7 @@ The output takes x's memory format (kernels.common.memory_format): a channels-la
 channels-last output, on both paths, so a network converted with .to(memory_format=torch.channels_last)
 stays so.
 """
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -24,15 +25,22 @@ from .common import INTERPRET, autocast_inputs, memory_format, use_triton
 
 def _check(x, flow, padding_mode):
     if x.dim() != 4 or flow.dim() != 4 or flow.shape[1] != 2:
-        raise ValueError(f"flow_warp: expected x (n, c, h, w) and flow (n, 2, h, w), got {tuple(x.shape)} and {tuple(flow.shape)}")
+        raise ValueError(
+            f"flow_warp: expected x (n, c, h, w) and flow (n, 2, h, w), got {tuple(x.shape)} and {tuple(flow.shape)}"
+        )
     if x.shape[0] != flow.shape[0] or x.shape[-2:] != flow.shape[-2:]:
-        raise ValueError(f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in batch or spatial size")
+        raise ValueError(
+            f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in batch or spatial size"
+        )
     if padding_mode not in ("zeros", "border"):
-        raise ValueError(f"flow_warp: padding_mode must be 'zeros' or 'border', got {padding_mode!r}")
+        raise ValueError(
+            f"flow_warp: padding_mode must be 'zeros' or 'border', got {padding_mode!r}"
+        )
 
 
 # ----------------------------------------------------------------------------------------
 # PyTorch reference: the CPU path and the test oracle.
+
 
 def _pin(pos, size):
     # NaN fails both comparisons and lands on -2; the gradient through the pin is 0 there,
@@ -46,12 +54,17 @@ def flow_warp_reference(x, flow, padding_mode="zeros"):
     n, _, h, w = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     # Positions in fp32 whatever x's dtype: bf16 cannot hold pixel coordinates (kernels.md §4.3).
-    grid_y, grid_x = torch.meshgrid(torch.arange(h, device=x.device, dtype=acc),
-                                    torch.arange(w, device=x.device, dtype=acc), indexing="ij")
+    grid_y, grid_x = torch.meshgrid(
+        torch.arange(h, device=x.device, dtype=acc),
+        torch.arange(w, device=x.device, dtype=acc),
+        indexing="ij",
+    )
     gx = _pin(grid_x + flow[:, 0].to(acc), w)
     gy = _pin(grid_y + flow[:, 1].to(acc), h)
     grid = torch.stack((2.0 * gx / max(w - 1, 1) - 1.0, 2.0 * gy / max(h - 1, 1) - 1.0), dim=3)
-    out = F.grid_sample(x.to(acc), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    out = F.grid_sample(
+        x.to(acc), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True
+    )
     return out.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
@@ -63,8 +76,11 @@ def flow_warp_reference(x, flow, padding_mode="zeros"):
 # program loops over all channel blocks, so grad_flow is a plain in-program sum over channels
 # (no atomics, deterministic). Only grad_x scatters, into an fp32 buffer.
 
+
 @triton.jit
-def _sample_position(i, j, flow_base, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER: tl.constexpr):
+def _sample_position(
+    i, j, flow_base, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER: tl.constexpr
+):
     """Pixel-unit position (ix, iy) of each output pixel, pinned and clamped as grid_sample."""
     f_off = i * sfh + j * sfw
     dx = tl.load(flow_base + f_off, mask=ok_p, other=0.0).to(tl.float32)
@@ -128,12 +144,29 @@ def _gather(xc, off00, sxh, sxw, ok_c, m00, m01, m10, m11):
 
 @triton.jit
 def _flow_warp_fwd_kernel(
-    x_ptr, flow_ptr, out_ptr,
-    C, h, w, scale_x, scale_y,
-    sxn, sxc, sxh, sxw,
-    sfn, sfc, sfh, sfw,
-    son, soc, soh, sow,
-    BORDER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    flow_ptr,
+    out_ptr,
+    C,
+    h,
+    w,
+    scale_x,
+    scale_y,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sfn,
+    sfc,
+    sfh,
+    sfw,
+    son,
+    soc,
+    soh,
+    sow,
+    BORDER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -143,7 +176,9 @@ def _flow_warp_fwd_kernel(
     i = p // w
     j = p % w
 
-    ix, iy, _, _ = _sample_position(i, j, flow_ptr + n * sfn, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER)
+    ix, iy, _, _ = _sample_position(
+        i, j, flow_ptr + n * sfn, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER
+    )
     x0, y0, lx, ly, w00, w01, w10, w11, m00, m01, m10, m11 = _corners(ix, iy, h, w, ok_p)
     off00 = (y0 * sxh + x0 * sxw)[None, :]
     o_off = (i * soh + j * sow)[None, :]
@@ -159,13 +194,35 @@ def _flow_warp_fwd_kernel(
 
 @triton.jit
 def _flow_warp_bwd_kernel(
-    gout_ptr, x_ptr, flow_ptr, gx_ptr, gflow_ptr,
-    C, h, w, scale_x, scale_y,
-    sgn, sgc, sgh, sgw,
-    sxn, sxc, sxh, sxw,
-    sfn, sfc, sfh, sfw,
-    sdn, sdc, sdh, sdw,
-    BORDER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    gout_ptr,
+    x_ptr,
+    flow_ptr,
+    gx_ptr,
+    gflow_ptr,
+    C,
+    h,
+    w,
+    scale_x,
+    scale_y,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sfn,
+    sfc,
+    sfh,
+    sfw,
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    BORDER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # grad_x (fp32, strides sd*: x's memory format) gets the four weighted scatters; grad_flow (fp32,
     # contiguous (n, 2, h, w)) gets sum_c g * d(sample)/d(position), chained through the clamp.
@@ -176,7 +233,9 @@ def _flow_warp_bwd_kernel(
     i = p // w
     j = p % w
 
-    ix, iy, gclip_x, gclip_y = _sample_position(i, j, flow_ptr + n * sfn, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER)
+    ix, iy, gclip_x, gclip_y = _sample_position(
+        i, j, flow_ptr + n * sfn, sfc, sfh, sfw, h, w, scale_x, scale_y, ok_p, BORDER
+    )
     x0, y0, lx, ly, w00, w01, w10, w11, m00, m01, m10, m11 = _corners(ix, iy, h, w, ok_p)
     ly1 = ly[None, :]
     lx1 = lx[None, :]
@@ -197,7 +256,9 @@ def _flow_warp_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         ok_c = (cc < C)[:, None]
-        g = tl.load(g_base + (cc.to(tl.int64) * sgc)[:, None] + g_off, mask=ok_c & ok_p[None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            g_base + (cc.to(tl.int64) * sgc)[:, None] + g_off, mask=ok_c & ok_p[None, :], other=0.0
+        ).to(tl.float32)
         xc = x_base + (cc.to(tl.int64) * sxc)[:, None]
         v00, v01, v10, v11 = _gather(xc, off00, sxh, sxw, ok_c, m00, m01, m10, m11)
         # d(sample)/d(ix) and d(sample)/d(iy), out-of-range corners counted as 0.
@@ -223,16 +284,24 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _launch_check(x, flow, *more):
     if not x.is_cuda and not INTERPRET:
-        raise RuntimeError("flow_warp: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "triton is first imported for CPU tensors")
+        raise RuntimeError(
+            "flow_warp: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "triton is first imported for CPU tensors"
+        )
     if any(t.device != x.device for t in (flow, *more)):
-        raise ValueError(f"flow_warp: x and flow must be on one device, got {x.device} and {flow.device}")
+        raise ValueError(
+            f"flow_warp: x and flow must be on one device, got {x.device} and {flow.device}"
+        )
     if x.dtype not in _TRITON_DTYPES or flow.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"flow_warp: the Triton kernel takes float32/bfloat16/float16, got x {x.dtype}, flow {flow.dtype}")
+        raise ValueError(
+            f"flow_warp: the Triton kernel takes float32/bfloat16/float16, got x {x.dtype}, flow {flow.dtype}"
+        )
     for t in (x, flow, *more):
         # The within-image offsets are int32; per-image bases and channel offsets are int64.
         if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
-            raise ValueError(f"flow_warp: a {tuple(t.shape)} tensor with strides {t.stride()} is too large for int32 offsets")
+            raise ValueError(
+                f"flow_warp: a {tuple(t.shape)} tensor with strides {t.stride()} is too large for int32 offsets"
+            )
 
 
 def _blocks(C):
@@ -248,32 +317,68 @@ def _flow_warp_triton(x, flow, padding_mode):
     if out.numel() == 0:
         return out
     block_p, block_c = _blocks(C)
-    grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), n)  # batch-major: one image hot in L2
+    grid = (
+        triton.cdiv(h * w, block_p),
+        triton.cdiv(C, block_c),
+        n,
+    )  # batch-major: one image hot in L2
     _flow_warp_fwd_kernel[grid](
-        x, flow, out, C, h, w, float(w > 1), float(h > 1),
-        *x.stride(), *flow.stride(), *out.stride(),
-        BORDER=padding_mode == "border", BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+        x,
+        flow,
+        out,
+        C,
+        h,
+        w,
+        float(w > 1),
+        float(h > 1),
+        *x.stride(),
+        *flow.stride(),
+        *out.stride(),
+        BORDER=padding_mode == "border",
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
     return out
 
 
 def _flow_warp_backward_triton(grad_out, x, flow, padding_mode):
     n, C, h, w = x.shape
     # grad_x in x's memory format (scattered in fp32, then cast); grad_flow NCHW.
-    grad_x = torch.empty((n, C, h, w), device=x.device, dtype=torch.float32, memory_format=memory_format(x)).zero_()
+    grad_x = torch.empty(
+        (n, C, h, w), device=x.device, dtype=torch.float32, memory_format=memory_format(x)
+    ).zero_()
     grad_flow = torch.zeros((n, 2, h, w), device=x.device, dtype=torch.float32)
     _launch_check(x, flow, grad_out, grad_x)
     if n * h * w > 0:
         block_p, block_c = _blocks(C)
         grid = (triton.cdiv(h * w, block_p), n)
         _flow_warp_bwd_kernel[grid](
-            grad_out, x, flow, grad_x, grad_flow, C, h, w, float(w > 1), float(h > 1),
-            *grad_out.stride(), *x.stride(), *flow.stride(), *grad_x.stride(),
-            BORDER=padding_mode == "border", BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+            grad_out,
+            x,
+            flow,
+            grad_x,
+            grad_flow,
+            C,
+            h,
+            w,
+            float(w > 1),
+            float(h > 1),
+            *grad_out.stride(),
+            *x.stride(),
+            *flow.stride(),
+            *grad_x.stride(),
+            BORDER=padding_mode == "border",
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
     return grad_x.to(x.dtype), grad_flow.to(flow.dtype)
 
 
 # ----------------------------------------------------------------------------------------
 # torch.library custom ops: opaque to torch.compile, differentiable through register_autograd.
+
 
 @torch.library.custom_op("vsr::flow_warp", mutates_args=())
 def _flow_warp_op(x: torch.Tensor, flow: torch.Tensor, padding_mode: str) -> torch.Tensor:
@@ -286,15 +391,18 @@ def _(x, flow, padding_mode):
 
 
 @torch.library.custom_op("vsr::flow_warp_backward", mutates_args=())
-def _flow_warp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, flow: torch.Tensor,
-                           padding_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _flow_warp_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, padding_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _flow_warp_backward_triton(grad_out, x, flow, padding_mode)
 
 
 @_flow_warp_backward_op.register_fake
 def _(grad_out, x, flow, padding_mode):
-    return (torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format(x)),
-            flow.new_empty(flow.shape))
+    return (
+        torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format(x)),
+        flow.new_empty(flow.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -315,6 +423,7 @@ _flow_warp_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------
 # Public function.
 
+
 def flow_warp(x, flow, padding_mode="zeros", backend=None):
     """Warp x (n, c, h, w) by flow (n, 2, h, w); see the module docstring. backend: "triton",
     "torch", or None: the default of kernels.use_backend (automatic outside any block)."""
@@ -331,18 +440,22 @@ def flow_warp(x, flow, padding_mode="zeros", backend=None):
 # custom_translation_table=...). The grid is built from the flow's runtime shape, so one exported
 # file takes any frame size.
 
+
 def onnx_translations(opset):
     """{torch op: ONNX Script function} for vsr::flow_warp at `opset` (>= 19)."""
     from onnx import TensorProto
 
     from .common import onnx_opset
+
     op = onnx_opset(opset)
     mode = "bilinear" if opset < 20 else "linear"  # GridSample-20 renamed the mode
 
     def axis(shape, d, view):
         """(size as float (1,), positions 0..size-1 shaped `view`) of dim d."""
         size = op.Cast(op.Slice(shape, [d], [d + 1]), to=TensorProto.FLOAT)
-        pos = op.Range(op.Constant(value_float=0.0), op.Squeeze(size, [0]), op.Constant(value_float=1.0))
+        pos = op.Range(
+            op.Constant(value_float=0.0), op.Squeeze(size, [0]), op.Constant(value_float=1.0)
+        )
         return size, op.Reshape(pos, view)
 
     def normalised(pos, size):
@@ -350,7 +463,9 @@ def onnx_translations(opset):
         # grid_sample's align_corners=True coordinates; a 1-pixel axis collapses to 0
         pos = op.Where(op.Greater(pos, -2.0), pos, op.Constant(value_float=-2.0))
         pos = op.Where(op.Less(pos, op.Add(size, 1.0)), pos, op.Add(size, 1.0))
-        return op.Sub(op.Div(op.Mul(pos, 2.0), op.Max(op.Sub(size, 1.0), op.Constant(value_float=1.0))), 1.0)
+        return op.Sub(
+            op.Div(op.Mul(pos, 2.0), op.Max(op.Sub(size, 1.0), op.Constant(value_float=1.0))), 1.0
+        )
 
     def flow_warp(x, flow, padding_mode):
         shape = op.Shape(flow)

@@ -1,4 +1,5 @@
 """Helpers shared by the test files."""
+
 import os
 
 import pytest
@@ -26,6 +27,7 @@ def tiny_alignment():
     inside), a feature warp, and the second-order deformable alignment (the DCN)."""
     import basicvsr  # here, not at the top: the kernel tests need nothing outside kernels/
     import bench
+
     torch.manual_seed(0)
     spynet = bench.realistic_init(basicvsr.SPyNet())
     align = bench.realistic_init(basicvsr.SecondOrderDeformableAlignment(32, 16, deform_groups=16))
@@ -37,6 +39,7 @@ def tiny_alignment():
         flow = spynet(clip[1:], clip[:1])
         cond = kernels.flow_warp(feat, flow)
         return align(torch.cat([feat, feat], 1), torch.cat([cond, feat, cond], 1), flow, flow)
+
     return step
 
 
@@ -46,5 +49,7 @@ KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keys")
 def published_keys(name):
     """[(key, shape)] of a published checkpoint, from its vendored list tests/keys/<name>."""
     with open(os.path.join(KEYS_DIR, name)) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
+        rows = [
+            line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")
+        ]
     return [(k, [int(s) for s in shape.strip("[]").split(",")]) for k, shape in rows]

@@ -8,6 +8,7 @@ F.grid_sample per deform group (not kernels.deform_conv2d). Module trees carry t
 names, so `oracle.load_state_dict(model.state_dict())` works. No weight init: the tests load the
 weights under test. No CPU cache (it never triggers on CPU in the reference either).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,19 +17,26 @@ import torch.nn.functional as F
 def flow_warp(x, flow, interpolation="bilinear", padding_mode="zeros", align_corners=True):
     """x (n, c, h, w), flow (n, h, w, 2) in pixels -> x sampled at p + flow(p)."""
     if x.size()[-2:] != flow.size()[1:3]:
-        raise ValueError(f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in size")
+        raise ValueError(
+            f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in size"
+        )
     _, _, h, w = x.size()
-    grid_y, grid_x = torch.meshgrid(torch.arange(0, h, device=x.device), torch.arange(0, w, device=x.device),
-                                    indexing="ij")
+    grid_y, grid_x = torch.meshgrid(
+        torch.arange(0, h, device=x.device), torch.arange(0, w, device=x.device), indexing="ij"
+    )
     grid = torch.stack((grid_x, grid_y), 2).type_as(x)  # (h, w, 2), x first
     grid_flow = grid + flow
     grid_flow_x = 2.0 * grid_flow[:, :, :, 0] / max(w - 1, 1) - 1.0
     grid_flow_y = 2.0 * grid_flow[:, :, :, 1] / max(h - 1, 1) - 1.0
     grid_flow = torch.stack((grid_flow_x, grid_flow_y), dim=3)
-    return F.grid_sample(x, grid_flow, mode=interpolation, padding_mode=padding_mode, align_corners=align_corners)
+    return F.grid_sample(
+        x, grid_flow, mode=interpolation, padding_mode=padding_mode, align_corners=align_corners
+    )
 
 
-def modulated_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups):
+def modulated_deform_conv2d(
+    x, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups
+):
     """DCNv2 with mmcv's layouts (offset channel g*2K + 2k + {0: dy, 1: dx}, mask g*K + k), by
     bilinear sampling each deform group's channels at all K taps with grid_sample (zero padding
     gives mmcv's "0 outside (-1, h) x (-1, w)"), masking, and a matmul. Stride/dilation 1, groups 1 only."""
@@ -38,13 +46,28 @@ def modulated_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dila
     c_out, _, kh, kw = weight.shape
     G, K = deform_groups, kh * kw
     ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
-    ky, kx = torch.meshgrid(torch.arange(kh, dtype=x.dtype), torch.arange(kw, dtype=x.dtype), indexing="ij")
+    ky, kx = torch.meshgrid(
+        torch.arange(kh, dtype=x.dtype), torch.arange(kw, dtype=x.dtype), indexing="ij"
+    )
     off = offset.view(n, G, K, 2, ho, wo)
-    py = (torch.arange(ho, dtype=x.dtype) - padding).view(1, 1, 1, ho, 1) + ky.reshape(1, 1, K, 1, 1) + off[:, :, :, 0]
-    px = (torch.arange(wo, dtype=x.dtype) - padding).view(1, 1, 1, 1, wo) + kx.reshape(1, 1, K, 1, 1) + off[:, :, :, 1]
+    py = (
+        (torch.arange(ho, dtype=x.dtype) - padding).view(1, 1, 1, ho, 1)
+        + ky.reshape(1, 1, K, 1, 1)
+        + off[:, :, :, 0]
+    )
+    px = (
+        (torch.arange(wo, dtype=x.dtype) - padding).view(1, 1, 1, 1, wo)
+        + kx.reshape(1, 1, K, 1, 1)
+        + off[:, :, :, 1]
+    )
     grid = torch.stack((2.0 * px / max(w - 1, 1) - 1.0, 2.0 * py / max(h - 1, 1) - 1.0), dim=-1)
-    sampled = F.grid_sample(x.reshape(n * G, c // G, h, w), grid.view(n * G, K * ho, wo, 2), mode="bilinear",
-                            padding_mode="zeros", align_corners=True)  # (n*G, c/G, K*ho, wo)
+    sampled = F.grid_sample(
+        x.reshape(n * G, c // G, h, w),
+        grid.view(n * G, K * ho, wo, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )  # (n*G, c/G, K*ho, wo)
     sampled = sampled.view(n, G, c // G, K, ho, wo) * mask.view(n, G, 1, K, ho, wo)
     columns = sampled.reshape(n, c * K, ho * wo)  # row (g*c/G + ci)*K + k = channel*K + k
     out = torch.matmul(weight.reshape(c_out, c * K), columns) + bias.view(1, c_out, 1)
@@ -72,8 +95,15 @@ class ResidualBlockNoBN(nn.Module):
 class ResidualBlocksWithInputConv(nn.Module):
     def __init__(self, in_channels, out_channels=64, num_blocks=30):
         super().__init__()
-        main = [nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=True), nn.LeakyReLU(negative_slope=0.1, inplace=True)]
-        main.append(nn.Sequential(*[ResidualBlockNoBN(mid_channels=out_channels) for _ in range(num_blocks)]))
+        main = [
+            nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=True),
+            nn.LeakyReLU(negative_slope=0.1, inplace=True),
+        ]
+        main.append(
+            nn.Sequential(
+                *[ResidualBlockNoBN(mid_channels=out_channels) for _ in range(num_blocks)]
+            )
+        )
         self.main = nn.Sequential(*main)
 
     def forward(self, feat):
@@ -84,8 +114,12 @@ class PixelShufflePack(nn.Module):
     def __init__(self, in_channels, out_channels, scale_factor, upsample_kernel):
         super().__init__()
         self.scale_factor = scale_factor
-        self.upsample_conv = nn.Conv2d(in_channels, out_channels * scale_factor * scale_factor, upsample_kernel,
-                                       padding=(upsample_kernel - 1) // 2)
+        self.upsample_conv = nn.Conv2d(
+            in_channels,
+            out_channels * scale_factor * scale_factor,
+            upsample_kernel,
+            padding=(upsample_kernel - 1) // 2,
+        )
 
     def forward(self, x):
         return F.pixel_shuffle(self.upsample_conv(x), self.scale_factor)
@@ -112,8 +146,12 @@ class SPyNetBasicModule(nn.Module):
     def __init__(self):
         super().__init__()
         self.basic_module = nn.Sequential(
-            ConvModule(8, 32, 7, 1, 3, True), ConvModule(32, 64, 7, 1, 3, True), ConvModule(64, 32, 7, 1, 3, True),
-            ConvModule(32, 16, 7, 1, 3, True), ConvModule(16, 2, 7, 1, 3, False))
+            ConvModule(8, 32, 7, 1, 3, True),
+            ConvModule(32, 64, 7, 1, 3, True),
+            ConvModule(64, 32, 7, 1, 3, True),
+            ConvModule(32, 16, 7, 1, 3, True),
+            ConvModule(16, 2, 7, 1, 3, False),
+        )
 
     def forward(self, tensor_input):
         return self.basic_module(tensor_input)
@@ -131,8 +169,12 @@ class SPyNet(nn.Module):
         ref = [(ref - self.mean) / self.std]
         supp = [(supp - self.mean) / self.std]
         for _ in range(5):
-            ref.append(F.avg_pool2d(input=ref[-1], kernel_size=2, stride=2, count_include_pad=False))
-            supp.append(F.avg_pool2d(input=supp[-1], kernel_size=2, stride=2, count_include_pad=False))
+            ref.append(
+                F.avg_pool2d(input=ref[-1], kernel_size=2, stride=2, count_include_pad=False)
+            )
+            supp.append(
+                F.avg_pool2d(input=supp[-1], kernel_size=2, stride=2, count_include_pad=False)
+            )
         ref = ref[::-1]
         supp = supp[::-1]
         flow = ref[0].new_zeros(n, 2, h // 32, w // 32)
@@ -140,11 +182,20 @@ class SPyNet(nn.Module):
             if level == 0:
                 flow_up = flow
             else:
-                flow_up = F.interpolate(input=flow, scale_factor=2, mode="bilinear", align_corners=True) * 2.0
-            flow = flow_up + self.basic_module[level](torch.cat([
-                ref[level],
-                flow_warp(supp[level], flow_up.permute(0, 2, 3, 1), padding_mode="border"),
-                flow_up], 1))
+                flow_up = (
+                    F.interpolate(input=flow, scale_factor=2, mode="bilinear", align_corners=True)
+                    * 2.0
+                )
+            flow = flow_up + self.basic_module[level](
+                torch.cat(
+                    [
+                        ref[level],
+                        flow_warp(supp[level], flow_up.permute(0, 2, 3, 1), padding_mode="border"),
+                        flow_up,
+                    ],
+                    1,
+                )
+            )
         return flow
 
     def forward(self, ref, supp):
@@ -153,7 +204,9 @@ class SPyNet(nn.Module):
         h_up = h if (h % 32) == 0 else 32 * (h // 32 + 1)
         ref = F.interpolate(input=ref, size=(h_up, w_up), mode="bilinear", align_corners=False)
         supp = F.interpolate(input=supp, size=(h_up, w_up), mode="bilinear", align_corners=False)
-        flow = F.interpolate(input=self.compute_flow(ref, supp), size=(h, w), mode="bilinear", align_corners=False)
+        flow = F.interpolate(
+            input=self.compute_flow(ref, supp), size=(h, w), mode="bilinear", align_corners=False
+        )
         flow[:, 0, :, :] *= float(w) / float(w_up)
         flow[:, 1, :, :] *= float(h) / float(h_up)
         return flow
@@ -169,8 +222,12 @@ class BasicVSRNet(nn.Module):
         super().__init__()
         self.mid_channels = mid_channels
         self.spynet = SPyNet()
-        self.backward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
-        self.forward_resblocks = ResidualBlocksWithInputConv(mid_channels + 3, mid_channels, num_blocks)
+        self.backward_resblocks = ResidualBlocksWithInputConv(
+            mid_channels + 3, mid_channels, num_blocks
+        )
+        self.forward_resblocks = ResidualBlocksWithInputConv(
+            mid_channels + 3, mid_channels, num_blocks
+        )
         self.fusion = nn.Conv2d(mid_channels * 2, mid_channels, 1, 1, 0, bias=True)
         if scale == 4:
             self.upsample1 = PixelShufflePack(mid_channels, mid_channels, 2, upsample_kernel=3)
@@ -247,7 +304,15 @@ class BasicVSRNet(nn.Module):
 
 
 class SecondOrderDeformableAlignment(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size, padding, deform_groups, max_residue_magnitude=10):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        padding,
+        deform_groups,
+        max_residue_magnitude=10,
+    ):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = 1, padding, 1, 1
         self.deform_groups = deform_groups
@@ -275,12 +340,29 @@ class SecondOrderDeformableAlignment(nn.Module):
         offset_2 = offset_2 + flow_2.flip(1).repeat(1, offset_2.size(1) // 2, 1, 1)
         offset = torch.cat([offset_1, offset_2], dim=1)
         mask = torch.sigmoid(mask)
-        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+        return modulated_deform_conv2d(
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.deform_groups,
+        )
 
 
 class BasicVSRPlusPlusNet(nn.Module):
-    def __init__(self, mid_channels=64, num_blocks=7, max_residue_magnitude=10, is_low_res_input=True, scale=4):
+    def __init__(
+        self,
+        mid_channels=64,
+        num_blocks=7,
+        max_residue_magnitude=10,
+        is_low_res_input=True,
+        scale=4,
+    ):
         super().__init__()
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
@@ -289,20 +371,34 @@ class BasicVSRPlusPlusNet(nn.Module):
             self.feat_extract = ResidualBlocksWithInputConv(3, mid_channels, 5)
         else:
             self.feat_extract = nn.Sequential(
-                nn.Conv2d(3, mid_channels, 3, 2, 1), nn.LeakyReLU(negative_slope=0.1, inplace=True),
-                nn.Conv2d(mid_channels, mid_channels, 3, 2, 1), nn.LeakyReLU(negative_slope=0.1, inplace=True),
-                ResidualBlocksWithInputConv(mid_channels, mid_channels, 5))
+                nn.Conv2d(3, mid_channels, 3, 2, 1),
+                nn.LeakyReLU(negative_slope=0.1, inplace=True),
+                nn.Conv2d(mid_channels, mid_channels, 3, 2, 1),
+                nn.LeakyReLU(negative_slope=0.1, inplace=True),
+                ResidualBlocksWithInputConv(mid_channels, mid_channels, 5),
+            )
         self.deform_align = nn.ModuleDict()
         self.backbone = nn.ModuleDict()
         modules = ["backward_1", "forward_1", "backward_2", "forward_2"]
         for i, module in enumerate(modules):
             self.deform_align[module] = SecondOrderDeformableAlignment(
-                2 * mid_channels, mid_channels, 3, padding=1, deform_groups=16,
-                max_residue_magnitude=max_residue_magnitude)
-            self.backbone[module] = ResidualBlocksWithInputConv((2 + i) * mid_channels, mid_channels, num_blocks)
+                2 * mid_channels,
+                mid_channels,
+                3,
+                padding=1,
+                deform_groups=16,
+                max_residue_magnitude=max_residue_magnitude,
+            )
+            self.backbone[module] = ResidualBlocksWithInputConv(
+                (2 + i) * mid_channels, mid_channels, num_blocks
+            )
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
-        self.upsample1 = PixelShufflePack(mid_channels, mid_channels if scale == 4 else 64, 2, upsample_kernel=3)
-        self.upsample2 = PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3) if scale == 4 else None
+        self.upsample1 = PixelShufflePack(
+            mid_channels, mid_channels if scale == 4 else 64, 2, upsample_kernel=3
+        )
+        self.upsample2 = (
+            PixelShufflePack(mid_channels, 64, 2, upsample_kernel=3) if scale == 4 else None
+        )
         self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
         self.img_upsample = nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
@@ -341,7 +437,11 @@ class BasicVSRPlusPlusNet(nn.Module):
                 feat_prop = torch.cat([feat_prop, feat_n2], dim=1)
                 feat_prop = self.deform_align[module_name](feat_prop, cond, flow_n1, flow_n2)
 
-            feat = [feat_current] + [feats[k][idx] for k in feats if k not in ["spatial", module_name]] + [feat_prop]
+            feat = (
+                [feat_current]
+                + [feats[k][idx] for k in feats if k not in ["spatial", module_name]]
+                + [feat_prop]
+            )
             feat = torch.cat(feat, dim=1)
             feat_prop = feat_prop + self.backbone[module_name](feat)
             feats[module_name].append(feat_prop)
@@ -376,8 +476,9 @@ class BasicVSRPlusPlusNet(nn.Module):
         if self.is_low_res_input:
             lqs_downsample = lqs.clone()
         else:
-            lqs_downsample = F.interpolate(lqs.view(-1, c, h, w), scale_factor=0.25,
-                                           mode="bicubic").view(n, t, c, h // 4, w // 4)
+            lqs_downsample = F.interpolate(
+                lqs.view(-1, c, h, w), scale_factor=0.25, mode="bicubic"
+            ).view(n, t, c, h // 4, w // 4)
         self.check_if_mirror_extended(lqs)
 
         feats = {}

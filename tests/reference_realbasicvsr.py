@@ -3,15 +3,18 @@ RealBasicVSRNet / UNetDiscriminatorWithSpectralNorm), working from a state dict 
 torch.nn.functional calls. Only the BasicVSR part is delegated to basicvsr.BasicVSR, which has its
 own oracle.
 """
+
 import torch
 import torch.nn.functional as F
 
-
 # ---------------------------------------------------------------- image cleaning (spec §4.1)
+
 
 def residual_blocks_with_input_conv_ref(x, sd, prefix):
     """conv3x3 + LeakyReLU(0.1), then ResidualBlockNoBN: x + conv2(relu(conv1(x)))."""
-    x = F.leaky_relu(F.conv2d(x, sd[prefix + "main.0.weight"], sd[prefix + "main.0.bias"], padding=1), 0.1)
+    x = F.leaky_relu(
+        F.conv2d(x, sd[prefix + "main.0.weight"], sd[prefix + "main.0.bias"], padding=1), 0.1
+    )
     j = 0
     while f"{prefix}main.2.{j}.conv1.weight" in sd:
         p = f"{prefix}main.2.{j}."
@@ -29,13 +32,16 @@ def image_cleaning_ref(x, sd):
 
 # ---------------------------------------------------------------- generator forward (spec §4.2)
 
-def real_basicvsr_ref(lqs, sd, basicvsr_net, dynamic_refine_thres=255, is_sequential_cleaning=False):
+
+def real_basicvsr_ref(
+    lqs, sd, basicvsr_net, dynamic_refine_thres=255, is_sequential_cleaning=False
+):
     """Returns (outputs, cleaned lqs, number of cleaning passes).
 
     basicvsr_net: a basicvsr.BasicVSR holding the `basicvsr.*` weights of sd.
     """
     lqs = lqs.clone()  # the reference edits its input in place in sequential mode
-    thres = dynamic_refine_thres / 255.
+    thres = dynamic_refine_thres / 255.0
     n, t, c, h, w = lqs.size()
     passes = 0
     for _ in range(0, 3):  # at most 3 cleaning passes
@@ -60,6 +66,7 @@ def real_basicvsr_ref(lqs, sd, basicvsr_net, dynamic_refine_thres=255, is_sequen
 
 
 # ---------------------------------------------------------------- discriminator (spec §5.2)
+
 
 def spectral_norm_weight_ref(sd, name):
     """Eval-mode spectral norm: W / sigma with sigma = u^T W_mat v from the stored u, v."""
@@ -101,13 +108,32 @@ def unet_disc_ref(img, sd, skip_connection=True):
 
 # ---------------------------------------------------------------- VGG19 perceptual loss (spec §5.1)
 
-VGG19_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]  # conv indices in features
+VGG19_CONVS = [
+    0,
+    2,
+    5,
+    7,
+    10,
+    12,
+    14,
+    16,
+    19,
+    21,
+    23,
+    25,
+    28,
+    30,
+    32,
+    34,
+]  # conv indices in features
 VGG19_POOLS = [4, 9, 18, 27, 36]
 
 
 def vgg19_features_ref(x, sd, layer_ids):
     """Pre-ReLU conv outputs at layer_ids from a torchvision-format state dict (features.N.*)."""
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
     feats = {}
     for i in range(max(layer_ids) + 1):
         if i in VGG19_CONVS:

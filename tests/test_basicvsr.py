@@ -1,6 +1,7 @@
 """basicvsr.py against the reference-structured oracle (tests/mmagic_reference.py), the official
 keys, the reference's own unit-test expectations (spec §11, with ValueError for AssertionError),
 every checkpoint layout load_weights reads, and the convert CLI."""
+
 import copy
 import json
 import os
@@ -15,9 +16,12 @@ import basicvsr
 import bench
 import kernels
 import upscale
-from basicvsr import (BasicVSR, BasicVSRPlusPlus, SPyNet, load_weights, read_state_dict, save_weights)
+from basicvsr import BasicVSR, BasicVSRPlusPlus, SPyNet
+from weights import load_weights, read_state_dict, save_weights
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import weights
+
 import mmagic_reference as ref  # noqa: E402
 from helpers import cuda, published_keys, rel  # noqa: E402
 
@@ -51,7 +55,7 @@ def clip(t, h, w, seed, mirrored=False, n=1):
         return torch.cat([half, half.flip(1)], dim=1)
     # smooth-ish moving content, so that SPyNet has something to track
     base = torch.rand(n, 1, 3, h + 8, w + 8, generator=g)
-    frames = [base[..., i:i + h, 2 * i:2 * i + w] for i in range(t)]  # t <= 5
+    frames = [base[..., i : i + h, 2 * i : 2 * i + w] for i in range(t)]  # t <= 5
     return torch.cat(frames, dim=1).contiguous()
 
 
@@ -98,13 +102,16 @@ def test_oracle_flow_warp_shift():
 def test_oracle_dcn_matches_kernel_reference():
     # The oracle's grid_sample DCN and the kernel's im2col reference are two independent readings of mmcv.
     import kernels
+
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 32, 9, 11, generator=g)
     offset = torch.randn(2, 16 * 18, 9, 11, generator=g) * 3
     mask = torch.rand(2, 16 * 9, 9, 11, generator=g)
     w, b = torch.randn(8, 32, 3, 3, generator=g), torch.randn(8, generator=g)
     a = ref.modulated_deform_conv2d(x, offset, mask, w, b, 1, 1, 1, 1, 16)
-    r = kernels.deform_conv2d_reference(x, offset, mask, w, b, stride=1, padding=1, dilation=1, deform_groups=16)
+    r = kernels.deform_conv2d_reference(
+        x, offset, mask, w, b, stride=1, padding=1, dilation=1, deform_groups=16
+    )
     assert max_diff(a, r) < 1e-4
 
 
@@ -112,14 +119,16 @@ def test_oracle_dcn_matches_kernel_reference():
 # Outputs against the oracle, fp32 on CPU
 
 
-@pytest.mark.parametrize("h,w", [(64, 64), (36, 52)])  # a multiple of 32, and sizes SPyNet must resize
+@pytest.mark.parametrize(
+    "h,w", [(64, 64), (36, 52)]
+)  # a multiple of 32, and sizes SPyNet must resize
 def test_spynet_matches_oracle(h, w):
     torch.manual_seed(3)
     net = randomize(SPyNet(), seed=4)
     oracle = oracle_of(net, ref.SPyNet())
     g = torch.Generator().manual_seed(5)
     a = torch.rand(2, 3, h + 4, w + 4, generator=g)
-    ref_img, supp = a[..., 2:2 + h, 1:1 + w].contiguous(), a[..., :h, 3:3 + w].contiguous()
+    ref_img, supp = a[..., 2 : 2 + h, 1 : 1 + w].contiguous(), a[..., :h, 3 : 3 + w].contiguous()
     with torch.no_grad():
         flow, flow_oracle = net(ref_img, supp), oracle(ref_img, supp)
     assert flow.shape == (2, 2, h, w)
@@ -132,14 +141,19 @@ def test_basicvsrpp_lr_matches_oracle(pp_lr, mirrored):
     oracle = oracle_of(pp_lr, ref.BasicVSRPlusPlusNet(8, 1))
     lqs = clip(4 if mirrored else 3, 64, 64, seed=6, mirrored=mirrored)
     residuals = []  # mean |offset - flow| in pixels, per alignment call
-    hooks = [m.conv_offset.register_forward_hook(
-        lambda m, i, o: residuals.append((10 * torch.tanh(o[:, :288])).abs().mean().item()))
-        for m in pp_lr.deform_align.values()]
+    hooks = [
+        m.conv_offset.register_forward_hook(
+            lambda m, i, o: residuals.append((10 * torch.tanh(o[:, :288])).abs().mean().item())
+        )
+        for m in pp_lr.deform_align.values()
+    ]
     with torch.no_grad():
         out, expected = pp_lr(lqs), oracle(lqs)
     for h in hooks:
         h.remove()
-    assert len(residuals) == 4 * (lqs.shape[1] - 1) and min(residuals) > 0.15  # the DCN really deforms (pixels)
+    assert (
+        len(residuals) == 4 * (lqs.shape[1] - 1) and min(residuals) > 0.15
+    )  # the DCN really deforms (pixels)
     assert oracle.is_mirror_extended == mirrored
     assert out.shape == (1, lqs.shape[1], 3, 256, 256)
     assert max_diff(out, expected) < TOL
@@ -149,16 +163,22 @@ def test_basicvsrpp_lr_matches_oracle(pp_lr, mirrored):
 def test_x2_networks_match_oracle(arch):
     """scale=2: one pixel-shuffle x2 stage and a bilinear x2 skip; the x4 keys are kept, minus upsample2."""
     torch.manual_seed(12)
-    net = randomize(BasicVSRPlusPlus(8, 1, scale=2) if arch == "basicvsrpp" else BasicVSR(8, 1, scale=2)).eval()
-    oracle = oracle_of(net, ref.BasicVSRPlusPlusNet(8, 1, scale=2) if arch == "basicvsrpp"
-                       else ref.BasicVSRNet(8, 1, scale=2))
+    net = randomize(
+        BasicVSRPlusPlus(8, 1, scale=2) if arch == "basicvsrpp" else BasicVSR(8, 1, scale=2)
+    ).eval()
+    oracle = oracle_of(
+        net,
+        ref.BasicVSRPlusPlusNet(8, 1, scale=2)
+        if arch == "basicvsrpp"
+        else ref.BasicVSRNet(8, 1, scale=2),
+    )
     lqs = clip(3, 64, 64, seed=13)
     with torch.no_grad():
         out, expected = net(lqs), oracle(lqs)
     assert out.shape == (1, 3, 3, 128, 128) and max_diff(out, expected) < TOL
     x4_keys = set((BasicVSRPlusPlus(8, 1) if arch == "basicvsrpp" else BasicVSR(8, 1)).state_dict())
     assert set(net.state_dict()) == {k for k in x4_keys if not k.startswith("upsample2.")}
-    assert basicvsr.network_from_keys(net.state_dict(), "x2")[1]["scale"] == 2
+    assert weights.network_from_keys(net.state_dict(), "x2")[1]["scale"] == 2
 
 
 @pytest.mark.parametrize("mirrored", [False, True])
@@ -174,14 +194,21 @@ def test_basicvsrpp_hr_matches_oracle(pp_hr, mirrored):
 def test_alignment_matches_oracle():
     # One SecondOrderDeformableAlignment with large random offset residuals and distinct flows per pixel.
     torch.manual_seed(5)
-    da = randomize(basicvsr.SecondOrderDeformableAlignment(32, 16, 3, padding=1, deform_groups=16), seed=6)
-    oracle = oracle_of(da, ref.SecondOrderDeformableAlignment(32, 16, 3, padding=1, deform_groups=16))
+    da = randomize(
+        basicvsr.SecondOrderDeformableAlignment(32, 16, 3, padding=1, deform_groups=16), seed=6
+    )
+    oracle = oracle_of(
+        da, ref.SecondOrderDeformableAlignment(32, 16, 3, padding=1, deform_groups=16)
+    )
     with torch.no_grad():
         da.conv_offset[6].weight.mul_(10)
     oracle.load_state_dict(da.state_dict())
     g = torch.Generator().manual_seed(7)
     x, extra = torch.rand(2, 32, 12, 14, generator=g), torch.rand(2, 48, 12, 14, generator=g)
-    flow_1, flow_2 = torch.randn(2, 2, 12, 14, generator=g) * 3, torch.randn(2, 2, 12, 14, generator=g) * 3
+    flow_1, flow_2 = (
+        torch.randn(2, 2, 12, 14, generator=g) * 3,
+        torch.randn(2, 2, 12, 14, generator=g) * 3,
+    )
     with torch.no_grad():
         out = da(x, extra, flow_1, flow_2)
         assert max_diff(out, oracle(x, extra, flow_1, flow_2)) < TOL
@@ -220,15 +247,22 @@ def test_mirror_detection_is_per_call(vsr):
 # CPU cache and bf16
 
 
-@pytest.mark.parametrize("mirrored", [False, True])  # mirrored + cache crashes the reference (§12.10)
+@pytest.mark.parametrize(
+    "mirrored", [False, True]
+)  # mirrored + cache crashes the reference (§12.10)
 def test_cpu_cache_path_equals_plain_path(pp_lr, mirrored):
     lqs = clip(4 if mirrored else 3, 64, 64, seed=11, mirrored=mirrored)
     batch_sizes = []  # of feat_extract calls: t at once on the plain path, chunks of 2 when caching
-    handle = pp_lr.feat_extract.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+    handle = pp_lr.feat_extract.register_forward_hook(
+        lambda m, i, o: batch_sizes.append(i[0].shape[0])
+    )
     try:
         with torch.no_grad():
             plain = pp_lr(lqs)
-            pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = 2, 2  # t > 2: the cache path (no-op copies on CPU)
+            pp_lr.cpu_cache_length, pp_lr.cpu_cache_chunk = (
+                2,
+                2,
+            )  # t > 2: the cache path (no-op copies on CPU)
             cached = pp_lr(lqs)
     finally:
         handle.remove()
@@ -251,9 +285,17 @@ def test_compile_network_equals_eager(pp_lr):
         net.cpu_cache_length = 0
         cached = net(lqs)
     assert list(net.state_dict()) == list(pp_lr.state_dict())
-    kinds = {type(m).__name__ for m in net.modules() if getattr(m, "_compiled_call_impl", None) is not None}
-    assert kinds == {"ResidualBlocksWithInputConv", "SecondOrderDeformableAlignment", "SPyNetBasicModule",
-                     "PixelShufflePack"}
+    kinds = {
+        type(m).__name__
+        for m in net.modules()
+        if getattr(m, "_compiled_call_impl", None) is not None
+    }
+    assert kinds == {
+        "ResidualBlocksWithInputConv",
+        "SecondOrderDeformableAlignment",
+        "SPyNetBasicModule",
+        "PixelShufflePack",
+    }
     assert max_diff(compiled, eager) < 1e-5
     assert max_diff(cached, eager) < 1e-5
 
@@ -307,7 +349,9 @@ def test_keys_and_parameter_counts():
     pp = BasicVSRPlusPlus()
     assert keys_and_shapes(pp) == published_keys("keys_basicvsrpp_c64n7.tsv")
     assert sum(p.numel() for p in pp.parameters()) == 7_322_927
-    assert sum(p.numel() for p in BasicVSRPlusPlus(is_low_res_input=False).parameters()) == 7_396_783
+    assert (
+        sum(p.numel() for p in BasicVSRPlusPlus(is_low_res_input=False).parameters()) == 7_396_783
+    )
     net = BasicVSR()
     assert keys_and_shapes(net) == published_keys("keys_basicvsr_net_c64n30.tsv")
     assert sum(p.numel() for p in net.parameters()) == 6_291_311
@@ -321,29 +365,57 @@ def test_inits():
     da = pp.deform_align["forward_1"]
     assert da.conv_offset[6].weight.abs().max() == 0 and da.conv_offset[6].bias.abs().max() == 0
     bound = 1 / (32 * 9) ** 0.5
-    assert da.weight.abs().max() <= bound and da.weight.abs().max() > 0.9 * bound and da.bias.abs().max() == 0
+    assert (
+        da.weight.abs().max() <= bound
+        and da.weight.abs().max() > 0.9 * bound
+        and da.bias.abs().max() == 0
+    )
     block = pp.backbone["backward_1"].main[2][0]
     std = block.conv1.weight.std().item()  # kaiming fan_in (sqrt(2 / 144)) x 0.1
-    assert 0.07 * (2 / 144) ** 0.5 < std < 0.13 * (2 / 144) ** 0.5 and block.conv1.bias.abs().max() == 0
+    assert (
+        0.07 * (2 / 144) ** 0.5 < std < 0.13 * (2 / 144) ** 0.5
+        and block.conv1.bias.abs().max() == 0
+    )
     assert torch.equal(pp.spynet.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
 
 
 def test_shapes_as_in_reference_tests(pp_lr, pp_hr):
     with torch.no_grad():
         assert pp_lr(torch.rand(1, 1, 3, 64, 64).repeat(1, 2, 1, 1, 1)).shape == (1, 2, 3, 256, 256)
-        assert pp_hr(torch.rand(1, 1, 3, 256, 256).repeat(1, 2, 1, 1, 1)).shape == (1, 2, 3, 256, 256)
+        assert pp_hr(torch.rand(1, 1, 3, 256, 256).repeat(1, 2, 1, 1, 1)).shape == (
+            1,
+            2,
+            3,
+            256,
+            256,
+        )
         net = BasicVSR(mid_channels=8, num_blocks=1).eval()
         assert net(torch.rand(1, 2, 3, 64, 64)).shape == (1, 2, 3, 256, 256)
-        assert net(torch.rand(1, 5, 3, 16, 16)).shape == (1, 5, 3, 64, 64)  # small inputs work: SPyNet pads
-        assert net(torch.rand(1, 1, 3, 16, 16)).shape == (1, 1, 3, 64, 64)  # a single frame, no flow
+        assert net(torch.rand(1, 5, 3, 16, 16)).shape == (
+            1,
+            5,
+            3,
+            64,
+            64,
+        )  # small inputs work: SPyNet pads
+        assert net(torch.rand(1, 1, 3, 16, 16)).shape == (
+            1,
+            1,
+            3,
+            64,
+            64,
+        )  # a single frame, no flow
 
 
-@pytest.mark.parametrize("shape,match", [
-    ((1, 5, 3, 61, 61), "61x61"),
-    ((1, 5, 3, 64, 61), "64x61"),
-    ((5, 3, 64, 64), "shape"),
-    ((1, 5, 4, 64, 64), "shape"),
-])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((1, 5, 3, 61, 61), "61x61"),
+        ((1, 5, 3, 64, 61), "64x61"),
+        ((5, 3, 64, 64), "shape"),
+        ((1, 5, 4, 64, 64), "shape"),
+    ],
+)
 def test_basicvsrpp_input_errors(pp_lr, shape, match):
     with pytest.raises(ValueError, match=match):
         pp_lr(torch.rand(*shape))
@@ -376,7 +448,9 @@ def test_basicvsr_input_errors(vsr):
 
 @pytest.fixture(scope="module")
 def tiny_lqs():
-    return clip(1, 64, 64, seed=15)  # one frame keeps these cheap; SPyNet is covered by the exact state check
+    return clip(
+        1, 64, 64, seed=15
+    )  # one frame keeps these cheap; SPyNet is covered by the exact state check
 
 
 @pytest.fixture(scope="module")
@@ -389,9 +463,13 @@ def to_basicsr(state):
     out = {}
     for k, v in state.items():
         parts = k.split(".")
-        if "spynet" in parts and parts[-2] == "conv":  # ...basic_module.L.basic_module.j.conv.w -> .2j.w
+        if (
+            "spynet" in parts and parts[-2] == "conv"
+        ):  # ...basic_module.L.basic_module.j.conv.w -> .2j.w
             k = ".".join(parts[:-3] + [str(2 * int(parts[-3])), parts[-1]])
-        k = k.replace("upsample1.upsample_conv.", "upconv1.").replace("upsample2.upsample_conv.", "upconv2.")
+        k = k.replace("upsample1.upsample_conv.", "upconv1.").replace(
+            "upsample2.upsample_conv.", "upconv2."
+        )
         out[k] = v
     return out
 
@@ -418,10 +496,17 @@ def test_load_mmagic(tmp_path, pp_lr, tiny_out, tiny_lqs):
     other = {k: torch.randn_like(v) for k, v in state.items()}
     disc = torch.nn.Conv2d(3, 4, 3)
     path = tmp_path / "mmagic.pth"
-    torch.save({"meta": {"iter": 600000, "config": "..."},
-                "state_dict": {**{f"generator.{k}": v for k, v in other.items()},
-                               **{f"generator_ema.{k}": v for k, v in state.items()},
-                               **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}}}, path)
+    torch.save(
+        {
+            "meta": {"iter": 600000, "config": "..."},
+            "state_dict": {
+                **{f"generator.{k}": v for k, v in other.items()},
+                **{f"generator_ema.{k}": v for k, v in state.items()},
+                **{f"discriminator.{k}": v for k, v in disc.state_dict().items()},
+            },
+        },
+        path,
+    )
     model = load_weights(fresh(), path)  # default: generator_ema
     assert_same_outputs(model, tiny_out, tiny_lqs, pp_lr)
     for prefix in ["generator", "generator."]:
@@ -432,7 +517,13 @@ def test_load_mmagic(tmp_path, pp_lr, tiny_out, tiny_lqs):
 
     # mmediting 0.x: generator only; mmagic 1.x: metadata objects weights_only refuses
     path2 = tmp_path / "mmedit.pth"
-    torch.save({"meta": {"obj": OpaqueMeta()}, "state_dict": {f"generator.{k}": v for k, v in state.items()}}, path2)
+    torch.save(
+        {
+            "meta": {"obj": OpaqueMeta()},
+            "state_dict": {f"generator.{k}": v for k, v in state.items()},
+        },
+        path2,
+    )
     with pytest.raises(Exception):
         torch.load(path2, weights_only=True)
     assert_same_outputs(load_weights(fresh(), path2), tiny_out, tiny_lqs, pp_lr)
@@ -442,8 +533,11 @@ def test_load_mmagic(tmp_path, pp_lr, tiny_out, tiny_lqs):
 def test_load_basicsr(tmp_path, pp_lr, tiny_out, tiny_lqs, part):
     state = to_basicsr(pp_lr.state_dict())
     assert "spynet.basic_module.0.basic_module.8.weight" in state and "upconv2.weight" in state
-    ckpt = {"params": state} if part == "params" else {
-        "params": {k: torch.zeros_like(v) for k, v in state.items()}, "params_ema": state}
+    ckpt = (
+        {"params": state}
+        if part == "params"
+        else {"params": {k: torch.zeros_like(v) for k, v in state.items()}, "params_ema": state}
+    )
     torch.save(ckpt, tmp_path / "bsr.pth")
     assert_same_outputs(load_weights(fresh(), tmp_path / "bsr.pth"), tiny_out, tiny_lqs, pp_lr)
     if part == "params_ema":  # an explicit part
@@ -455,25 +549,37 @@ def test_load_plain_and_safetensors(tmp_path, pp_lr, tiny_out, tiny_lqs):
     torch.save(pp_lr.state_dict(), tmp_path / "plain.pth")
     assert_same_outputs(load_weights(fresh(), tmp_path / "plain.pth"), tiny_out, tiny_lqs, pp_lr)
     save_weights(pp_lr, tmp_path / "ours.safetensors")
-    assert_same_outputs(load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs, pp_lr)
+    assert_same_outputs(
+        load_weights(fresh(), tmp_path / "ours.safetensors"), tiny_out, tiny_lqs, pp_lr
+    )
     save_weights(pp_lr.state_dict(), tmp_path / "ours.bin")  # detected by content, not extension
     assert_same_outputs(load_weights(fresh(), tmp_path / "ours.bin"), tiny_out, tiny_lqs, pp_lr)
 
 
 @pytest.mark.parametrize("layout", ["mmagic", "basicsr"])
 def test_load_standalone_spynet(tmp_path, pp_lr, layout):
-    spynet_state = {k[len("spynet."):]: v for k, v in pp_lr.state_dict().items()
-                    if k.startswith("spynet.") and not k.endswith(("mean", "std"))}
+    spynet_state = {
+        k[len("spynet.") :]: v
+        for k, v in pp_lr.state_dict().items()
+        if k.startswith("spynet.") and not k.endswith(("mean", "std"))
+    }
     assert len(spynet_state) == 60
     if layout == "mmagic":
         torch.save({"meta": {}, "state_dict": spynet_state}, tmp_path / "spynet.pth")
     else:
-        torch.save({"params": to_basicsr({f"spynet.{k}": v for k, v in spynet_state.items()})}, tmp_path / "s.pth")
+        torch.save(
+            {"params": to_basicsr({f"spynet.{k}": v for k, v in spynet_state.items()})},
+            tmp_path / "s.pth",
+        )
         sd = torch.load(tmp_path / "s.pth")["params"]
-        torch.save({"params": {k[len("spynet."):]: v for k, v in sd.items()}}, tmp_path / "spynet.pth")
+        torch.save(
+            {"params": {k[len("spynet.") :]: v for k, v in sd.items()}}, tmp_path / "spynet.pth"
+        )
     model = fresh()
     load_weights(model.spynet, tmp_path / "spynet.pth")
-    assert torch.equal(model.spynet.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))  # kept, not in the file
+    assert torch.equal(
+        model.spynet.std.flatten(), torch.tensor([0.229, 0.224, 0.225])
+    )  # kept, not in the file
     a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.spynet(a, b), pp_lr.spynet(a, b))
@@ -485,9 +591,11 @@ def test_strict_load_errors(tmp_path, pp_lr):
     del missing["conv_hr.bias"]
     unexpected = {**state, "conv_extra.weight": torch.zeros(1)}
     misshaped = {**state, "conv_last.weight": torch.zeros(3, 32, 3, 3)}
-    for name, sd, words in [("missing", missing, ["missing", "conv_hr.bias"]),
-                            ("unexpected", unexpected, ["unexpected", "conv_extra.weight"]),
-                            ("misshaped", misshaped, ["mis-shaped", "conv_last.weight", "[3, 32, 3, 3]"])]:
+    for name, sd, words in [
+        ("missing", missing, ["missing", "conv_hr.bias"]),
+        ("unexpected", unexpected, ["unexpected", "conv_extra.weight"]),
+        ("misshaped", misshaped, ["mis-shaped", "conv_last.weight", "[3, 32, 3, 3]"]),
+    ]:
         path = tmp_path / f"{name}.pth"
         torch.save(sd, path)
         with pytest.raises(ValueError) as err:
@@ -522,18 +630,41 @@ def test_save_weights_atomic_overwrite(tmp_path, pp_lr):
 
 def test_convert_cli(tmp_path, pp_lr, tiny_out, tiny_lqs):
     src, dst = tmp_path / "ckpt.pth", tmp_path / "out.safetensors"
-    torch.save({"state_dict": {f"generator.{k}": v for k, v in to_basicsr(pp_lr.state_dict()).items()}}, src)
+    torch.save(
+        {"state_dict": {f"generator.{k}": v for k, v in to_basicsr(pp_lr.state_dict()).items()}},
+        src,
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, os.path.join(root, "upscale.py"), "--convert", str(src), str(dst),
-                          "--prefix", "generator"], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "upscale.py"),
+            "--convert",
+            str(src),
+            str(dst),
+            "--prefix",
+            "generator",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert "out.safetensors" in res.stdout
     assert_same_outputs(load_weights(fresh(), dst), tiny_out, tiny_lqs, pp_lr)
-    upscale.main(["--convert", str(dst), str(tmp_path / "again.safetensors")])  # safetensors -> safetensors
+    upscale.main(
+        ["--convert", str(dst), str(tmp_path / "again.safetensors")]
+    )  # safetensors -> safetensors
     import safetensors
-    with safetensors.safe_open(dst, "pt") as a, safetensors.safe_open(tmp_path / "again.safetensors", "pt") as b:
+
+    with (
+        safetensors.safe_open(dst, "pt") as a,
+        safetensors.safe_open(tmp_path / "again.safetensors", "pt") as b,
+    ):
         assert a.metadata() == b.metadata() and a.metadata()["network"] == "BasicVSRPlusPlus"
-        assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert a.keys() == b.keys() and all(
+            torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()
+        )
     with pytest.raises(SystemExit):
         upscale.main([])
 
@@ -545,15 +676,32 @@ def test_convert_cli(tmp_path, pp_lr, tiny_out, tiny_lqs):
 def published_file(path, model, layout):
     """model's state dict saved as a published file would hold it. The values are zeros expanded from
     one element, so even the 128-channel files take a few kilobytes (detection reads shapes)."""
-    state = {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
+    state = {
+        k: torch.zeros(1, dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()
+    }
     if layout == "mmagic":  # mmagic/mmediting: generator (+ EMA, discriminator) under state_dict
-        torch.save({"meta": {"mmedit_version": "0.x"}, "state_dict": {f"generator.{k}": v for k, v in state.items()}},
-                   path)
+        torch.save(
+            {
+                "meta": {"mmedit_version": "0.x"},
+                "state_dict": {f"generator.{k}": v for k, v in state.items()},
+            },
+            path,
+        )
     elif layout == "mmagic_gan":
-        disc = {"conv_0.weight": torch.zeros(1).expand(64, 3, 3, 3), "conv_9.weight": torch.zeros(1).expand(1, 64, 3, 3)}
-        torch.save({"state_dict": {**{f"generator.{k}": v for k, v in state.items()},
-                                   **{f"generator_ema.{k}": v for k, v in state.items()},
-                                   **{f"discriminator.{k}": v for k, v in disc.items()}}}, path)
+        disc = {
+            "conv_0.weight": torch.zeros(1).expand(64, 3, 3, 3),
+            "conv_9.weight": torch.zeros(1).expand(1, 64, 3, 3),
+        }
+        torch.save(
+            {
+                "state_dict": {
+                    **{f"generator.{k}": v for k, v in state.items()},
+                    **{f"generator_ema.{k}": v for k, v in state.items()},
+                    **{f"discriminator.{k}": v for k, v in disc.items()},
+                }
+            },
+            path,
+        )
     else:  # BasicSR
         torch.save({"params": to_basicsr(state)}, path)
     return str(path)
@@ -566,74 +714,121 @@ def meta_model(cls, **kwargs):
 
 # (what the issue's table names, the network as mmagic builds it, the file's layout)
 PUBLISHED = [
-    ("basicvsr_plusplus_c64n7 (REDS4, Vimeo-90K BI/BD)", BasicVSRPlusPlus, dict(mid_channels=64, num_blocks=7), "mmagic"),
-    ("basicvsr_plusplus_c128n25_ntire_vsr", BasicVSRPlusPlus, dict(mid_channels=128, num_blocks=25), "mmagic"),
-    ("basicvsr_plusplus_c128n25_ntire_decompress_track1-3", BasicVSRPlusPlus,
-     dict(mid_channels=128, num_blocks=25, is_low_res_input=False), "mmagic"),
-    ("basicvsr_plusplus_deblur_dvd/gopro, denoise", BasicVSRPlusPlus,
-     dict(mid_channels=64, num_blocks=15, is_low_res_input=False), "mmagic"),
+    (
+        "basicvsr_plusplus_c64n7 (REDS4, Vimeo-90K BI/BD)",
+        BasicVSRPlusPlus,
+        dict(mid_channels=64, num_blocks=7),
+        "mmagic",
+    ),
+    (
+        "basicvsr_plusplus_c128n25_ntire_vsr",
+        BasicVSRPlusPlus,
+        dict(mid_channels=128, num_blocks=25),
+        "mmagic",
+    ),
+    (
+        "basicvsr_plusplus_c128n25_ntire_decompress_track1-3",
+        BasicVSRPlusPlus,
+        dict(mid_channels=128, num_blocks=25, is_low_res_input=False),
+        "mmagic",
+    ),
+    (
+        "basicvsr_plusplus_deblur_dvd/gopro, denoise",
+        BasicVSRPlusPlus,
+        dict(mid_channels=64, num_blocks=15, is_low_res_input=False),
+        "mmagic",
+    ),
     ("basicvsr_reds4 / vimeo90k_bi / bd", BasicVSR, dict(mid_channels=64, num_blocks=30), "mmagic"),
     ("BasicSR BasicVSR++", BasicVSRPlusPlus, dict(mid_channels=64, num_blocks=7), "basicsr"),
 ]
 
 
-@pytest.mark.parametrize("name,cls,kwargs,layout", PUBLISHED, ids=[p[0].split(" ")[0] for p in PUBLISHED])
+@pytest.mark.parametrize(
+    "name,cls,kwargs,layout", PUBLISHED, ids=[p[0].split(" ")[0] for p in PUBLISHED]
+)
 def test_published_architectures_are_detected(tmp_path, name, cls, kwargs, layout):
     path = published_file(tmp_path / "published.pth", meta_model(cls, **kwargs), layout)
-    network, config = basicvsr.network_of(path, read_state_dict(path))
-    expected = {"max_residue_magnitude": 10, "is_low_res_input": True, "scale": 4, **kwargs} \
-        if cls is BasicVSRPlusPlus else {"scale": 4, **kwargs}
+    network, config = weights.network_of(path, read_state_dict(path))
+    expected = (
+        {"max_residue_magnitude": 10, "is_low_res_input": True, "scale": 4, **kwargs}
+        if cls is BasicVSRPlusPlus
+        else {"scale": 4, **kwargs}
+    )
     assert (network, config) == (cls.__name__, expected)
-    model = upscale.load_network(path)  # built at that size, and the file loads strictly into it
+    model = weights.load_network(path)  # built at that size, and the file loads strictly into it
     assert type(model) is cls and model.config == expected
-    assert upscale.scale_of(model) == (1 if kwargs.get("is_low_res_input") is False else 4)
+    assert weights.scale_of(model) == (1 if kwargs.get("is_low_res_input") is False else 4)
 
 
 def test_realbasicvsr_gan_file_is_detected_and_prefers_ema(tmp_path):
     import realbasicvsr
+
     net = realbasicvsr.RealBasicVSR(8, 2, 3)
     state = {k: torch.rand(v.shape) for k, v in net.state_dict().items()}
     ema = {k: v + 1 for k, v in state.items()}
-    torch.save({"state_dict": {**{f"generator.{k}": v for k, v in state.items()},
-                               **{f"generator_ema.{k}": v for k, v in ema.items()},
-                               "discriminator.conv_0.weight": torch.zeros(8, 3, 3, 3)}}, tmp_path / "rbv.pth")
-    model = upscale.load_network(tmp_path / "rbv.pth", refine_thres=20)
+    torch.save(
+        {
+            "state_dict": {
+                **{f"generator.{k}": v for k, v in state.items()},
+                **{f"generator_ema.{k}": v for k, v in ema.items()},
+                "discriminator.conv_0.weight": torch.zeros(8, 3, 3, 3),
+            }
+        },
+        tmp_path / "rbv.pth",
+    )
+    model = weights.load_network(tmp_path / "rbv.pth", refine_thres=20)
     assert type(model) is realbasicvsr.RealBasicVSR and model.is_sequential_cleaning
-    assert model.config == dict(mid_channels=8, num_propagation_blocks=2, num_cleaning_blocks=3, scale=4)
+    assert model.config == dict(
+        mid_channels=8, num_propagation_blocks=2, num_cleaning_blocks=3, scale=4
+    )
     assert model.dynamic_refine_thres == pytest.approx(20 / 255)
-    assert torch.equal(model.state_dict()["image_cleaning.1.weight"], ema["image_cleaning.1.weight"])
+    assert torch.equal(
+        model.state_dict()["image_cleaning.1.weight"], ema["image_cleaning.1.weight"]
+    )
 
 
 def test_our_safetensors_name_their_network(tmp_path):
     """train.py's and --convert's files carry the network and its arguments in their metadata;
     a safetensors without them (another tool's) is recognised by its keys."""
     import safetensors.torch
+
     net = BasicVSRPlusPlus(16, 2)
     save_weights(net, tmp_path / "ours.safetensors")
     with safetensors.safe_open(tmp_path / "ours.safetensors", "pt") as f:
         meta = f.metadata()
     assert meta["network"] == "BasicVSRPlusPlus"
-    assert json.loads(meta["config"]) == dict(mid_channels=16, num_blocks=2, max_residue_magnitude=10,
-                                              is_low_res_input=True, scale=4)
+    assert json.loads(meta["config"]) == dict(
+        mid_channels=16, num_blocks=2, max_residue_magnitude=10, is_low_res_input=True, scale=4
+    )
     safetensors.torch.save_file(net.state_dict(), tmp_path / "bare.safetensors")
     for name in ("ours", "bare"):
-        model = upscale.load_network(tmp_path / f"{name}.safetensors")
+        model = weights.load_network(tmp_path / f"{name}.safetensors")
         assert model.config == net.config
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(model.state_dict().values(), net.state_dict().values())
+        )
 
 
 def test_files_that_are_no_upscaling_network(tmp_path):
     spynet = {k: v for k, v in SPyNet().state_dict().items() if k not in ("mean", "std")}
     torch.save({"state_dict": spynet}, tmp_path / "spynet_20210409-c6c1bd09.pth")
     with pytest.raises(ValueError, match="SPyNet, the optical-flow network"):
-        upscale.load_network(tmp_path / "spynet_20210409-c6c1bd09.pth")
-    torch.save({"state_dict": {"discriminator.conv_0.weight": torch.zeros(1), "discriminator.conv_9.weight":
-                               torch.zeros(1)}}, tmp_path / "d.pth")
+        weights.load_network(tmp_path / "spynet_20210409-c6c1bd09.pth")
+    torch.save(
+        {
+            "state_dict": {
+                "discriminator.conv_0.weight": torch.zeros(1),
+                "discriminator.conv_9.weight": torch.zeros(1),
+            }
+        },
+        tmp_path / "d.pth",
+    )
     with pytest.raises(ValueError, match="UNet discriminator"):
-        basicvsr.network_of(tmp_path / "d.pth", read_state_dict(tmp_path / "d.pth", "discriminator"))
+        weights.network_of(tmp_path / "d.pth", read_state_dict(tmp_path / "d.pth", "discriminator"))
     torch.save({"encoder.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"fits no network here .*\['encoder'\]"):
-        upscale.load_network(tmp_path / "other.pth")
+        weights.load_network(tmp_path / "other.pth")
 
 
 # ----------------------------------------------------------------------------------------
@@ -678,16 +873,24 @@ def test_cuda_model_outputs_triton_vs_reference(arch, no_tf32):
     outs = {}
     for backend in ("triton", "torch"):
         for dtype in (None, torch.bfloat16):
-            with kernels.use_backend(backend), torch.inference_mode(), \
-                    torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            with (
+                kernels.use_backend(backend),
+                torch.inference_mode(),
+                torch.autocast("cuda", dtype=dtype, enabled=dtype is not None),
+            ):
                 outs[backend, dtype] = net(lqs).float()
     ref = outs["torch", None]
     assert torch.isfinite(outs["triton", torch.bfloat16]).all()
     # Relative to what the network adds to its bilinear x4 skip (~0.05 here, the output ~1).
-    skip = F.interpolate(lqs.flatten(0, 1), scale_factor=4, mode="bilinear", align_corners=False).view_as(ref)
+    skip = F.interpolate(
+        lqs.flatten(0, 1), scale_factor=4, mode="bilinear", align_corners=False
+    ).view_as(ref)
     err = (outs["triton", None] - ref).abs().max() / (ref - skip).abs().max()
     assert err <= 1e-4, err.item()
-    err_triton, err_ref = rms(outs["triton", torch.bfloat16], ref), rms(outs["torch", torch.bfloat16], ref)
+    err_triton, err_ref = (
+        rms(outs["triton", torch.bfloat16], ref),
+        rms(outs["torch", torch.bfloat16], ref),
+    )
     assert err_triton <= 2 * err_ref + 1e-3, (err_triton, err_ref)
 
 
@@ -701,9 +904,14 @@ def test_cuda_basicvsrpp_gradients_triton_vs_reference(no_tf32):
         net.zero_grad(set_to_none=True)
         with kernels.use_backend(backend):
             torch.sqrt((net(lqs) - target) ** 2 + 1e-12).mean().backward()
-        grads[backend] = {name: p.grad.flatten() for name, p in net.named_parameters() if p.grad is not None}
+        grads[backend] = {
+            name: p.grad.flatten() for name, p in net.named_parameters() if p.grad is not None
+        }
     assert grads["triton"].keys() == grads["torch"].keys()
-    assert rel(torch.cat(list(grads["triton"].values())), torch.cat(list(grads["torch"].values()))) <= 1e-3
+    assert (
+        rel(torch.cat(list(grads["triton"].values())), torch.cat(list(grads["torch"].values())))
+        <= 1e-3
+    )
 
 
 @cuda
@@ -721,9 +929,13 @@ def test_cuda_compiled_and_host_cache_basicvsrpp_equal_eager(no_tf32):
             out_cached = net(lqs).float()
             net.cpu_cache_length = 100
         assert out_cached.device.type == "cpu"
-        tol = 1e-4 if dtype is None else 2e-2  # bf16: inductor fuses and rounds the glue differently
+        tol = (
+            1e-4 if dtype is None else 2e-2
+        )  # bf16: inductor fuses and rounds the glue differently
         assert (out_compiled - eager).abs().max().item() <= tol
-        assert (out_cached - eager.cpu()).abs().max().item() <= 1e-6  # the same kernels in the same order
+        assert (
+            out_cached - eager.cpu()
+        ).abs().max().item() <= 1e-6  # the same kernels in the same order
 
 
 @cuda
@@ -738,12 +950,18 @@ def test_cuda_channels_last_basicvsrpp_equals_nchw(no_tf32):
     lqs = bench.moving_clip(6, 64, 96).cuda()
     layouts = []
     hook = nhwc.backbone["forward_2"].register_forward_hook(
-        lambda m, i, o: layouts.append(o.is_contiguous(memory_format=cl) and not o.is_contiguous()))
+        lambda m, i, o: layouts.append(o.is_contiguous(memory_format=cl) and not o.is_contiguous())
+    )
     for dtype in (None, torch.bfloat16):
-        with kernels.use_backend("triton"), torch.inference_mode(), \
-                torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        with (
+            kernels.use_backend("triton"),
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=dtype, enabled=dtype is not None),
+        ):
             ref, out, out_compiled = net(lqs).float(), nhwc(lqs).float(), compiled(lqs).float()
-        tol = 1e-4 if dtype is None else 2e-2  # bf16: other convolution algorithms, rounded differently
+        tol = (
+            1e-4 if dtype is None else 2e-2
+        )  # bf16: other convolution algorithms, rounded differently
         assert (out - ref).abs().max().item() <= tol
         assert (out_compiled - ref).abs().max().item() <= tol
     hook.remove()
@@ -755,7 +973,9 @@ def test_cuda_channels_last_basicvsrpp_equals_nchw(no_tf32):
         model.zero_grad(set_to_none=True)
         with kernels.use_backend("triton"):
             torch.sqrt((model(lqs[:, :3]) - target) ** 2 + 1e-12).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
     # 5e-3: the two layouts' convolutions sum in different orders, and conv_last's bias gradient is
     # a sum over every output pixel of terms of both signs (on the CPU, fp32: rel 9e-4 from it alone).
     assert rel(grads[1], grads[0]) <= 5e-3

@@ -8,6 +8,7 @@
   dry run takes minutes in the interpreter), a part that runs out of its time is stopped and
   recorded as skipped, and a bad flag gives one `error:` line.
 """
+
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ import torch
 
 import bench
 import kernels
-from helpers import rel, tiny_alignment
 from kernels import bench as op_bench
+
+from helpers import rel, tiny_alignment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,11 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------------------
 # kernels/bench.py
 
+
 def test_compulsory_bytes_match_kernels_md():
     # kernels.md §2.3: one 180x320 image moves 71.9 MB (all bf16) / 143.8 MB (all fp32) in the
     # forward, counting x, offset, mask and out (the 74k-element weight is left out there).
     for dtype, mb in ((torch.bfloat16, 71.9), (torch.float32, 143.8)):
-        x, offset, mask, out = (torch.empty(1, c, 180, 320, device="meta", dtype=dtype) for c in (128, 288, 144, 64))
+        x, offset, mask, out = (
+            torch.empty(1, c, 180, 320, device="meta", dtype=dtype) for c in (128, 288, 144, 64)
+        )
         fwd, fwd_bwd = op_bench.compulsory_bytes((x, offset, mask), out)
         assert abs(fwd / 1e6 - mb) < 0.05
         assert fwd_bwd == fwd + out.nbytes + 2 * (x.nbytes + offset.nbytes + mask.nbytes)
@@ -40,22 +45,32 @@ def test_compulsory_bytes_match_kernels_md():
 
 @pytest.mark.parametrize("op", ["dcn + offset glue", "flow_warp"])
 def test_op_entry_at_dry_run_size(op):
-    result = op_bench.bench_op(op, 1, "fp32", 1, torch.device("cpu"), op_bench.DRY_RUN_SIZE, warmup=0)
+    result = op_bench.bench_op(
+        op, 1, "fp32", 1, torch.device("cpu"), op_bench.DRY_RUN_SIZE, warmup=0
+    )
     assert result["rel_err"] <= 1e-5
-    assert list(result["times"])[0] == "triton" and all(t[0] > 0 and t[1] > 0 for t in result["times"].values())
+    assert list(result["times"])[0] == "triton" and all(
+        t[0] > 0 and t[1] > 0 for t in result["times"].values()
+    )
     rows = op_bench.table_rows(result, 3.35e12)
-    assert len(rows) == len(result["times"]) and all(r.count("|") == op_bench.HEADER.count("|") for r in rows)
+    assert len(rows) == len(result["times"]) and all(
+        r.count("|") == op_bench.HEADER.count("|") for r in rows
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # bench.py: the model workloads.
 
-def standin_torchvision_deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
-                                      dilation=(1, 1), mask=None):
+
+def standin_torchvision_deform_conv2d(
+    input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None
+):
     """torchvision.ops.deform_conv2d's signature and layout (groups implied by offset), computed here
     by the reference."""
     groups = offset.shape[1] // (2 * weight.shape[2] * weight.shape[3])
-    return kernels.deform_conv2d_reference(input, offset, mask, weight, bias, stride, padding, dilation, groups)
+    return kernels.deform_conv2d_reference(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups
+    )
 
 
 def test_torchvision_patch_runs_the_same_network(monkeypatch):
@@ -84,9 +99,15 @@ def test_torchvision_patch_runs_the_same_network(monkeypatch):
 def test_gan_iteration_runs_train_py_trainer():
     # The bench drives train.py's own Trainer: a tiny GAN-stage iteration on the reference path
     # (generator, cleaning, perceptual, GAN and discriminator losses, EMA) catches a drifted interface.
-    wl = dict(bench.model_workloads(100, 30)["realbasicvsr-gan"], name="gan", **bench.DRY_RUN["realbasicvsr-gan"])
+    wl = dict(
+        bench.model_workloads(100, 30)["realbasicvsr-gan"],
+        name="gan",
+        **bench.DRY_RUN["realbasicvsr-gan"],
+    )
     notes = []
-    cells = bench.bench_training(wl, ["torch reference"], ["fp32"], 1, 0, torch.device("cpu"), notes)
+    cells = bench.bench_training(
+        wl, ["torch reference"], ["fp32"], 1, 0, torch.device("cpu"), notes
+    )
     assert cells[("fp32", "torch reference")]["seconds"] > 0 and notes == []
 
 
@@ -114,20 +135,32 @@ def test_clip_psnr_and_targets_arithmetic():
     b = a.clone()
     b[0, 1] = 0.1  # frame 0 identical (inf), frame 1 off by 0.1 everywhere: 20 dB
     assert bench.clip_psnr(a + 0.1, a) == pytest.approx(20.0)
-    assert bench.clip_psnr(b, a) == float("inf")   # the mean over frames, as train.py's evaluation
+    assert bench.clip_psnr(b, a) == float("inf")  # the mean over frames, as train.py's evaluation
     assert bench.clip_psnr(a + 2, a + 1) == float("inf")  # both clamp to 1
     T, R = "triton", "torch reference"
     results = {
-        "bvsrpp-180x320": {("bf16", T): dict(seconds=0.5, peak=1.0, psnr=48.0), ("bf16", R): dict(seconds=2.0, peak=5.0),
-                           ("fp32", T): dict(seconds=1.0, peak=3.0), ("fp32", R): dict(seconds=4.0, peak=6.0)},
-        "bvsrpp-train": {("fp32", T): dict(seconds=1.0, peak=1.0), ("fp32", R): dict(status="OOM"),
-                         ("bf16", T): dict(seconds=1.0, peak=1.0), ("bf16", R): dict(seconds=2.5, peak=1.0)},
+        "bvsrpp-180x320": {
+            ("bf16", T): dict(seconds=0.5, peak=1.0, psnr=48.0),
+            ("bf16", R): dict(seconds=2.0, peak=5.0),
+            ("fp32", T): dict(seconds=1.0, peak=3.0),
+            ("fp32", R): dict(seconds=4.0, peak=6.0),
+        },
+        "bvsrpp-train": {
+            ("fp32", T): dict(seconds=1.0, peak=1.0),
+            ("fp32", R): dict(status="OOM"),
+            ("bf16", T): dict(seconds=1.0, peak=1.0),
+            ("bf16", R): dict(seconds=2.5, peak=1.0),
+        },
     }
     lines = bench.target_lines(results, frames=100)
     assert "200.0 frames/s -> met" in lines[0]
     assert "4.00x -> met" in lines[1] and "over the reference in fp32: 8.00x" in lines[1]
     assert "fp32 not measured" in lines[2] and "bf16 2.50x -> met" in lines[2]
-    assert "fp32 0.50x -> NOT met" in lines[3] and "bf16 0.20x -> met" in lines[3] and "fp32 0.17x" in lines[3]
+    assert (
+        "fp32 0.50x -> NOT met" in lines[3]
+        and "bf16 0.20x -> met" in lines[3]
+        and "fp32 0.17x" in lines[3]
+    )
     assert "48.0 dB" in lines[4]
     # the best Triton variant counts, and is named
     results["bvsrpp-180x320"][("bf16", "triton + host cache")] = dict(seconds=0.8, peak=0.5)
@@ -135,20 +168,28 @@ def test_clip_psnr_and_targets_arithmetic():
     lines = bench.target_lines(results, frames=100)
     assert "250.0 frames/s -> met [triton + compile]" in lines[0]
     assert "5.00x -> met" in lines[1]
-    assert "bf16 0.10x -> met [triton + host cache]" in lines[3] and "fp32 0.50x -> NOT met," in lines[3]
+    assert (
+        "bf16 0.10x -> met [triton + host cache]" in lines[3]
+        and "fp32 0.50x -> NOT met," in lines[3]
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # bench.py --report, with stubbed measurements.
 
+
 def fake_op(op, batch, dtype_name, reps, device, size=None, warmup=5):
     times = {"triton": [1.0, 2.0], "torch reference": [4.0, 10.0]}
     if op == "dcn":
-        times["torchvision"] = [3.0, 12.0] if dtype_name == "fp32" else None  # 6x: met; bf16: not run
+        times["torchvision"] = (
+            [3.0, 12.0] if dtype_name == "fp32" else None
+        )  # 6x: met; bf16: not run
     return dict(op=op, batch=batch, dtype=dtype_name, times=times, bytes=[1e6, 3e6], rel_err=1e-7)
 
 
-def fake_workload(wl, paths, dtypes, device, weights, notes, reps=None, quick=False, dry_run=False, cells=None):
+def fake_workload(
+    wl, paths, dtypes, device, weights, notes, reps=None, quick=False, dry_run=False, cells=None
+):
     """Cells as bench_inference / bench_training fill them. BasicVSR++ 100 frames: Triton bf16 at
     0.5 s (200 frames/s, 4x the reference), the host cache at 1/5 of the reference's memory."""
     speed = {"triton": 1.0, "triton + host cache": 1.2, "torch reference": 4.0}
@@ -158,7 +199,11 @@ def fake_workload(wl, paths, dtypes, device, weights, notes, reps=None, quick=Fa
             seconds = speed[path] * (0.5 if name == "bf16" else 1.0)
             if wl["kind"] == "train" and path == "triton":
                 seconds *= 3.0  # 1.33x: the training target is not met
-            cells[(name, path)] = dict(seconds=seconds, peak=peak[path] * 2**30, **({"psnr": 50.0} if name == "bf16" else {}))
+            cells[(name, path)] = dict(
+                seconds=seconds,
+                peak=peak[path] * 2**30,
+                **({"psnr": 50.0} if name == "bf16" else {}),
+            )
     return cells
 
 
@@ -166,16 +211,28 @@ def fake_workload(wl, paths, dtypes, device, weights, notes, reps=None, quick=Fa
 def stubbed(monkeypatch):
     monkeypatch.setattr(op_bench, "bench_op", fake_op)
     monkeypatch.setattr(bench, "run_workload", fake_workload)
-    monkeypatch.setattr(bench, "selected_workloads", lambda names, **kw: {
-        k: dict(bench.model_workloads(100, 30)[k], name=k) for k in names})
+    monkeypatch.setattr(
+        bench,
+        "selected_workloads",
+        lambda names, **kw: {k: dict(bench.model_workloads(100, 30)[k], name=k) for k in names},
+    )
 
 
 def test_report_files_and_targets(tmp_path, stubbed):
-    report = bench.run_report(str(tmp_path), 60, torch.device("cpu"), command="python bench.py --report x")
+    report = bench.run_report(
+        str(tmp_path), 60, torch.device("cpu"), command="python bench.py --report x"
+    )
     assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md"]  # no temporary files left
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["command"] == "python bench.py --report x" and saved["device"] and saved["budget_s"] == 60
-    assert saved["parts"]["tests"]["status"] == "skipped" and "no CUDA" in saved["parts"]["tests"]["reason"]
+    assert (
+        saved["command"] == "python bench.py --report x"
+        and saved["device"]
+        and saved["budget_s"] == 60
+    )
+    assert (
+        saved["parts"]["tests"]["status"] == "skipped"
+        and "no CUDA" in saved["parts"]["tests"]["reason"]
+    )
     assert saved["parts"]["ops"]["status"] == "done" and len(saved["parts"]["ops"]["results"]) == 6
     cells = saved["parts"]["models"]["cells"]
     assert {c["workload"] for c in cells} == set(bench.REPORT_WORKLOADS)
@@ -184,9 +241,24 @@ def test_report_files_and_targets(tmp_path, stubbed):
     assert len(saved["targets"]) == 8 == len(report["targets"])
     values = [t["value"] for t in saved["targets"]]
     assert values[:3] == [pytest.approx(200.0), pytest.approx(4.0), pytest.approx(6.0)]
-    assert [t["met"] for t in saved["targets"]] == [True, True, True, None, False, False, True, True], met
+    assert [t["met"] for t in saved["targets"]] == [
+        True,
+        True,
+        True,
+        None,
+        False,
+        False,
+        True,
+        True,
+    ], met
     md = (tmp_path / "report.md").read_text()
-    for section in ("# GPU report", "## Targets", "## CUDA tests", "## Ops at BasicVSR++'s shapes", "## Models"):
+    for section in (
+        "# GPU report",
+        "## Targets",
+        "## CUDA tests",
+        "## Ops at BasicVSR++'s shapes",
+        "## Models",
+    ):
         assert section in md
     assert "python bench.py --report x" in md and "| 200.0 frames/s | yes |" in md
     assert "| dcn | 1 | fp32 | torchvision | 3.000 |" in md
@@ -207,8 +279,11 @@ def test_report_part_out_of_time_is_skipped(tmp_path, stubbed, monkeypatch):
     assert models["status"] == "partial" and "ran out" in models["reason"]
     assert all("status" not in c for c in models["results"]["bvsrpp-180x320"].values())
     assert list(models["results"]) == list(bench.REPORT_WORKLOADS)
-    assert all(c == {"status": "skipped"} for k in ("bvsrpp-train", "realbasicvsr-480p")
-               for c in models["results"][k].values())
+    assert all(
+        c == {"status": "skipped"}
+        for k in ("bvsrpp-train", "realbasicvsr-480p")
+        for c in models["results"][k].values()
+    )
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["parts"]["models"]["status"] == "partial"
     assert "not measured" in [t["measured"] for t in saved["targets"]][5]  # the training speedup
@@ -227,22 +302,37 @@ def test_time_limit_stops_a_block():
             pass
 
 
-@pytest.mark.parametrize("argv,flag", [(["--report", "OUT", "--budget", "-1"], "--budget"),
-                                       (["--report", "FILE"], "--report"),
-                                       (["--budget", "10"], "--budget"),
-                                       (["--report", "OUT", "--budget", "soon"], "--budget"),
-                                       (["--reps", "0"], "--reps")])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--report", "OUT", "--budget", "-1"], "--budget"),
+        (["--report", "FILE"], "--report"),
+        (["--budget", "10"], "--budget"),
+        (["--report", "OUT", "--budget", "soon"], "--budget"),
+        (["--reps", "0"], "--reps"),
+    ],
+)
 def test_bad_flag_is_one_error_line(argv, flag, tmp_path, capsys):
     (tmp_path / "FILE").write_text("")
     argv = [str(tmp_path / a) if a in ("OUT", "FILE") else a for a in argv]
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code != 0 and err.startswith("error: ") and err.count("\n") == 1 and flag in err, err
+    assert (
+        e.value.code != 0 and err.startswith("error: ") and err.count("\n") == 1 and flag in err
+    ), err
     assert not (tmp_path / "OUT").exists()
 
 
 def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "bench.py", "--report", str(tmp_path), "--budget", "-1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr == "error: --budget must be a positive number of seconds, got -1\n"
+    proc = subprocess.run(
+        [sys.executable, "bench.py", "--report", str(tmp_path), "--budget", "-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr == "error: --budget must be a positive number of seconds, got -1\n"
+    )

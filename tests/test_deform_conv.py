@@ -11,6 +11,7 @@ the reference run in float64 on the same (already rounded) inputs.
 - fp32: rel <= 1e-5.
 - bf16/fp16: rel(triton) <= 2 * rel(reference run in that dtype) + a floor of eps(dtype) / 8.
 """
+
 import copy
 import math
 import os
@@ -24,19 +25,39 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from triton.backends import backends as TRITON_BACKENDS
 
-import kernels.deform_conv as dc
 import kernels
-from helpers import CL, cuda, is_cl, rel
-from kernels import common, deform_conv2d, deform_conv2d_reference, flow_guided_deform_conv2d, flow_guided_offsets, flow_warp
+import kernels.deform_conv as dc
+from kernels import (
+    common,
+    deform_conv2d,
+    deform_conv2d_reference,
+    flow_guided_deform_conv2d,
+    flow_guided_offsets,
+    flow_warp,
+)
 from kernels.bench import smooth_flow
+
+from helpers import CL, cuda, is_cl, rel
 
 
 def out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def make_inputs(n, c_in, c_out, h, w, groups, kernel=(3, 3), stride=1, padding=1, dilation=1,
-                offset_scale=2.0, seed=0):
+def make_inputs(
+    n,
+    c_in,
+    c_out,
+    h,
+    w,
+    groups,
+    kernel=(3, 3),
+    stride=1,
+    padding=1,
+    dilation=1,
+    offset_scale=2.0,
+    seed=0,
+):
     """Random DCN inputs (fp32, CPU) and the conv keyword arguments."""
     gen = torch.Generator().manual_seed(seed)
     kh, kw = kernel
@@ -76,7 +97,9 @@ def check_triton(inputs, conv, dtype=torch.float32, op=deform_conv2d, fp32_input
     truth = oracle(low, conv, op)
     got = run(low, conv, "triton", op=op)
     for k in low:
-        torch.testing.assert_close(low[k], before[k], rtol=0, atol=0, equal_nan=True, msg=f"{k} was mutated")
+        torch.testing.assert_close(
+            low[k], before[k], rtol=0, atol=0, equal_nan=True, msg=f"{k} was mutated"
+        )
     for name, a, b in zip(names, got, truth):
         assert a.dtype == (torch.float32 if name in fp32_inputs else dtype), name
         assert torch.isfinite(a).all(), name
@@ -94,14 +117,19 @@ def check_triton(inputs, conv, dtype=torch.float32, op=deform_conv2d, fp32_input
 # ----------------------------------------------------------------------------------------
 # The reference against known values.
 
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, (1, 0), (2, 1))])
+
+@pytest.mark.parametrize(
+    "stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, (1, 0), (2, 1))]
+)
 def test_reference_zero_offsets_unit_mask_is_conv2d(stride, padding, dilation):
     inputs, conv = make_inputs(2, 4, 3, 7, 9, 2, stride=stride, padding=padding, dilation=dilation)
     x, w, b = inputs["x"].double(), inputs["weight"].double(), inputs["bias"].double()
     offset = torch.zeros_like(inputs["offset"], dtype=torch.float64)
     mask = torch.ones_like(inputs["mask"], dtype=torch.float64)
     out = deform_conv2d_reference(x, offset, mask, w, b, **conv)
-    torch.testing.assert_close(out, F.conv2d(x, w, b, stride, padding, dilation), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        out, F.conv2d(x, w, b, stride, padding, dilation), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_reference_integer_offsets_are_shifted_conv():
@@ -122,9 +150,9 @@ def test_reference_integer_offsets_are_shifted_conv():
     cg, P = c_in // G, 4
     expected = bias.view(1, c_out, 1, 1).expand(n, c_out, h, w).clone()
     for g, (dy, dx) in enumerate(shifts):
-        w_g = weight[:, g * cg:(g + 1) * cg] * scale[g].view(1, 1, 3, 3)
-        full = F.conv2d(F.pad(x[:, g * cg:(g + 1) * cg], (P, P, P, P)), w_g)
-        expected += full[..., P - 1 + dy:P - 1 + dy + h, P - 1 + dx:P - 1 + dx + w]
+        w_g = weight[:, g * cg : (g + 1) * cg] * scale[g].view(1, 1, 3, 3)
+        full = F.conv2d(F.pad(x[:, g * cg : (g + 1) * cg], (P, P, P, P)), w_g)
+        expected += full[..., P - 1 + dy : P - 1 + dy + h, P - 1 + dx : P - 1 + dx + w]
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -132,13 +160,15 @@ def test_reference_integer_offsets_are_shifted_conv():
 def test_boundary_positions_known_values(backend):
     # 1x1 kernel, one channel, unit weight: out = m * bilinear(x, p + offset), h=3, w=4.
     dtype = torch.float64 if backend == "torch" else torch.float32
-    x = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    x = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(
+        dtype
+    )
     m = 0.7
     offset = torch.zeros(1, 2, 3, 4, dtype=dtype)
-    offset[0, 0, 0, 1] = -1.0   # y = -1: outside (mmcv), value and grads 0
-    offset[0, 0, 0, 2] = -0.5   # y = -0.5: inside, half of row 0
-    offset[0, 1, 1, 0] = -1.0   # x = -1: outside
-    offset[0, 0, 2, 3] = 1.0    # y = 3 = h: outside
+    offset[0, 0, 0, 1] = -1.0  # y = -1: outside (mmcv), value and grads 0
+    offset[0, 0, 0, 2] = -0.5  # y = -0.5: inside, half of row 0
+    offset[0, 1, 1, 0] = -1.0  # x = -1: outside
+    offset[0, 0, 2, 3] = 1.0  # y = 3 = h: outside
     mask = torch.full((1, 1, 3, 4), m, dtype=dtype)
     weight = torch.ones(1, 1, 1, 1, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
@@ -147,11 +177,11 @@ def test_boundary_positions_known_values(backend):
     v = x[0, 0].double()
     o, go, gm = out[0, 0].detach().double(), g_off[0].double(), g_mask[0, 0].double()
     close = lambda a, b: abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
-    for (i, j) in ((0, 1), (1, 0), (2, 3)):
+    for i, j in ((0, 1), (1, 0), (2, 3)):
         assert o[i, j] == 0 and go[0, i, j] == 0 and go[1, i, j] == 0 and gm[i, j] == 0, (i, j)
     assert close(o[0, 2], m * 0.5 * v[0, 2])
     assert close(gm[0, 2], 0.5 * v[0, 2])
-    assert close(go[0, 0, 2], m * v[0, 2])                            # row -1 reads 0
+    assert close(go[0, 0, 2], m * v[0, 2])  # row -1 reads 0
     assert close(go[1, 0, 2], m * 0.5 * (v[0, 3] - v[0, 2]))
     # y = h - 1 exactly is inside; the row below reads 0.
     assert close(o[2, 0], m * v[2, 0]) and close(gm[2, 0], v[2, 0])
@@ -165,15 +195,25 @@ def test_boundary_positions_known_values(backend):
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 2, 2)])
 def test_reference_gradcheck_float64(stride, padding, dilation):
-    inputs, conv = make_inputs(1, 4, 2, 4, 5, 2, stride=stride, padding=padding, dilation=dilation, seed=5)
+    inputs, conv = make_inputs(
+        1, 4, 2, 4, 5, 2, stride=stride, padding=padding, dilation=dilation, seed=5
+    )
     # Fractional parts in [0.1, 0.9]: every position stays away from the floor() kinks and from -1.
     off = inputs["offset"]
     gen = torch.Generator().manual_seed(6)
-    inputs["offset"] = torch.randint(-2, 3, off.shape, generator=gen) + 0.1 + 0.8 * torch.rand(off.shape, generator=gen)
-    leaves = [inputs[k].double().requires_grad_() for k in ("x", "offset", "mask", "weight", "bias")]
+    inputs["offset"] = (
+        torch.randint(-2, 3, off.shape, generator=gen)
+        + 0.1
+        + 0.8 * torch.rand(off.shape, generator=gen)
+    )
+    leaves = [
+        inputs[k].double().requires_grad_() for k in ("x", "offset", "mask", "weight", "bias")
+    ]
     # fast_mode: one random projection of the Jacobians instead of all of them (17 s -> <1 s); a
     # wrong entry still shows, as the projection is random.
-    assert torch.autograd.gradcheck(lambda *a: deform_conv2d_reference(*a, **conv), leaves, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: deform_conv2d_reference(*a, **conv), leaves, fast_mode=True
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,7 +262,7 @@ def test_triton_far_and_nonfinite_offsets():
 def test_triton_noncontiguous_inputs():
     inputs, conv = make_inputs(2, 4, 16, 5, 6, 2)
     lqs = torch.stack([torch.zeros_like(inputs["x"]), inputs["x"], torch.ones_like(inputs["x"])], 1)
-    inputs["x"] = lqs[:, 1]                                           # a frame slice, (n, c, h, w)
+    inputs["x"] = lqs[:, 1]  # a frame slice, (n, c, h, w)
     inputs["offset"] = inputs["offset"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     inputs["mask"] = inputs["mask"].transpose(2, 3).contiguous().transpose(2, 3)
     inputs["weight"] = inputs["weight"].permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
@@ -238,7 +278,9 @@ def test_autocast_casts_all_but_offsets(backend):
         out = deform_conv2d(**leaves, **conv, backend=backend)
     explicit = {k: (v if k == "offset" else v.to(torch.bfloat16)) for k, v in inputs.items()}
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, deform_conv2d(**explicit, **conv, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, deform_conv2d(**explicit, **conv, backend=backend), rtol=0, atol=0
+    )
     grads = torch.autograd.grad(out.float().sum(), list(leaves.values()))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
@@ -246,9 +288,12 @@ def test_autocast_casts_all_but_offsets(backend):
 # ----------------------------------------------------------------------------------------
 # The public function and the custom op.
 
+
 def test_backend_none_on_cpu_is_the_reference():
     inputs, conv = make_inputs(1, 4, 3, 5, 4, 2)
-    torch.testing.assert_close(deform_conv2d(**inputs, **conv), deform_conv2d_reference(**inputs, **conv), rtol=0, atol=0)
+    torch.testing.assert_close(
+        deform_conv2d(**inputs, **conv), deform_conv2d_reference(**inputs, **conv), rtol=0, atol=0
+    )
 
 
 def test_clear_errors(monkeypatch):
@@ -256,7 +301,9 @@ def test_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         deform_conv2d(**inputs, **conv, backend="cuda")
     with pytest.raises(ValueError, match="offset must be"):
-        deform_conv2d(inputs["x"], inputs["offset"][:, :-2], inputs["mask"], inputs["weight"], **conv)
+        deform_conv2d(
+            inputs["x"], inputs["offset"][:, :-2], inputs["mask"], inputs["weight"], **conv
+        )
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         deform_conv2d(**{k: v.double() for k, v in inputs.items()}, **conv, backend="triton")
     monkeypatch.setattr(common, "INTERPRET", False)
@@ -277,12 +324,20 @@ class TinyAlign(nn.Module):
         self.bias = nn.Parameter(torch.randn(16))
 
     def forward(self, feat, feat_n):
-        flow = 2 * self.conv_flow(torch.cat((feat, feat_n), 1))                  # (n, 2, h, w): dx, dy
+        flow = 2 * self.conv_flow(torch.cat((feat, feat_n), 1))  # (n, 2, h, w): dx, dy
         warped = flow_warp(feat_n, flow, backend=self.backend)
         o1, o2, mask = torch.chunk(self.conv_offset(torch.cat((warped, feat, flow), 1)), 3, dim=1)
         offset = 3 * torch.tanh(torch.cat((o1, o2), 1)) + flow.flip(1).repeat(1, o1.shape[1], 1, 1)
-        return deform_conv2d(feat_n, offset, torch.sigmoid(mask), self.weight, self.bias, padding=1,
-                             deform_groups=self.groups, backend=self.backend)
+        return deform_conv2d(
+            feat_n,
+            offset,
+            torch.sigmoid(mask),
+            self.weight,
+            self.bias,
+            padding=1,
+            deform_groups=self.groups,
+            backend=self.backend,
+        )
 
 
 # Inductor around the custom ops (the GPU training path). The reference graph is traced with
@@ -293,7 +348,9 @@ def test_torch_compile_with_both_ops_matches_eager(backend, compiler):
     torch.manual_seed(0)
     model = TinyAlign(backend)
     feats = torch.randn(2, 1, 4, 6, 7).unbind(0)
-    compiled = torch.compile(model, backend=compiler, fullgraph=True)  # fullgraph: a graph break fails
+    compiled = torch.compile(
+        model, backend=compiler, fullgraph=True
+    )  # fullgraph: a graph break fails
 
     def out_and_grads(fn):
         leaves = [f.clone().requires_grad_() for f in feats]
@@ -367,24 +424,43 @@ for (dt, prec), (layout, unit), variant in itertools.product(
 print("compiled")
 """
 
-@pytest.mark.skipif("nvidia" not in TRITON_BACKENDS, reason="Triton built without its NVIDIA backend")
+
+@pytest.mark.skipif(
+    "nvidia" not in TRITON_BACKENDS, reason="Triton built without its NVIDIA backend"
+)
 def test_kernels_compile_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
-    usage = {(dt, variant): (int(regs), int(stack))
-             for dt, variant, regs, stack in (line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("usage"))}
+    usage = {
+        (dt, variant): (int(regs), int(stack))
+        for dt, variant, regs, stack in (
+            line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("usage")
+        )
+    }
     assert len(usage) == 12, proc.stdout
     for key, (regs, stack) in usage.items():
-        assert regs <= 255 and stack == 0, f"{key}: {regs} registers, {stack} bytes of stack (spills)"
+        assert regs <= 255 and stack == 0, (
+            f"{key}: {regs} registers, {stack} bytes of stack (spills)"
+        )
 
 
 # ----------------------------------------------------------------------------------------
 # CUDA: the same comparison at a BasicVSR++-like shape (skipped without a GPU).
 
+
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("groups,c_in", [(16, 128), (1, 24)])
 def test_cuda_matches_reference(dtype, groups, c_in):
     inputs, conv = make_inputs(2, c_in, 64, 23, 37, groups, offset_scale=4.0)
@@ -392,7 +468,9 @@ def test_cuda_matches_reference(dtype, groups, c_in):
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 def test_cuda_dcn_at_basicvsrpp_layer(dtype):
     # 128 -> 64 channels, 16 deform groups, 3x3; offsets = a smooth flow + residues of up to 10 px.
     n, h, w = 2, 48, 80
@@ -400,7 +478,8 @@ def test_cuda_dcn_at_basicvsrpp_layer(dtype):
     flow = smooth_flow(n, h, w, 4.0, "cpu")
     inputs = {
         "x": torch.randn(n, 128, h, w),
-        "offset": flow.flip(1).repeat(1, 16 * 9, 1, 1) + 10 * torch.tanh(0.3 * torch.randn(n, 288, h, w)),
+        "offset": flow.flip(1).repeat(1, 16 * 9, 1, 1)
+        + 10 * torch.tanh(0.3 * torch.randn(n, 288, h, w)),
         "mask": torch.sigmoid(torch.randn(n, 144, h, w)),
         "weight": torch.randn(64, 128, 3, 3) / math.sqrt(128 * 9),
         "bias": torch.randn(64),
@@ -410,7 +489,9 @@ def test_cuda_dcn_at_basicvsrpp_layer(dtype):
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 def test_cuda_flow_guided_dcn_at_basicvsrpp_layer(dtype):
     # The same layer on flow_guided_deform_conv2d: the offset branch's logits (conv_offset in
     # `dtype`, as under autocast) and two smooth flows, residues of up to 10 px.
@@ -431,6 +512,7 @@ def test_cuda_flow_guided_dcn_at_basicvsrpp_layer(dtype):
 # flow_guided_deform_conv2d: BasicVSR++'s offset/mask glue fused into the kernel. The glue
 # against BasicVSR++'s own code, then the Triton kernel against the float64 reference (the glue
 # in PyTorch + deform_conv2d_reference) on the output and every gradient.
+
 
 def basicvsrpp_glue(out, flows, max_residue_magnitude):
     """The oracle: SecondOrderDeformableAlignment's code (two flows, each for half of the
@@ -461,8 +543,13 @@ def make_fused_inputs(n, c_in, c_out, h, w, groups, flows, stride=1, padding=1, 
         "weight": torch.randn(c_out, c_in, 3, 3, generator=gen) / math.sqrt(c_in * 9),
         "bias": torch.randn(c_out, generator=gen),
     }
-    conv = {"max_residue_magnitude": 3.0, "stride": stride, "padding": padding, "dilation": dilation,
-            "deform_groups": groups}
+    conv = {
+        "max_residue_magnitude": 3.0,
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "deform_groups": groups,
+    }
     return inputs, conv
 
 
@@ -483,12 +570,16 @@ def test_flow_guided_reference_is_basicvsrpp_glue(groups, flows):
     # bf16 logits (the conv output under autocast) are computed in fp32.
     offset, mask = flow_guided_offsets(logits.bfloat16(), flow, mag, groups, 9)
     assert offset.dtype == mask.dtype == torch.float32
-    torch.testing.assert_close(offset, basicvsrpp_glue(logits.bfloat16().float(), flow, mag)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        offset, basicvsrpp_glue(logits.bfloat16().float(), flow, mag)[0], rtol=0, atol=0
+    )
     # The public function's reference path is that glue + deform_conv2d_reference.
     d = {k: v.double() for k, v in inputs.items()}
     args = {k: conv[k] for k in ("stride", "padding", "dilation", "deform_groups")}
     got = flow_guided_deform_conv2d(**d, **conv, backend="torch")
-    want = deform_conv2d_reference(d["x"], *basicvsrpp_glue(d["conv_offset"], d["flows"], mag), d["weight"], d["bias"], **args)
+    want = deform_conv2d_reference(
+        d["x"], *basicvsrpp_glue(d["conv_offset"], d["flows"], mag), d["weight"], d["bias"], **args
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -496,7 +587,9 @@ def test_flow_guided_offsets_gradcheck_float64():
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(1, 2 * 27, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     flows = torch.randn(1, 4, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: flow_guided_offsets(a, b, 2.5, 2, 9), (logits, flows), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: flow_guided_offsets(a, b, 2.5, 2, 9), (logits, flows), fast_mode=True
+    )
 
 
 FUSED_SHAPES = {  # n, c_in, c_out, h, w, groups, flows, stride, padding, dilation
@@ -527,7 +620,7 @@ def test_flow_guided_saturated_and_nonfinite_logits(backend):
     G, K = 4, 9
     inputs, conv = make_fused_inputs(1, 8, 16, 6, 7, G, 2, seed=2)
     gen = torch.Generator().manual_seed(3)
-    logits = inputs["conv_offset"].view(1, 3, G * K, 6, 7).clone()     # dy / dx / mask logits per tap
+    logits = inputs["conv_offset"].view(1, 3, G * K, 6, 7).clone()  # dy / dx / mask logits per tap
     choice = torch.randint(0, 8, logits.shape[1:], generator=gen)
     values = torch.tensor([50.0, -50.0, float("inf"), float("-inf")])
     for part in (0, 1):
@@ -543,12 +636,22 @@ def test_flow_guided_saturated_and_nonfinite_logits(backend):
     expected[0, :2][:, nan_tap] = 0.0
     expected[0, 2][nan_tap] = float("-inf")
     # Back to mmcv's layout: channel g*2K + 2k + (0: dy, 1: dx), then the mask logits.
-    to_layout = lambda t: torch.cat((t[0, :2].view(2, G * K, 6, 7).transpose(0, 1).reshape(1, -1, 6, 7),
-                                     t[0, 2].view(1, G * K, 6, 7)), 1)
+    to_layout = lambda t: torch.cat(
+        (
+            t[0, :2].view(2, G * K, 6, 7).transpose(0, 1).reshape(1, -1, 6, 7),
+            t[0, 2].view(1, G * K, 6, 7),
+        ),
+        1,
+    )
     wild_inputs = dict(inputs, conv_offset=to_layout(logits))
     tame_inputs = dict(inputs, conv_offset=to_layout(expected))
     dtype = torch.float64 if backend == "torch" else torch.float32
-    got = run({k: v.to(dtype) for k, v in wild_inputs.items()}, conv, backend, op=flow_guided_deform_conv2d)
+    got = run(
+        {k: v.to(dtype) for k, v in wild_inputs.items()},
+        conv,
+        backend,
+        op=flow_guided_deform_conv2d,
+    )
     want = oracle(tame_inputs, conv, op=flow_guided_deform_conv2d)
     names = ("out", *inputs)
     for name, a, b in zip(names, got, want):
@@ -567,12 +670,18 @@ def test_flow_guided_saturated_and_nonfinite_logits(backend):
 def test_flow_guided_autocast_and_bf16_logits():
     inputs, conv = make_fused_inputs(1, 16, 16, 5, 6, 4, 2)
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    leaves["conv_offset"] = inputs["conv_offset"].bfloat16().requires_grad_()     # the conv output under autocast
+    leaves["conv_offset"] = (
+        inputs["conv_offset"].bfloat16().requires_grad_()
+    )  # the conv output under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = flow_guided_deform_conv2d(**leaves, **conv, backend="triton")
-    explicit = {k: (v if k in ("conv_offset", "flows") else v.bfloat16()) for k, v in leaves.items()}
+    explicit = {
+        k: (v if k in ("conv_offset", "flows") else v.bfloat16()) for k, v in leaves.items()
+    }
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, flow_guided_deform_conv2d(**explicit, **conv, backend="triton"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, flow_guided_deform_conv2d(**explicit, **conv, backend="triton"), rtol=0, atol=0
+    )
     grads = torch.autograd.grad(out.float().sum(), list(leaves.values()))
     assert [g.dtype for g in grads] == [v.dtype for v in leaves.values()]
     assert all(torch.isfinite(g).all() for g in grads)
@@ -582,13 +691,15 @@ def test_flow_guided_clear_errors():
     inputs, conv = make_fused_inputs(1, 8, 3, 5, 6, 4, 2)
     x, co, fl, w = inputs["x"], inputs["conv_offset"], inputs["flows"], inputs["weight"]
     call = lambda **kw: flow_guided_deform_conv2d(**dict(inputs, **kw), **conv)
-    with pytest.raises(ValueError, match="conv_offset must have 3 \\* deform_groups \\* taps = 108 channels"):
+    with pytest.raises(
+        ValueError, match="conv_offset must have 3 \\* deform_groups \\* taps = 108 channels"
+    ):
         call(conv_offset=co[:, :-1])
     with pytest.raises(ValueError, match="conv_offset must be \\(1, 108, 5, 6\\)"):
         call(conv_offset=co[..., :-1])
     with pytest.raises(ValueError, match="flows must have 2 channels"):
         call(flows=fl[:, :3])
-    with pytest.raises(ValueError, match="flows must have 2 channels"):   # 3 flows for 4 groups
+    with pytest.raises(ValueError, match="flows must have 2 channels"):  # 3 flows for 4 groups
         call(flows=torch.cat((fl, fl[:, :2]), 1))
     with pytest.raises(ValueError, match="flows must be \\(1, 4, 5, 6\\)"):
         call(flows=fl[:, :, 1:])
@@ -613,15 +724,30 @@ class TinySecondOrderAlign(nn.Module):
 
     def forward(self, feat, flow_1, flow_2):
         out = self.conv_offset(torch.cat((feat, flow_1, flow_2), 1))
-        return flow_guided_deform_conv2d(feat, out, torch.cat((flow_1, flow_2), 1), self.weight, self.bias, 5.0,
-                                         padding=1, deform_groups=self.groups, backend="triton")
+        return flow_guided_deform_conv2d(
+            feat,
+            out,
+            torch.cat((flow_1, flow_2), 1),
+            self.weight,
+            self.bias,
+            5.0,
+            padding=1,
+            deform_groups=self.groups,
+            backend="triton",
+        )
 
 
 def test_flow_guided_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = TinySecondOrderAlign()
-    feat, flow_1, flow_2 = torch.randn(1, 4, 6, 7), 2 * torch.randn(1, 2, 6, 7), 2 * torch.randn(1, 2, 6, 7)
-    compiled = torch.compile(model, backend="inductor", fullgraph=True)  # fullgraph: a graph break fails
+    feat, flow_1, flow_2 = (
+        torch.randn(1, 4, 6, 7),
+        2 * torch.randn(1, 2, 6, 7),
+        2 * torch.randn(1, 2, 6, 7),
+    )
+    compiled = torch.compile(
+        model, backend="inductor", fullgraph=True
+    )  # fullgraph: a graph break fails
 
     def out_and_grads(fn):
         leaves = [t.clone().requires_grad_() for t in (feat, flow_1, flow_2)]
@@ -636,19 +762,28 @@ def test_flow_guided_torch_compile_matches_eager():
 # Channels-last: both ops give the output in x's memory format (Triton and reference), the
 # Triton backward each gradient in its input's; values are those of the NCHW float64 oracle.
 
+
 @pytest.mark.parametrize("layout", ["all", "x_only", "offset_mask_only"])
 def test_channels_last_matches_nchw_reference(layout):
     inputs, conv = make_inputs(2, 8, 16, 5, 6, 2)
     truth = oracle(inputs, conv)
-    converted = {"all": ("x", "offset", "mask", "weight"), "x_only": ("x",), "offset_mask_only": ("offset", "mask")}[layout]
-    mixed = {k: (v.contiguous(memory_format=CL) if k in converted else v) for k, v in inputs.items()}
+    converted = {
+        "all": ("x", "offset", "mask", "weight"),
+        "x_only": ("x",),
+        "offset_mask_only": ("offset", "mask"),
+    }[layout]
+    mixed = {
+        k: (v.contiguous(memory_format=CL) if k in converted else v) for k, v in inputs.items()
+    }
     for backend in ("triton", "torch"):
         got = run(mixed, conv, backend)
         for name, a, b in zip(("out", *inputs), got, truth):
             assert rel(a, b) <= 1e-5, f"{backend} {name}: rel {rel(a, b):.2e}"
         assert is_cl(got[0]) == ("x" in converted), backend
         if backend == "triton":
-            assert [is_cl(g) for g in got[1:5]] == [k in converted for k in ("x", "offset", "mask", "weight")]
+            assert [is_cl(g) for g in got[1:5]] == [
+                k in converted for k in ("x", "offset", "mask", "weight")
+            ]
 
 
 @pytest.mark.parametrize("flows_cl", [True, False], ids=["cl_flows", "nchw_flows"])
@@ -659,7 +794,9 @@ def test_flow_guided_channels_last_conv_offset_from_a_conv(flows_cl):
     offset_branch = nn.Conv2d(8, 4 * 27, 3, padding=1).to(memory_format=CL)
     with torch.no_grad():
         inputs["conv_offset"] = offset_branch(torch.randn(1, 8, 6, 7).contiguous(memory_format=CL))
-    truth = oracle({k: v.contiguous() for k, v in inputs.items()}, conv, op=flow_guided_deform_conv2d)
+    truth = oracle(
+        {k: v.contiguous() for k, v in inputs.items()}, conv, op=flow_guided_deform_conv2d
+    )
     inputs["x"] = inputs["x"].contiguous(memory_format=CL)
     if flows_cl:
         inputs["flows"] = inputs["flows"].contiguous(memory_format=CL)
@@ -686,8 +823,15 @@ def test_torch_compile_channels_last_matches_eager():
     # (test_fake_strides_match_real checks the fakes of all four ops directly).
     torch.manual_seed(0)
     model = TinyWarpAlign().to(memory_format=CL)
-    inputs = [t.contiguous(memory_format=CL) for t in (torch.randn(1, 4, 6, 7), torch.randn(1, 4, 6, 7),
-                                                        2 * torch.randn(1, 2, 6, 7), 2 * torch.randn(1, 2, 6, 7))]
+    inputs = [
+        t.contiguous(memory_format=CL)
+        for t in (
+            torch.randn(1, 4, 6, 7),
+            torch.randn(1, 4, 6, 7),
+            2 * torch.randn(1, 2, 6, 7),
+            2 * torch.randn(1, 2, 6, 7),
+        )
+    ]
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
 
     def out_and_grads(fn):
@@ -706,29 +850,57 @@ def test_fake_strides_match_real():
     # channel (x, and the mask of a 1x1 kernel), 1x1 maps, channels-last x with NCHW offsets and
     # the reverse. A 1x1 kernel keeps the interpreter quick.
     from torch._subclasses.fake_tensor import FakeTensorMode
-    cases = [((1, 4, 4, 5), {"x", "offset", "mask", "weight"}), ((2, 4, 3, 4), {"x"}), ((1, 4, 3, 4), {"offset"}),
-             ((2, 1, 3, 4), {"x", "offset", "mask"}), ((1, 4, 1, 1), {"x", "offset", "mask", "weight"})]
+
+    cases = [
+        ((1, 4, 4, 5), {"x", "offset", "mask", "weight"}),
+        ((2, 4, 3, 4), {"x"}),
+        ((1, 4, 3, 4), {"offset"}),
+        ((2, 1, 3, 4), {"x", "offset", "mask"}),
+        ((1, 4, 1, 1), {"x", "offset", "mask", "weight"}),
+    ]
     conv_args = ([1, 1], [0, 0], [1, 1], 1)
     for (n, c, h, w), converted in cases:
         inputs, _ = make_inputs(n, c, 4, h, w, 1, kernel=(1, 1), padding=0)
-        d = {k: (torch.empty(v.shape, memory_format=CL).copy_(v) if k in converted else v) for k, v in inputs.items()}
-        logits = torch.empty(n, 3, h, w, memory_format=CL if "offset" in converted else torch.contiguous_format)
+        d = {
+            k: (torch.empty(v.shape, memory_format=CL).copy_(v) if k in converted else v)
+            for k, v in inputs.items()
+        }
+        logits = torch.empty(
+            n, 3, h, w, memory_format=CL if "offset" in converted else torch.contiguous_format
+        )
         logits.copy_(torch.randn(n, 3, h, w))
         flows = torch.randn(n, 2, h, w)
         grad_out = torch.randn(n, 4, h, w).contiguous(memory_format=CL)
         calls = [
-            (torch.ops.vsr.deform_conv2d, (d["x"], d["offset"], d["mask"], d["weight"], d["bias"], *conv_args)),
-            (torch.ops.vsr.deform_conv2d_backward, (grad_out, d["x"], d["offset"], d["mask"], d["weight"], *conv_args)),
-            (torch.ops.vsr.flow_guided_deform_conv2d, (d["x"], logits, flows, d["weight"], d["bias"], 3.0, *conv_args)),
-            (torch.ops.vsr.flow_guided_deform_conv2d_backward, (grad_out, d["x"], logits, flows, d["weight"], 3.0,
-                                                                *conv_args)),
+            (
+                torch.ops.vsr.deform_conv2d,
+                (d["x"], d["offset"], d["mask"], d["weight"], d["bias"], *conv_args),
+            ),
+            (
+                torch.ops.vsr.deform_conv2d_backward,
+                (grad_out, d["x"], d["offset"], d["mask"], d["weight"], *conv_args),
+            ),
+            (
+                torch.ops.vsr.flow_guided_deform_conv2d,
+                (d["x"], logits, flows, d["weight"], d["bias"], 3.0, *conv_args),
+            ),
+            (
+                torch.ops.vsr.flow_guided_deform_conv2d_backward,
+                (grad_out, d["x"], logits, flows, d["weight"], 3.0, *conv_args),
+            ),
         ]
         for op, args in calls:
             real = op(*args)
             with FakeTensorMode() as mode:
-                fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+                fake = op(
+                    *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+                )
             for r, f in zip(*[(t,) if isinstance(t, torch.Tensor) else t for t in (real, fake)]):
-                assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), (op, (n, c, h, w), converted)
+                assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), (
+                    op,
+                    (n, c, h, w),
+                    converted,
+                )
 
 
 def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
@@ -738,6 +910,7 @@ def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
     # recurrent branches. Then one alignment step (the fused DCN) and one warp of the channels-last
     # network on Triton (fp32), on the inputs that step saw.
     import basicvsr
+
     torch.manual_seed(0)
     net = basicvsr.BasicVSRPlusPlus(mid_channels=8, num_blocks=1).double().eval()
     with torch.no_grad():
@@ -745,13 +918,20 @@ def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
             p.add_(0.02 * torch.randn_like(p))
     net_cl = copy.deepcopy(net).to(memory_format=CL)
     base = torch.rand(1, 1, 3, 70, 74, generator=torch.Generator().manual_seed(2))
-    lqs = torch.cat([base[..., i:i + 64, 2 * i:2 * i + 64] for i in range(3)], 1).double()  # moving 1-2 px a frame
+    lqs = torch.cat(
+        [base[..., i : i + 64, 2 * i : 2 * i + 64] for i in range(3)], 1
+    ).double()  # moving 1-2 px a frame
 
     seen, layouts = {}, []
-    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append((is_cl(i[0]), is_cl(o)))) for m in net_cl.backbone.values()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: layouts.append((is_cl(i[0]), is_cl(o))))
+        for m in net_cl.backbone.values()
+    ]
     for name, model in (("nchw", net), ("cl", net_cl)):
         step = model.deform_align["forward_2"]
-        hooks.append(step.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i, o))))
+        hooks.append(
+            step.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i, o)))
+        )
     with torch.no_grad(), kernels.use_backend("torch"):
         out, out_cl = net(lqs), net_cl(lqs)
     for h in hooks:
@@ -761,10 +941,14 @@ def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
 
     (args, step_out), (args_cl, _) = seen["nchw"], seen["cl"]
     x, extra_feat, flow_1, flow_2 = [t.float() for t in args_cl]
-    assert is_cl(x) and is_cl(extra_feat) and flow_2.abs().mean() > 0.5   # the last step: both flows real
+    assert (
+        is_cl(x) and is_cl(extra_feat) and flow_2.abs().mean() > 0.5
+    )  # the last step: both flows real
     step = copy.deepcopy(net_cl.deform_align["forward_2"]).float()
     # One 64x64 tile: the interpreter pays per program (16 of them would take ~5 s).
-    monkeypatch.setattr(dc, "_tiles", lambda ho, wo, backward, ieee=False: (64, 64, -(-ho // 64), -(-wo // 64), 4))
+    monkeypatch.setattr(
+        dc, "_tiles", lambda ho, wo, backward, ieee=False: (64, 64, -(-ho // 64), -(-wo // 64), 4)
+    )
     with torch.no_grad(), kernels.use_backend("triton"):
         step_cl = step(x, extra_feat, flow_1, flow_2)
         warped_cl = flow_warp(x, flow_2)

@@ -5,6 +5,7 @@ Error measure: rel(a, b) = max|a - b| / max|b|, b the reference (a norm-wise rel
 fp32 must reach rel <= 1e-5. bf16/fp16 must stay within 2x the reference's own error against
 fp32 (max|ref_lp - ref_fp32|), plus a floor of a quarter ulp of the largest value.
 """
+
 import os
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import CL, cuda, is_cl, rel
 from kernels.bench import smooth_flow
 from kernels.flow_warp import flow_warp, flow_warp_reference
+
+from helpers import CL, cuda, is_cl, rel
 
 triton_bk = dict(backend="triton")
 
@@ -52,11 +54,14 @@ def shifted(x, fx, fy, border):
 # ----------------------------------------------------------------------------------------
 # Reference: known values (spec §11.1) and gradcheck.
 
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="flow_warp"):
         flow_warp(torch.rand(1, 3, 10, 10), torch.rand(1, 2, 4, 4))
     with pytest.raises(ValueError, match="flow_warp"):
-        flow_warp(torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10, 2))  # mmagic's (n, h, w, 2) layout
+        flow_warp(
+            torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10, 2)
+        )  # mmagic's (n, h, w, 2) layout
     with pytest.raises(ValueError, match="padding_mode"):
         flow_warp(torch.rand(1, 3, 4, 4), torch.rand(1, 2, 4, 4), padding_mode="reflection")
     with pytest.raises(ValueError, match="backend"):
@@ -101,7 +106,9 @@ def test_border_mode_known_values():
     flow[0, 1, 0] = -7.0  # top row, far above: clamped to row 0
     expected = torch.tensor([[3.0, 3, 3, 3], [5, 5, 5, 5], [11, 11, 11, 11]]).view(1, 1, 3, 4)
     for backend in ("torch", "triton"):
-        torch.testing.assert_close(flow_warp(x, flow, "border", backend=backend), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            flow_warp(x, flow, "border", backend=backend), expected, rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("mode", ["zeros", "border"])
@@ -109,20 +116,26 @@ def test_reference_gradcheck(mode):
     x, flow, _ = random_case(2, 2, 4, 5, scale=2.0, seed=2)
     x, flow = x.double().requires_grad_(), flow.double().requires_grad_()
     # fast_mode: a random projection of the Jacobians, not all of them; a wrong entry still shows.
-    assert torch.autograd.gradcheck(lambda a, b: flow_warp_reference(a, b, mode), (x, flow), eps=1e-6, atol=1e-6,
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: flow_warp_reference(a, b, mode), (x, flow), eps=1e-6, atol=1e-6, fast_mode=True
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Triton kernel against the reference, fp32.
 
-@pytest.mark.parametrize("shape", [(2, 3, 11, 13), (1, 64, 7, 5), (3, 1, 5, 1), (1, 33, 1, 7), (1, 2, 1, 1)])
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 11, 13), (1, 64, 7, 5), (3, 1, 5, 1), (1, 33, 1, 7), (1, 2, 1, 1)]
+)
 @pytest.mark.parametrize("mode", ["zeros", "border"])
 def test_triton_matches_reference_fp32(shape, mode):
     x, flow, g = random_case(*shape, seed=sum(shape))
     flow[:, :, ::3] *= 3  # some samples well outside the image
-    for a, b in zip(run(flow_warp, x, flow, g, padding_mode=mode, **triton_bk),
-                    run(flow_warp_reference, x, flow, g, padding_mode=mode)):
+    for a, b in zip(
+        run(flow_warp, x, flow, g, padding_mode=mode, **triton_bk),
+        run(flow_warp_reference, x, flow, g, padding_mode=mode),
+    ):
         assert rel(a, b) <= 1e-5 or b.abs().max() == 0 and a.abs().max() == 0
 
 
@@ -139,8 +152,10 @@ def test_triton_exact_boundaries(mode):
     pos_x = torch.cat((steps, w - 1 + steps))[torch.randint(0, 14, (2, h, w), generator=gen)]
     pos_y = torch.cat((steps, h - 1 + steps))[torch.randint(0, 14, (2, h, w), generator=gen)]
     flow = torch.stack((pos_x - torch.arange(w), pos_y - torch.arange(h).view(h, 1)), 1)
-    for a, b in zip(run(flow_warp, x, flow, g, padding_mode=mode, **triton_bk),
-                    run(flow_warp_reference, x, flow, g, padding_mode=mode)):
+    for a, b in zip(
+        run(flow_warp, x, flow, g, padding_mode=mode, **triton_bk),
+        run(flow_warp_reference, x, flow, g, padding_mode=mode),
+    ):
         assert rel(a, b) <= 1e-6
 
 
@@ -167,13 +182,23 @@ def test_triton_non_contiguous_inputs_unmutated():
     n, t, c, h, w = 2, 3, 4, 7, 9
     lqs = torch.randn(n, t, c, h, w)
     x = lqs[:, 1]  # the frame slice of a 5-d clip
-    flow = (torch.randn(n, h, w, 2) * 2).permute(0, 3, 1, 2)  # (n, 2, h, w) view of a channels-last flow
+    flow = (torch.randn(n, h, w, 2) * 2).permute(
+        0, 3, 1, 2
+    )  # (n, 2, h, w) view of a channels-last flow
     g = torch.randn(1, c, 1, w).expand(n, c, h, w)  # stride-0 upstream gradient
     assert not x.is_contiguous() and not flow.is_contiguous()
     x_before, flow_before = x.clone(), flow.clone()
     for mode in ("zeros", "border"):
-        for a, b in zip(run(flow_warp, x, flow, g, padding_mode=mode, **triton_bk),
-                        run(flow_warp_reference, x.contiguous(), flow.contiguous(), g.contiguous(), padding_mode=mode)):
+        for a, b in zip(
+            run(flow_warp, x, flow, g, padding_mode=mode, **triton_bk),
+            run(
+                flow_warp_reference,
+                x.contiguous(),
+                flow.contiguous(),
+                g.contiguous(),
+                padding_mode=mode,
+            ),
+        ):
             assert rel(a, b) <= 1e-5
     xl = x.contiguous(memory_format=torch.channels_last)
     assert rel(flow_warp(xl, flow, **triton_bk), flow_warp_reference(x, flow)) <= 1e-5
@@ -182,6 +207,7 @@ def test_triton_non_contiguous_inputs_unmutated():
 
 # ----------------------------------------------------------------------------------------
 # Memory formats: the output (both paths) and grad_x take x's; real and fake strides agree.
+
 
 @pytest.mark.parametrize("mode", ["zeros", "border"])
 def test_triton_channels_last_matches_nchw_reference(mode):
@@ -203,15 +229,27 @@ def test_triton_channels_last_matches_nchw_reference(mode):
 
 def test_fake_strides_match_real():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     x, flow, g = random_case(2, 3, 4, 5, seed=13)
-    for xi, fi in ((x.contiguous(memory_format=CL), flow), (x, flow.contiguous(memory_format=CL)),
-                   (torch.randn(2, 1, 4, 5).contiguous(memory_format=CL), flow),   # one channel
-                   (torch.randn(1, 3, 1, 1).contiguous(memory_format=CL), flow[:1, :, :1, :1])):
-        args = (g[:, :xi.shape[1], :xi.shape[2], :xi.shape[3]].contiguous(memory_format=CL), xi, fi, "border")
+    for xi, fi in (
+        (x.contiguous(memory_format=CL), flow),
+        (x, flow.contiguous(memory_format=CL)),
+        (torch.randn(2, 1, 4, 5).contiguous(memory_format=CL), flow),  # one channel
+        (torch.randn(1, 3, 1, 1).contiguous(memory_format=CL), flow[:1, :, :1, :1]),
+    ):
+        args = (
+            g[:, : xi.shape[1], : xi.shape[2], : xi.shape[3]].contiguous(memory_format=CL),
+            xi,
+            fi,
+            "border",
+        )
         real = [torch.ops.vsr.flow_warp(*args[1:]), *torch.ops.vsr.flow_warp_backward(*args)]
         with FakeTensorMode() as mode:
             fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            fake = [torch.ops.vsr.flow_warp(*fake_args[1:]), *torch.ops.vsr.flow_warp_backward(*fake_args)]
+            fake = [
+                torch.ops.vsr.flow_warp(*fake_args[1:]),
+                *torch.ops.vsr.flow_warp_backward(*fake_args),
+            ]
         for r, f in zip(real, fake):
             assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
 
@@ -219,11 +257,14 @@ def test_fake_strides_match_real():
 # ----------------------------------------------------------------------------------------
 # Low precision and autocast.
 
+
 def check_low_precision(x, flow, g, dtype, mode, backend):
     ref32 = run(flow_warp_reference, x, flow, g, padding_mode=mode)
     ref_lp = run(flow_warp_reference, x.to(dtype), flow, g.to(dtype), padding_mode=mode)
     tri_lp = run(flow_warp, x.to(dtype), flow, g.to(dtype), padding_mode=mode, backend=backend)
-    assert tri_lp[0].dtype == dtype and tri_lp[1].dtype == dtype and tri_lp[2].dtype == torch.float32
+    assert (
+        tri_lp[0].dtype == dtype and tri_lp[1].dtype == dtype and tri_lp[2].dtype == torch.float32
+    )
     for name, t, r, r32 in zip(("out", "grad_x", "grad_flow"), tri_lp, ref_lp, ref32):
         err_ref = (r.float() - r32).abs().max().item()
         err_tri = (t.float() - r32).abs().max().item()
@@ -256,13 +297,16 @@ def test_autocast_features_low_flow_fp32(backend):
 # ----------------------------------------------------------------------------------------
 # torch.compile, dispatch.
 
+
 class WarpModule(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x, flow):
-        return flow_warp(self.conv(x), flow, backend="triton").relu() + flow_warp(x.mean(1, keepdim=True), flow, "border", backend="triton")
+        return flow_warp(self.conv(x), flow, backend="triton").relu() + flow_warp(
+            x.mean(1, keepdim=True), flow, "border", backend="triton"
+        )
 
 
 def test_torch_compile_matches_eager():
@@ -273,7 +317,9 @@ def test_torch_compile_matches_eager():
     torch._dynamo.reset()
     # aot_eager: the same tracing (no graph break, fake impls, autograd) as inductor, without
     # inductor's ~50 s cold C++ build on a 2-core CI box.
-    compiled = run(torch.compile(module, fullgraph=True, backend="aot_eager"), x, flow, torch.ones(1, 4, 6, 7))
+    compiled = run(
+        torch.compile(module, fullgraph=True, backend="aot_eager"), x, flow, torch.ones(1, 4, 6, 7)
+    )
     for a, b in zip(compiled, eager):
         assert rel(a, b) <= 1e-5
 
@@ -285,22 +331,30 @@ def test_backend_none_on_cpu_is_the_reference():
 
 def test_triton_on_cpu_without_interpreter_raises():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import torch, kernels\n"
-            "try:\n kernels.flow_warp(torch.rand(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), backend='triton')\n"
-            "except RuntimeError as e:\n print(e)\n")
+    code = (
+        "import torch, kernels\n"
+        "try:\n kernels.flow_warp(torch.rand(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), backend='triton')\n"
+        "except RuntimeError as e:\n print(e)\n"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=60
+    )
     assert "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
 # ----------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU).
 
+
 @cuda
 @pytest.mark.parametrize("mode", ["zeros", "border"])
 def test_cuda_fp32(mode):
     x, flow, g = random_case(2, 64, 37, 53, scale=5.0, seed=10, device="cuda")
-    for a, b in zip(run(flow_warp, x, flow, g, padding_mode=mode), run(flow_warp_reference, x, flow, g, padding_mode=mode)):
+    for a, b in zip(
+        run(flow_warp, x, flow, g, padding_mode=mode),
+        run(flow_warp_reference, x, flow, g, padding_mode=mode),
+    ):
         assert rel(a, b) <= 1e-5
 
 
@@ -313,8 +367,12 @@ def test_cuda_low_precision(dtype):
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("channels,mode", [(64, "zeros"), (3, "border")], ids=["propagation", "spynet"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize(
+    "channels,mode", [(64, "zeros"), (3, "border")], ids=["propagation", "spynet"]
+)
 def test_cuda_flow_warp_at_basicvsrpp_shapes(dtype, channels, mode):
     torch.manual_seed(1)
     x = torch.randn(2, channels, 48, 80, device="cuda")

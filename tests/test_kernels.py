@@ -5,6 +5,7 @@
 Values of the two backends are compared with rel <= 1e-5 (fp32: the kernels sum in another
 order than the references; their own tests bound the error the same way).
 """
+
 import collections
 import importlib
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 import kernels
-from helpers import CL, rel, tiny_alignment
 from kernels import common
+
+from helpers import CL, rel, tiny_alignment
 
 dc = importlib.import_module("kernels.deform_conv")
 fw = importlib.import_module("kernels.flow_warp")  # kernels.flow_warp is the function
@@ -30,10 +32,13 @@ def calls(monkeypatch):
         def counted(*args, **kwargs):
             counts[key] += 1
             return fn(*args, **kwargs)
+
         monkeypatch.setattr(module, name, counted)
 
     count(dc, "_forward", "dcn triton")  # the body of the vsr::deform_conv2d custom op
-    count(dc, "_forward_fused", "dcn triton")  # and of vsr::flow_guided_deform_conv2d, which BasicVSR++ calls
+    count(
+        dc, "_forward_fused", "dcn triton"
+    )  # and of vsr::flow_guided_deform_conv2d, which BasicVSR++ calls
     count(dc, "deform_conv2d_reference", "dcn torch")
     count(fw, "_flow_warp_triton", "warp triton")
     count(fw, "flow_warp_reference", "warp torch")
@@ -43,8 +48,15 @@ def calls(monkeypatch):
 def both_ops(**backend):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 5, 6, generator=gen)
-    out = kernels.deform_conv2d(x, torch.randn(1, 36, 5, 6, generator=gen), torch.rand(1, 18, 5, 6, generator=gen),
-                                torch.randn(3, 4, 3, 3, generator=gen), padding=1, deform_groups=2, **backend)
+    out = kernels.deform_conv2d(
+        x,
+        torch.randn(1, 36, 5, 6, generator=gen),
+        torch.rand(1, 18, 5, 6, generator=gen),
+        torch.randn(3, 4, 3, 3, generator=gen),
+        padding=1,
+        deform_groups=2,
+        **backend,
+    )
     return out, kernels.flow_warp(x, 2 * torch.randn(1, 2, 5, 6, generator=gen), **backend)
 
 
@@ -98,10 +110,11 @@ def test_use_backend_switches_the_networks_modules(calls):
 # ----------------------------------------------------------------------------------------
 # kernels/common.py
 
+
 def test_use_triton(monkeypatch):
     x = torch.zeros(1)
-    monkeypatch.setattr(common, "INTERPRET", True)         # as under conftest.py without a GPU
-    assert common.use_triton("op", None, x) is False      # CPU tensor, automatic: the reference
+    monkeypatch.setattr(common, "INTERPRET", True)  # as under conftest.py without a GPU
+    assert common.use_triton("op", None, x) is False  # CPU tensor, automatic: the reference
     assert common.use_triton("op", "torch", x) is False
     assert common.use_triton("op", "triton", x) is True
     with kernels.use_backend("triton"):
@@ -110,17 +123,34 @@ def test_use_triton(monkeypatch):
     with pytest.raises(ValueError, match="op: backend must be"):
         common.use_triton("op", "cuda", x)
     monkeypatch.setattr(common, "INTERPRET", False)
-    with pytest.raises(RuntimeError, match="op: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1"):
+    with pytest.raises(
+        RuntimeError, match="op: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1"
+    ):
         common.use_triton("op", "triton", x)
 
 
 def test_autocast_inputs():
-    x, w, pos = torch.randn(2), torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.bfloat16)
+    x, w, pos = (
+        torch.randn(2),
+        torch.randn(2, dtype=torch.float64),
+        torch.randn(2, dtype=torch.bfloat16),
+    )
     (x2, w2, none), (pos2,) = common.autocast_inputs(x, (x, w, None), (pos,))
-    assert (x2.dtype, w2.dtype, none, pos2.dtype) == (torch.float32, torch.float32, None, torch.bfloat16)
+    assert (x2.dtype, w2.dtype, none, pos2.dtype) == (
+        torch.float32,
+        torch.float32,
+        None,
+        torch.bfloat16,
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (x2, w2, none), (pos2, none2) = common.autocast_inputs(x, (x, w, None), (pos, None))
-    assert (x2.dtype, w2.dtype, none, pos2.dtype, none2) == (torch.bfloat16, torch.bfloat16, None, torch.float32, None)
+    assert (x2.dtype, w2.dtype, none, pos2.dtype, none2) == (
+        torch.bfloat16,
+        torch.bfloat16,
+        None,
+        torch.float32,
+        None,
+    )
     assert torch.equal(pos2, pos.float()) and torch.equal(x2, x.bfloat16())
 
 
@@ -128,12 +158,22 @@ def test_memory_format_is_torchs_rule():
     # torch's suggest_memory_format (its Python twin in _prims_common is the oracle), on the
     # ambiguous shapes: one channel, 1x1 maps, non-dense slices, stride-0 expands.
     from torch._prims_common import suggest_memory_format
-    clip = torch.randn(2, 3, 4, 5, 6)                                    # (n, t, c, h, w) or (n, t, h, w, c)
-    cases = [torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).contiguous(memory_format=CL),
-             torch.randn(2, 1, 4, 5), torch.empty(2, 1, 4, 5, memory_format=CL),
-             torch.randn(2, 3, 1, 1), torch.empty(2, 3, 1, 1, memory_format=CL), torch.empty(1, 1, 1, 1, memory_format=CL),
-             clip[:, 1], clip.permute(0, 1, 4, 2, 3)[:, 1], torch.randn(1, 3, 1, 1).expand(2, 3, 4, 5),
-             torch.randn(2, 4, 5, 3).permute(0, 3, 1, 2)[:, :, 1:3], torch.randn(2, 3, 4, 5).transpose(2, 3)]
+
+    clip = torch.randn(2, 3, 4, 5, 6)  # (n, t, c, h, w) or (n, t, h, w, c)
+    cases = [
+        torch.randn(2, 3, 4, 5),
+        torch.randn(2, 3, 4, 5).contiguous(memory_format=CL),
+        torch.randn(2, 1, 4, 5),
+        torch.empty(2, 1, 4, 5, memory_format=CL),
+        torch.randn(2, 3, 1, 1),
+        torch.empty(2, 3, 1, 1, memory_format=CL),
+        torch.empty(1, 1, 1, 1, memory_format=CL),
+        clip[:, 1],
+        clip.permute(0, 1, 4, 2, 3)[:, 1],
+        torch.randn(1, 3, 1, 1).expand(2, 3, 4, 5),
+        torch.randn(2, 4, 5, 3).permute(0, 3, 1, 2)[:, :, 1:3],
+        torch.randn(2, 3, 4, 5).transpose(2, 3),
+    ]
     got = [common.memory_format(t) for t in cases]
     assert got == [suggest_memory_format(t) for t in cases]
     # channels-last: the plain one, one channel, 1x1 maps, a frame of an NHWC clip, an NHWC crop

@@ -8,6 +8,7 @@ Bounds, from measurements with BasicVSR(8, 1) (random weights, CPU):
         output: 54.5 dB, max |difference| 4 grey levels
     bf16 autocast vs fp32, 3 frames of 32x32: 62.3 dB
 """
+
 import itertools
 import math
 import os
@@ -20,27 +21,30 @@ import torch
 
 import basicvsr
 import data
+import files
 import realbasicvsr
+import synthetic
 import upscale as ups
 import video
+import weights
 from basicvsr import BasicVSR, BasicVSRPlusPlus
 from upscale import plan_windows, tile_starts, upscale, upscale_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHUNK_PSNR = 58.0   # dB, chunk 3 with 2 context frames vs the whole clip (measured 65.8)
-TILE_PSNR = 48.0    # dB, tiles vs whole frames (measured 54.5)
+CHUNK_PSNR = 58.0  # dB, chunk 3 with 2 context frames vs the whole clip (measured 65.8)
+TILE_PSNR = 48.0  # dB, tiles vs whole frames (measured 54.5)
 TILE_MAX_DIFF = 10  # grey levels, anywhere, including the blended band (measured 4)
 
 
 def clip(seed, t, h, w=None):
     """t synthetic RGB uint8 frames of h x w (a crop of a square rendering)."""
     w = w or h
-    return list(data.synthetic_clip(seed, t, max(h, w))[0][:, :h, :w])
+    return list(synthetic.synthetic_clip(seed, t, max(h, w))[0][:, :h, :w])
 
 
 def psnr(a, b):
     mse = np.mean((np.stack(a).astype(np.float64) - np.stack(b).astype(np.float64)) ** 2)
-    return 10 * math.log10(255 ** 2 / mse) if mse else math.inf
+    return 10 * math.log10(255**2 / mse) if mse else math.inf
 
 
 def run(model, frames, **kw):
@@ -55,22 +59,25 @@ def bvsr():
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, bvsr):
+def weight_files(tmp_path_factory, bvsr):
     """Saved random weights: BasicVSR(8, 1), BasicVSR++(8, 1), RealBasicVSR(8, 1, 1)."""
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(1)
-    paths = {"basicvsr": root / "basicvsr.safetensors", "basicvsrpp": root / "basicvsrpp.safetensors",
-             "realbasicvsr": root / "realbasicvsr.safetensors"}
-    basicvsr.save_weights(bvsr, paths["basicvsr"])
-    basicvsr.save_weights(BasicVSRPlusPlus(8, 1), paths["basicvsrpp"])
-    basicvsr.save_weights(realbasicvsr.RealBasicVSR(8, 1, 1), paths["realbasicvsr"])
+    paths = {
+        "basicvsr": root / "basicvsr.safetensors",
+        "basicvsrpp": root / "basicvsrpp.safetensors",
+        "realbasicvsr": root / "realbasicvsr.safetensors",
+    }
+    weights.save_weights(bvsr, paths["basicvsr"])
+    weights.save_weights(BasicVSRPlusPlus(8, 1), paths["basicvsrpp"])
+    weights.save_weights(realbasicvsr.RealBasicVSR(8, 1, 1), paths["realbasicvsr"])
     return {k: str(v) for k, v in paths.items()}
 
 
 def write_frames(folder, frames):
     os.makedirs(folder, exist_ok=True)
     for i, f in enumerate(frames):
-        data.write_image(os.path.join(folder, f"{i:04d}.png"), f)
+        files.write_image(os.path.join(folder, f"{i:04d}.png"), f)
     return str(folder)
 
 
@@ -86,8 +93,9 @@ def write_video(path, frames, fps):
 
 
 def test_plan_windows_keep_every_frame_once_and_never_cross_a_cut():
-    for n, chunk, overlap, cuts in itertools.product([1, 2, 7, 13], [1, 3, 5], [0, 1, 2],
-                                                     [(), (4,), (1, 6, 7)]):
+    for n, chunk, overlap, cuts in itertools.product(
+        [1, 2, 7, 13], [1, 3, 5], [0, 1, 2], [(), (4,), (1, 6, 7)]
+    ):
         cuts = {c for c in cuts if c < n}
         scene = np.cumsum([i in cuts for i in range(n)])
         kept = []
@@ -105,7 +113,13 @@ def test_plan_windows_keep_every_frame_once_and_never_cross_a_cut():
 
 
 def test_tiles_cover_the_frame_and_blend_to_the_whole_frame_result():
-    for size, tile, overlap in [(64, 64, 16), (65, 64, 16), (100, 64, 8), (300, 96, 16), (257, 64, 32)]:
+    for size, tile, overlap in [
+        (64, 64, 16),
+        (65, 64, 16),
+        (100, 64, 8),
+        (300, 96, 16),
+        (257, 64, 32),
+    ]:
         starts = tile_starts(size, tile, overlap)
         assert starts[0] == 0 and starts[-1] == max(0, size - tile)
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
@@ -117,7 +131,9 @@ def test_tiles_cover_the_frame_and_blend_to_the_whole_frame_result():
         return lqs.repeat_interleave(4, -1).repeat_interleave(4, -2).square()
 
     whole = upscale_window(nearest_x4, frames, 1, 3, torch.device("cpu"), None)
-    tiled = upscale_window(nearest_x4, frames, 1, 3, torch.device("cpu"), None, tile=64, tile_overlap=8)
+    tiled = upscale_window(
+        nearest_x4, frames, 1, 3, torch.device("cpu"), None, tile=64, tile_overlap=8
+    )
     assert whole.shape == (2, 280, 600, 3)
     assert torch.equal(tiled, whole)
 
@@ -146,7 +162,7 @@ def test_tiled_output_is_close_to_the_whole_frame(bvsr):
     diff = np.abs(np.stack(tiled).astype(int) - np.stack(whole))
     assert diff.max() <= TILE_MAX_DIFF
     # no step at a tile edge: the band where tiles are blended is no worse than the rest
-    band = diff[:, :, 4 * 32:4 * 64].mean()
+    band = diff[:, :, 4 * 32 : 4 * 64].mean()
     assert band < 2 * diff.mean() + 0.5
 
 
@@ -158,7 +174,7 @@ def test_scene_cut_restarts_the_recurrence(bvsr):
     cut = run(bvsr, both, chunk=8, overlap=2, scene_threshold=20)
     assert all(np.array_equal(x, y) for x, y in zip(cut, alone)) and len(cut) == 5
     leaked = run(bvsr, both, chunk=8, overlap=2, scene_threshold=0)  # the test can fail: without
-    assert not np.array_equal(leaked[3], alone[3])                    # the cut, features leak
+    assert not np.array_equal(leaked[3], alone[3])  # the cut, features leak
 
 
 def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(bvsr):
@@ -195,7 +211,9 @@ def test_automatic_settings_fit_the_budget(monkeypatch):
     assert tile is not None and ups.MIN_TILE <= tile < 854 and tile % 32 == 0
     assert chunk >= ups.MIN_CHUNK and estimate <= budget
     # a larger tile would not have fitted MIN_CHUNK frames
-    bigger = ups.estimate_memory(model, ups.MIN_CHUNK + 4, min(480, tile + 32), tile + 32, device="cpu")
+    bigger = ups.estimate_memory(
+        model, ups.MIN_CHUNK + 4, min(480, tile + 32), tile + 32, device="cpu"
+    )
     assert bigger > budget
     # given settings are kept; features dominate: 5 maps x 64 channels x 4 bytes per LR pixel
     assert ups.choose_settings(model, 480, 854, cpu, chunk=7, overlap=1, tile=128)[:2] == (7, 128)
@@ -207,45 +225,63 @@ def test_automatic_settings_fit_the_budget(monkeypatch):
 # Command lines
 
 
-def test_cli_video_in_video_out(tmp_path, weights, bvsr, capsys):
+def test_cli_video_in_video_out(tmp_path, weight_files, bvsr, capsys):
     src = write_video(tmp_path / "in.mp4", clip(7, 6, 32), fps=24)
     out = tmp_path / "out.mp4"
-    rc = ups.main([src, str(out), "--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "3"])
+    rc = ups.main(
+        [src, str(out), "--weights", weight_files["basicvsr"], "--device", "cpu", "--chunk", "3"]
+    )
     assert rc == 0 and "estimated peak" in capsys.readouterr().err
     reader = video.read_video(out)
     frames = list(reader)
     assert (len(frames), reader.width, reader.height, reader.fps) == (6, 128, 128, 24)
     expected = run(bvsr, src, chunk=3, scene_threshold=20, tile=None)
-    assert psnr(frames, expected) > 30  # H.264 crf 18 with 4:2:0 chroma on tiny busy frames: measured 34.1
+    assert (
+        psnr(frames, expected) > 30
+    )  # H.264 crf 18 with 4:2:0 chroma on tiny busy frames: measured 34.1
     assert sorted(os.listdir(tmp_path)) == ["in.mp4", "out.mp4"]
 
 
-def test_cli_folder_in_folder_out_realbasicvsr(tmp_path, weights):
+def test_cli_folder_in_folder_out_realbasicvsr(tmp_path, weight_files):
     frames = clip(8, 3, 64, 80)
     src = write_frames(tmp_path / "in", frames)
-    rc = ups.main([src, str(tmp_path / "out"), "--weights", weights["realbasicvsr"], "--device", "cpu"])
+    rc = ups.main(
+        [src, str(tmp_path / "out"), "--weights", weight_files["realbasicvsr"], "--device", "cpu"]
+    )
     assert rc == 0
     names = sorted(os.listdir(tmp_path / "out"))
     assert len(names) == 3
     model = realbasicvsr.RealBasicVSR(8, 1, 1, is_sequential_cleaning=True)
-    basicvsr.load_weights(model, weights["realbasicvsr"])
+    weights.load_weights(model, weight_files["realbasicvsr"])
     expected = list(upscale(model, frames, device="cpu"))
-    got = [data.read_image(str(tmp_path / "out" / n)) for n in names]
+    got = [files.read_image(str(tmp_path / "out" / n)) for n in names]
     assert got[0].shape == (256, 320, 3)
     assert all(np.array_equal(g, e) for g, e in zip(got, expected))  # PNG is lossless
 
 
-def test_cli_basicvsrpp_is_the_default(tmp_path, weights):
+def test_cli_basicvsrpp_is_the_default(tmp_path, weight_files):
     frames = clip(9, 2, 64)
     src = write_frames(tmp_path / "in", frames)
-    rc = ups.main([src, str(tmp_path / "out"), "--weights", weights["basicvsrpp"],
-                        "--device", "cpu", "--scene-threshold", "0"])
+    rc = ups.main(
+        [
+            src,
+            str(tmp_path / "out"),
+            "--weights",
+            weight_files["basicvsrpp"],
+            "--device",
+            "cpu",
+            "--scene-threshold",
+            "0",
+        ]
+    )
     assert rc == 0
-    model = basicvsr.load_weights(BasicVSRPlusPlus(8, 1), weights["basicvsrpp"]).eval()
+    model = weights.load_weights(BasicVSRPlusPlus(8, 1), weight_files["basicvsrpp"]).eval()
     with torch.no_grad():
         expected = model(data.frames_to_tensor(frames)[None])[0]
     expected = expected.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
-    got = np.stack([data.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))])
+    got = np.stack(
+        [files.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))]
+    )
     # The command line feeds the network a permuted (h, w, 3) -> (3, h, w) view, the reference a
     # contiguous tensor: the convolutions round differently, and a value at x.5 grey levels may land
     # on either side (measured: 3 of 393,216 values one level apart).
@@ -253,22 +289,37 @@ def test_cli_basicvsrpp_is_the_default(tmp_path, weights):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def test_cli_channels_last_and_compile_give_the_same_frames(tmp_path, weights, monkeypatch):
+def test_cli_channels_last_and_compile_give_the_same_frames(tmp_path, weight_files, monkeypatch):
     """--channels-last converts the network, --compile runs compile_network on it (counted here, not
     compiled: test_basicvsr covers the compiled values); the frames equal the plain run's (to 1 level)."""
     frames = clip(9, 2, 64)
     src = write_frames(tmp_path / "in", frames)
-    args = [src, "--weights", weights["basicvsrpp"], "--device", "cpu",
-            "--scene-threshold", "0"]
+    args = [
+        src,
+        "--weights",
+        weight_files["basicvsrpp"],
+        "--device",
+        "cpu",
+        "--scene-threshold",
+        "0",
+    ]
     compiled = []
-    monkeypatch.setattr(ups, "compile_network", lambda model: compiled.append(
-        next(model.parameters()).is_contiguous(memory_format=torch.channels_last) or model))
+    monkeypatch.setattr(
+        ups,
+        "compile_network",
+        lambda model: compiled.append(
+            next(model.parameters()).is_contiguous(memory_format=torch.channels_last) or model
+        ),
+    )
     assert ups.main(args[:1] + [str(tmp_path / "plain")] + args[1:]) == 0
-    assert ups.main(args[:1] + [str(tmp_path / "nhwc")] + args[1:] + ["--channels-last", "--compile"]) == 0
+    assert (
+        ups.main(args[:1] + [str(tmp_path / "nhwc")] + args[1:] + ["--channels-last", "--compile"])
+        == 0
+    )
     assert compiled == [True]  # compiled after the conversion
     for name in sorted(os.listdir(tmp_path / "plain")):
-        a = data.read_image(str(tmp_path / "plain" / name)).astype(int)
-        b = data.read_image(str(tmp_path / "nhwc" / name)).astype(int)
+        a = files.read_image(str(tmp_path / "plain" / name)).astype(int)
+        b = files.read_image(str(tmp_path / "nhwc" / name)).astype(int)
         assert np.abs(a - b).max() <= 1, name  # conv sums in another order may flip a rounding
 
 
@@ -282,30 +333,87 @@ def bad_inputs(tmp_path_factory):
     write_frames(root / "mixed", [frames[0], frames[1][:32, :32]])
     write_frames(root / "small", [f[:32, :32] for f in frames])
     torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, root / "other.pth")
-    basicvsr.save_weights(basicvsr.SPyNet(), root / "spynet.safetensors")
+    weights.save_weights(basicvsr.SPyNet(), root / "spynet.safetensors")
     (root / "truncated.pth").write_bytes(b"PK\x03\x04" + bytes(100))
     return {  # weights "basicvsr" / "basicvsrpp" are the fixture's, others files made here
         "missing": (root / "nope.mp4", "basicvsr", [], ["not found", "nope.mp4"]),
         "not_a_video": (root / "text.mp4", "basicvsr", [], ["cannot read video", "text.mp4"]),
         "empty_folder": (root / "empty", "basicvsr", [], ["no image frames", "empty"]),
-        "mixed_sizes": (root / "mixed", "basicvsr", ["--chunk", "8"], ["32x32", "40x40", "0001.png"]),
-        "too_small": (root / "small", "basicvsrpp", [], ["32x32", "too small for BasicVSRPlusPlus", "64x64"]),
-        "too_small_rbv": (root / "small", "realbasicvsr", [], ["32x32", "too small for RealBasicVSR", "64x64"]),
-        "other_network": (root / "small", str(root / "other.pth"), [], ["other.pth", "fits no network", "conv"]),
-        "spynet": (root / "small", str(root / "spynet.safetensors"), [], ["spynet.safetensors", "SPyNet",
-                                                                          "--spynet-weights"]),
-        "truncated": (root / "small", str(root / "truncated.pth"), [], ["truncated.pth", "is the file complete"]),
-        "gif_output": (root / "small", "basicvsr", [], ["out.gif", ".gif is not a video container", "folder"]),
+        "mixed_sizes": (
+            root / "mixed",
+            "basicvsr",
+            ["--chunk", "8"],
+            ["32x32", "40x40", "0001.png"],
+        ),
+        "too_small": (
+            root / "small",
+            "basicvsrpp",
+            [],
+            ["32x32", "too small for BasicVSRPlusPlus", "64x64"],
+        ),
+        "too_small_rbv": (
+            root / "small",
+            "realbasicvsr",
+            [],
+            ["32x32", "too small for RealBasicVSR", "64x64"],
+        ),
+        "other_network": (
+            root / "small",
+            str(root / "other.pth"),
+            [],
+            ["other.pth", "fits no network", "conv"],
+        ),
+        "spynet": (
+            root / "small",
+            str(root / "spynet.safetensors"),
+            [],
+            ["spynet.safetensors", "SPyNet", "--spynet-weights"],
+        ),
+        "truncated": (
+            root / "small",
+            str(root / "truncated.pth"),
+            [],
+            ["truncated.pth", "is the file complete"],
+        ),
+        "gif_output": (
+            root / "small",
+            "basicvsr",
+            [],
+            ["out.gif", ".gif is not a video container", "folder"],
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_video", "empty_folder", "mixed_sizes", "too_small",
-                                  "too_small_rbv", "other_network", "spynet", "truncated"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "not_a_video",
+        "empty_folder",
+        "mixed_sizes",
+        "too_small",
+        "too_small_rbv",
+        "other_network",
+        "spynet",
+        "truncated",
+    ],
+)
 @pytest.mark.parametrize("output", ["out.mp4", "out_frames"])
-def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path, weights, bad_inputs, capsys, case, output):
+def test_cli_bad_input_is_one_line_and_leaves_nothing(
+    tmp_path, weight_files, bad_inputs, capsys, case, output
+):
     src, which, extra, words = bad_inputs[case]
-    rc = ups.main([str(src), str(tmp_path / output), "--weights", weights.get(which, which), "--device", "cpu"]
-                  + extra)
+    rc = ups.main(
+        [
+            str(src),
+            str(tmp_path / output),
+            "--weights",
+            weight_files.get(which, which),
+            "--device",
+            "cpu",
+        ]
+        + extra
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert rc != 0 and "Traceback" not in err
@@ -313,18 +421,37 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path, weights, bad_inp
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_gif_output_is_refused(tmp_path, weights, bad_inputs, capsys):
+def test_cli_gif_output_is_refused(tmp_path, weight_files, bad_inputs, capsys):
     src, which, extra, words = bad_inputs["gif_output"]
-    assert ups.main([str(src), str(tmp_path / "out.gif"), "--weights", weights[which], "--device", "cpu"]) == 1
+    assert (
+        ups.main(
+            [
+                str(src),
+                str(tmp_path / "out.gif"),
+                "--weights",
+                weight_files[which],
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and all(w in errors[0] for w in words)
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_existing_output_needs_overwrite(tmp_path, weights, capsys):
+def test_cli_existing_output_needs_overwrite(tmp_path, weight_files, capsys):
     src = write_frames(tmp_path / "in", clip(13, 2, 32))
     (tmp_path / "out.mp4").write_bytes(b"keep me")
-    args = [src, str(tmp_path / "out.mp4"), "--weights", weights["basicvsr"], "--device", "cpu"]
+    args = [
+        src,
+        str(tmp_path / "out.mp4"),
+        "--weights",
+        weight_files["basicvsr"],
+        "--device",
+        "cpu",
+    ]
     assert ups.main(args) == 1
     assert "output exists" in capsys.readouterr().err
     assert (tmp_path / "out.mp4").read_bytes() == b"keep me"
@@ -334,7 +461,7 @@ def test_cli_existing_output_needs_overwrite(tmp_path, weights, capsys):
 
 
 @pytest.mark.parametrize("failure", ["nan", "exception"])
-def test_failure_mid_run_leaves_nothing(tmp_path, weights, monkeypatch, capsys, failure):
+def test_failure_mid_run_leaves_nothing(tmp_path, weight_files, monkeypatch, capsys, failure):
     src = write_frames(tmp_path / "in", clip(14, 5, 32))
     forward, calls = BasicVSR.forward, []
 
@@ -348,7 +475,18 @@ def test_failure_mid_run_leaves_nothing(tmp_path, weights, monkeypatch, capsys, 
 
     monkeypatch.setattr(BasicVSR, "forward", failing_forward)
     out = tmp_path / ("out.mp4" if failure == "nan" else "out_frames")
-    args = [src, str(out), "--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "2", "--overlap", "0"]
+    args = [
+        src,
+        str(out),
+        "--weights",
+        weight_files["basicvsr"],
+        "--device",
+        "cpu",
+        "--chunk",
+        "2",
+        "--overlap",
+        "0",
+    ]
     if failure == "nan":
         assert ups.main(args) == 1
         assert "inf/NaN" in capsys.readouterr().err
@@ -373,6 +511,7 @@ AAC_SNR = 25.0  # dB, pcm_u8 sine re-encoded to AAC vs the source (measured 31.4
 def write_video_with_audio(path, frames, fps, codec, sample_rate, layout, seconds=None):
     """H.264 frames and a 440 Hz sine in `codec`, `seconds` long (default: as long as the video)."""
     import av
+
     seconds = len(frames) / fps if seconds is None else seconds
     t = np.arange(round(seconds * sample_rate)) / sample_rate
     sine = np.repeat(0.3 * np.sin(2 * np.pi * 440 * t)[None], av.AudioLayout(layout).nb_channels, 0)
@@ -386,7 +525,9 @@ def write_video_with_audio(path, frames, fps, codec, sample_rate, layout, second
             vf.pts = i
             out.mux(video.encode(vf))
         for s in range(0, len(t), 1024):  # the encoder converts and regroups the samples
-            af = av.AudioFrame.from_ndarray(sine[:, s:s + 1024].astype(np.float32), format="fltp", layout=layout)
+            af = av.AudioFrame.from_ndarray(
+                sine[:, s : s + 1024].astype(np.float32), format="fltp", layout=layout
+            )
             af.sample_rate, af.pts = sample_rate, s
             out.mux(audio.encode(af))
         out.mux(video.encode())
@@ -397,36 +538,64 @@ def write_video_with_audio(path, frames, fps, codec, sample_rate, layout, second
 def audio_of(path):
     """The audio streams of a file: [{codec, rate, channels, packets: [(start s, end s, bytes)], samples}]."""
     import av
+
     with av.open(str(path)) as c:
-        streams = {s.index: {"codec": s.codec_context.codec.canonical_name, "rate": s.codec_context.sample_rate,
-                             "channels": s.codec_context.channels, "packets": []} for s in c.streams.audio}
-        for p in c.demux(*c.streams.audio) if streams else []:  # (no streams: demux() reads them all)
+        streams = {
+            s.index: {
+                "codec": s.codec_context.codec.canonical_name,
+                "rate": s.codec_context.sample_rate,
+                "channels": s.codec_context.channels,
+                "packets": [],
+            }
+            for s in c.streams.audio
+        }
+        for p in (
+            c.demux(*c.streams.audio) if streams else []
+        ):  # (no streams: demux() reads them all)
             if p.dts is not None:
                 start = p.pts * p.time_base
-                streams[p.stream.index]["packets"].append((start, start + p.duration * p.time_base, bytes(p)))
+                streams[p.stream.index]["packets"].append(
+                    (start, start + p.duration * p.time_base, bytes(p))
+                )
     streams = list(streams.values())
     for i, s in enumerate(streams):
         with av.open(str(path)) as c:
-            s["samples"] = np.concatenate([f.to_ndarray() for f in c.decode(c.streams.audio[i])], axis=1)
+            s["samples"] = np.concatenate(
+                [f.to_ndarray() for f in c.decode(c.streams.audio[i])], axis=1
+            )
     return streams
 
 
-def upscale_cli(src, out, weights, *extra):
-    return ups.main([str(src), str(out), "--weights", weights["basicvsr"], "--device", "cpu", *extra])
+def upscale_cli(src, out, weight_files, *extra):
+    return ups.main(
+        [str(src), str(out), "--weights", weight_files["basicvsr"], "--device", "cpu", *extra]
+    )
 
 
-@pytest.mark.parametrize("ext, encoder, codec, sample_rate, layout", [
-    (".mp4", "aac", "aac", 48000, "stereo"), (".mkv", "libmp3lame", "mp3", 44100, "mono")])
-def test_cli_copies_the_audio(tmp_path, weights, capsys, ext, encoder, codec, sample_rate, layout):
-    src = write_video_with_audio(tmp_path / f"in{ext}", clip(15, 6, 32), 24, encoder, sample_rate, layout)
+@pytest.mark.parametrize(
+    "ext, encoder, codec, sample_rate, layout",
+    [(".mp4", "aac", "aac", 48000, "stereo"), (".mkv", "libmp3lame", "mp3", 44100, "mono")],
+)
+def test_cli_copies_the_audio(
+    tmp_path, weight_files, capsys, ext, encoder, codec, sample_rate, layout
+):
+    src = write_video_with_audio(
+        tmp_path / f"in{ext}", clip(15, 6, 32), 24, encoder, sample_rate, layout
+    )
     out = tmp_path / f"out{ext}"
-    assert upscale_cli(src, out, weights) == 0
+    assert upscale_cli(src, out, weight_files) == 0
     err = capsys.readouterr().err
     assert f"{codec} audio copied" in err and "note:" not in err
     (a_in,), (a_out,) = audio_of(src), audio_of(out)
-    assert (a_out["codec"], a_out["rate"], a_out["channels"]) == (codec, sample_rate, 1 + (layout == "stereo"))
+    assert (a_out["codec"], a_out["rate"], a_out["channels"]) == (
+        codec,
+        sample_rate,
+        1 + (layout == "stereo"),
+    )
     # remuxed: the same packets, bytes and times, so the same decoded samples
-    assert [p[2] for p in a_out["packets"]] == [p[2] for p in a_in["packets"]] and len(a_in["packets"]) > 5
+    assert [p[2] for p in a_out["packets"]] == [p[2] for p in a_in["packets"]] and len(
+        a_in["packets"]
+    ) > 5
     assert [p[0] for p in a_out["packets"]] == [p[0] for p in a_in["packets"]]
     assert np.array_equal(a_out["samples"], a_in["samples"])
     assert len(list(video.read_video(out))) == 6
@@ -435,9 +604,9 @@ def test_cli_copies_the_audio(tmp_path, weights, capsys, ext, encoder, codec, sa
     assert sorted(os.listdir(tmp_path)) == sorted([f"in{ext}", f"out{ext}"])
 
 
-def test_cli_max_frames_cuts_the_audio_at_the_video_end(tmp_path, weights):
+def test_cli_max_frames_cuts_the_audio_at_the_video_end(tmp_path, weight_files):
     src = write_video_with_audio(tmp_path / "in.mp4", clip(16, 6, 32), 24, "aac", 44100, "mono")
-    assert upscale_cli(src, tmp_path / "out.mp4", weights, "--max-frames", "3") == 0
+    assert upscale_cli(src, tmp_path / "out.mp4", weight_files, "--max-frames", "3") == 0
     (a_in,), (a_out,) = audio_of(src), audio_of(tmp_path / "out.mp4")
     kept = [p for p in a_in["packets"] if p[0] < 3 / 24]  # packets that start within the 3 frames
     assert 3 < len(kept) < len(a_in["packets"])
@@ -445,45 +614,58 @@ def test_cli_max_frames_cuts_the_audio_at_the_video_end(tmp_path, weights):
     assert 3 / 24 <= a_out["packets"][-1][1] < 3 / 24 + 1024 / 44100
 
 
-def test_cli_reencodes_audio_the_container_cannot_hold(tmp_path, weights, capsys):
+def test_cli_reencodes_audio_the_container_cannot_hold(tmp_path, weight_files, capsys):
     # pcm_u8 goes into Matroska but not into MP4
     src = write_video_with_audio(tmp_path / "in.mkv", clip(17, 6, 32), 24, "pcm_u8", 22050, "mono")
-    assert upscale_cli(src, tmp_path / "out.mp4", weights) == 0
+    assert upscale_cli(src, tmp_path / "out.mp4", weight_files) == 0
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "pcm_u8" in notes[0] and "AAC" in notes[0], err
     (a_in,), (a_out,) = audio_of(src), audio_of(tmp_path / "out.mp4")
-    assert (a_in["codec"], a_out["codec"], a_out["rate"], a_out["channels"]) == ("pcm_u8", "aac", 22050, 1)
+    assert (a_in["codec"], a_out["codec"], a_out["rate"], a_out["channels"]) == (
+        "pcm_u8",
+        "aac",
+        22050,
+        1,
+    )
     # lossy but in place: the same sine at the same time (the MP4 edit list drops the AAC priming)
     x = (a_in["samples"][0].astype(np.float64) - 128) / 128
-    y = a_out["samples"][0, :len(x)].astype(np.float64)
+    y = a_out["samples"][0, : len(x)].astype(np.float64)
     assert len(a_out["samples"][0]) - len(x) < 1024 and len(x) == 22050 // 4
     inner = slice(500, len(x) - 500)  # away from the encoder's edge effects
     snr = 10 * math.log10(np.mean(x[inner] ** 2) / np.mean((y[inner] - x[inner]) ** 2))
     assert snr > AAC_SNR, snr
 
 
-def test_cli_no_audio(tmp_path, weights, capsys):
-    with_audio = write_video_with_audio(tmp_path / "a.mp4", clip(18, 3, 32), 24, "aac", 44100, "mono")
+def test_cli_no_audio(tmp_path, weight_files, capsys):
+    with_audio = write_video_with_audio(
+        tmp_path / "a.mp4", clip(18, 3, 32), 24, "aac", 44100, "mono"
+    )
     silent = write_video(tmp_path / "b.mp4", clip(18, 3, 32), fps=24)
     folder = write_frames(tmp_path / "c", clip(18, 3, 32))
-    for src, name, extra in [(with_audio, "a_out.mp4", ["--no-audio"]), (silent, "b_out.mp4", []),
-                             (folder, "c_out.mp4", [])]:
-        assert upscale_cli(src, tmp_path / name, weights, *extra) == 0
+    for src, name, extra in [
+        (with_audio, "a_out.mp4", ["--no-audio"]),
+        (silent, "b_out.mp4", []),
+        (folder, "c_out.mp4", []),
+    ]:
+        assert upscale_cli(src, tmp_path / name, weight_files, *extra) == 0
         assert audio_of(tmp_path / name) == [] and len(list(video.read_video(tmp_path / name))) == 3
     err = capsys.readouterr().err
     assert "audio copied" not in err and "AAC" not in err
     # another frame rate would make the audio drift: refused, unless it is dropped
-    assert upscale_cli(with_audio, tmp_path / "d.mp4", weights, "--fps", "30") == 1
+    assert upscale_cli(with_audio, tmp_path / "d.mp4", weight_files, "--fps", "30") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: fps 30 differs from the 24 fps") and "--no-audio" in err
-    assert upscale_cli(with_audio, tmp_path / "d.mp4", weights, "--fps", "30", "--no-audio") == 0
+    assert upscale_cli(with_audio, tmp_path / "d.mp4", weight_files, "--fps", "30", "--no-audio") == 0
     assert video.read_video(tmp_path / "d.mp4").fps == 30
 
 
 @pytest.mark.parametrize("when", ["write", "close"])
-def test_cli_audio_failure_is_one_line_and_leaves_nothing(tmp_path, weights, monkeypatch, capsys, when):
+def test_cli_audio_failure_is_one_line_and_leaves_nothing(
+    tmp_path, weight_files, monkeypatch, capsys, when
+):
     import av
+
     src = write_video_with_audio(tmp_path / "in.mp4", clip(19, 4, 32), 24, "aac", 44100, "mono")
     if when == "write":  # the source's audio turns out broken after two packets
         open_video = video.VideoWriter._open_video
@@ -496,7 +678,9 @@ def test_cli_audio_failure_is_one_line_and_leaves_nothing(tmp_path, weights, mon
                 yield next(packets)
                 yield next(packets)
                 raise av.error.InvalidDataError(22, "Invalid data found when processing input")
+
             self._packets = broken()
+
         monkeypatch.setattr(video.VideoWriter, "_open_video", open_broken)
         words = ["cannot write the audio of", "in.mp4", "InvalidDataError"]
     else:  # the last audio, muxed while the file is finished, fails
@@ -506,9 +690,10 @@ def test_cli_audio_failure_is_one_line_and_leaves_nothing(tmp_path, weights, mon
             if flush:
                 raise OSError(28, "No space left on device")
             return mux_audio(self, end)
+
         monkeypatch.setattr(video.VideoWriter, "_mux_audio", mux_failing_at_the_end)
         words = ["No space left on device"]
-    assert upscale_cli(src, tmp_path / "out.mp4", weights) == 1
+    assert upscale_cli(src, tmp_path / "out.mp4", weight_files) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and all(w in errors[0] for w in words) and "Traceback" not in err, err
@@ -529,13 +714,25 @@ def test_x1_model_pads_runs_and_crops_back(tmp_path, capsys):
     equal to the network run on edge-padded frames (256x256, the smallest it takes) cropped back."""
     torch.manual_seed(5)
     net = BasicVSRPlusPlus(8, 1, is_low_res_input=False).eval()
-    torch.save({"state_dict": {f"generator.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "x1.pth")
+    torch.save(
+        {"state_dict": {f"generator.{k}": v for k, v in net.state_dict().items()}},
+        tmp_path / "x1.pth",
+    )
     frames = clip(15, 3, 40, 52)
     src = write_frames(tmp_path / "in", frames)
-    assert ups.main([src, str(tmp_path / "out"), "--weights", str(tmp_path / "x1.pth"), "--device", "cpu"]) == 0
+    assert (
+        ups.main(
+            [src, str(tmp_path / "out"), "--weights", str(tmp_path / "x1.pth"), "--device", "cpu"]
+        )
+        == 0
+    )
     assert "52x40 -> 52x40, BasicVSRPlusPlus" in capsys.readouterr().err
-    got = np.stack([data.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))])
-    padded = np.stack([np.pad(f, ((0, 256 - 40), (0, 256 - 52), (0, 0)), mode="edge") for f in frames])
+    got = np.stack(
+        [files.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))]
+    )
+    padded = np.stack(
+        [np.pad(f, ((0, 256 - 40), (0, 256 - 52), (0, 0)), mode="edge") for f in frames]
+    )
     with torch.no_grad():
         expected = to_uint8(net(data.frames_to_tensor(padded)[None])[0])[:, :40, :52]
     # the same values reach the network by two routes (a padded tensor vs padded uint8 frames):
@@ -555,7 +752,7 @@ def test_self_ensemble_is_the_mean_of_the_dihedral_passes(bvsr, ensemble):
         for reflect in (False, True):
             for k in range(4):
                 x = torch.rot90(lqs.flip(-1) if reflect else lqs, k, dims=(-2, -1))
-                for reverse in ((False, True) if ensemble == "temporal" else (False,)):
+                for reverse in (False, True) if ensemble == "temporal" else (False,):
                     y = bvsr(x.flip(1) if reverse else x)
                     y = torch.rot90(y.flip(1) if reverse else y, -k, dims=(-2, -1))
                     outs.append(y.flip(-1) if reflect else y)
@@ -567,9 +764,9 @@ def test_self_ensemble_is_the_mean_of_the_dihedral_passes(bvsr, ensemble):
     assert np.abs(single.astype(int) - expected).max() > 1  # the ensemble is not the plain pass
 
 
-def test_cli_ensemble_prints_its_cost(tmp_path, weights, capsys):
+def test_cli_ensemble_prints_its_cost(tmp_path, weight_files, capsys):
     src = write_frames(tmp_path / "in", clip(17, 2, 32))
-    args = [src, str(tmp_path / "out"), "--weights", weights["basicvsr"], "--device", "cpu"]
+    args = [src, str(tmp_path / "out"), "--weights", weight_files["basicvsr"], "--device", "cpu"]
     assert ups.main(args + ["--temporal-ensemble"]) == 1
     assert "error: --temporal-ensemble adds to --ensemble" in capsys.readouterr().err
     assert ups.main(args + ["--ensemble", "--temporal-ensemble"]) == 0
@@ -597,15 +794,23 @@ def test_out_of_memory_halves_the_window_then_the_tile(bvsr, monkeypatch, capsys
     assert "tiles of 24 px" not in err  # halving the window was enough
     assert len(got) == 6 and psnr(got, whole) > TILE_PSNR
     monkeypatch.setattr(ups, "MIN_TILE", 16)
-    monkeypatch.setattr(ups, "_forward", lambda model, lqs, dtype, desc: (
-        forward(model, lqs, dtype, desc) if lqs.shape[-1] <= 32 else
-        (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))))
+    monkeypatch.setattr(
+        ups,
+        "_forward",
+        lambda model, lqs, dtype, desc: (
+            forward(model, lqs, dtype, desc)
+            if lqs.shape[-1] <= 32
+            else (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+        ),
+    )
     got = run(bvsr, frames[:2], chunk=1, overlap=1)
     err = capsys.readouterr().err
     assert "for one frame and 1 context frames: running it with 0" in err
     assert "note: out of memory on cpu for one frame: tiles of 24 px" in err
     # then each frame ran alone in tiles of 24: the same computation as --chunk 1 --overlap 0 --tile 24
-    assert psnr(got, run(bvsr, frames[:2], chunk=1, overlap=0, tile=24, tile_overlap=12)) == math.inf
+    assert (
+        psnr(got, run(bvsr, frames[:2], chunk=1, overlap=0, tile=24, tile_overlap=12)) == math.inf
+    )
 
 
 def test_cpu_memory_estimate_within_25_percent_of_the_peak_rss():
@@ -613,15 +818,22 @@ def test_cpu_memory_estimate_within_25_percent_of_the_peak_rss():
     window (RealBasicVSR(16, 2, 2), 10 frames of 90x160: 598 MB estimated, 601 MB measured here).
     The peak is the kernel's VmHWM of the new address space: ru_maxrss would carry over the forking
     pytest process's own peak through exec."""
-    code = ("import sys, numpy as np, torch; sys.path.insert(0, %r); import realbasicvsr, upscale\n"
-            "torch.manual_seed(0); m = realbasicvsr.RealBasicVSR(16, 2, 2, is_sequential_cleaning=True).eval()\n"
-            "frames = [np.random.default_rng(i).integers(0, 256, (90, 160, 3), dtype=np.uint8) for i in range(10)]\n"
-            "est = upscale.estimate_memory(m, 10, 90, 160, 'fp32', 'cpu')\n"
-            "list(upscale.upscale(m, frames, device='cpu', chunk=10, overlap=0, tile=0, scene_threshold=0))\n"
-            "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
-            "print(est / (int(hwm.split()[1]) * 1024))" % ROOT)
-    run_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    code = (
+        "import sys, numpy as np, torch; sys.path.insert(0, %r); import realbasicvsr, upscale\n"
+        "torch.manual_seed(0); m = realbasicvsr.RealBasicVSR(16, 2, 2, is_sequential_cleaning=True).eval()\n"
+        "frames = [np.random.default_rng(i).integers(0, 256, (90, 160, 3), dtype=np.uint8) for i in range(10)]\n"
+        "est = upscale.estimate_memory(m, 10, 90, 160, 'fp32', 'cpu')\n"
+        "list(upscale.upscale(m, frames, device='cpu', chunk=10, overlap=0, tile=0, scene_threshold=0))\n"
+        "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        "print(est / (int(hwm.split()[1]) * 1024))" % ROOT
+    )
+    run_ = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
     assert run_.returncode == 0, run_.stderr[-2000:]
     assert 0.75 < float(run_.stdout.split()[-1]) < 1.25
 
@@ -631,13 +843,28 @@ def test_x2_weights_need_no_flag(tmp_path, capsys):
     the network's own forward pass (within one grey level: see test_cli_basicvsrpp_is_the_default)."""
     torch.manual_seed(6)
     net = BasicVSR(8, 1, scale=2).eval()
-    basicvsr.save_weights(net, tmp_path / "x2.safetensors")
+    weights.save_weights(net, tmp_path / "x2.safetensors")
     frames = clip(18, 3, 32, 48)
     src = write_frames(tmp_path / "in", frames)
-    assert ups.main([src, str(tmp_path / "out"), "--weights", str(tmp_path / "x2.safetensors"), "--device", "cpu",
-                     "--scene-threshold", "0"]) == 0
+    assert (
+        ups.main(
+            [
+                src,
+                str(tmp_path / "out"),
+                "--weights",
+                str(tmp_path / "x2.safetensors"),
+                "--device",
+                "cpu",
+                "--scene-threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "48x32 -> 96x64, BasicVSR" in capsys.readouterr().err
-    got = np.stack([data.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))])
+    got = np.stack(
+        [files.read_image(str(tmp_path / "out" / n)) for n in sorted(os.listdir(tmp_path / "out"))]
+    )
     with torch.no_grad():
         expected = to_uint8(net(data.frames_to_tensor(frames)[None])[0])
     assert got.shape == (3, 64, 96, 3) and np.abs(got.astype(int) - expected).max() <= 1
@@ -656,14 +883,27 @@ def two_scenes():
 
 def torchrun(*args, script=None, timeout=120):
     """`python -m torch.distributed.run --nproc_per_node=2 upscale.py ARGS` (or `script`), 1 thread each."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           script or os.path.join(ROOT, "upscale.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        script or os.path.join(ROOT, "upscale.py"),
+        *map(str, args),
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def frames_of(folder):
-    return [data.read_image(str(folder / n)).astype(int) for n in sorted(os.listdir(folder))]
+    return [files.read_image(str(folder / n)).astype(int) for n in sorted(os.listdir(folder))]
 
 
 def assert_same_frames(got, expected):
@@ -676,7 +916,18 @@ def one_process(tmp_path_factory, weights):
     """INPUT, the flags, and the frames of the one-process run (chunk 2, 1 context frame: 5 windows)."""
     root = tmp_path_factory.mktemp("one_process")
     src = write_frames(root / "in", two_scenes())
-    flags = ["--weights", weights["basicvsr"], "--device", "cpu", "--chunk", "2", "--overlap", "1", "--tile", "0"]
+    flags = [
+        "--weights",
+        weight_files["basicvsr"],
+        "--device",
+        "cpu",
+        "--chunk",
+        "2",
+        "--overlap",
+        "1",
+        "--tile",
+        "0",
+    ]
     assert ups.main([src, str(root / "out")] + flags) == 0
     return src, flags, frames_of(root / "out")
 
@@ -687,7 +938,10 @@ def test_two_processes_give_the_one_process_frames(tmp_path, one_process):
     assert run_.returncode == 0, run_.stderr[-3000:]
     assert_same_frames(frames_of(tmp_path / "out"), expected)
     # rank 0 alone prints: the settings once, the summary once
-    assert run_.stderr.count("upscale: 32x32 -> 128x128") == 1 and run_.stderr.count("out: 9 frames") == 1
+    assert (
+        run_.stderr.count("upscale: 32x32 -> 128x128") == 1
+        and run_.stderr.count("out: 9 frames") == 1
+    )
 
 
 def test_a_failing_rank_stops_all_and_the_folder_resumes(tmp_path, one_process):
@@ -701,22 +955,30 @@ def test_a_failing_rank_stops_all_and_the_folder_resumes(tmp_path, one_process):
         "def failing(*args, **kwargs):\n    runs.append(1)\n"
         "    if os.environ['RANK'] == '1' and len(runs) == 2:\n        raise ValueError('boom on rank 1')\n"
         "    return window(*args, **kwargs)\n"
-        "upscale.upscale_window = failing\nsys.exit(upscale.main())\n")
+        "upscale.upscale_window = failing\nsys.exit(upscale.main())\n"
+    )
     out = tmp_path / "out"
     run_ = torchrun(src, out, *flags, script=script)
     errors = sorted(line for line in run_.stderr.splitlines() if line.startswith("error: "))
     # (torchrun's launcher prints its own traceback of the failed run; the ranks print none)
-    assert run_.returncode != 0 and f'{ROOT}/upscale.py", line' not in run_.stderr, run_.stderr[-3000:]
-    assert errors == ["error: boom on rank 1", f"error: rank 1 of the run failed (its error line follows); {out} keeps "
-                                               f"its complete frames: the same command with --resume finishes it"]
+    assert run_.returncode != 0 and f'{ROOT}/upscale.py", line' not in run_.stderr, run_.stderr[
+        -3000:
+    ]
+    assert errors == [
+        "error: boom on rank 1",
+        f"error: rank 1 of the run failed (its error line follows); {out} keeps "
+        f"its complete frames: the same command with --resume finishes it",
+    ]
     assert sorted(os.listdir(out)) == [f"{i:08d}.png" for i in range(4)]
     kept = {n: os.stat(out / n) for n in os.listdir(out)}
     run_ = torchrun(src, out, *flags, "--resume")
     assert run_.returncode == 0, run_.stderr[-3000:]
     assert "out: 9 frames of 128x128 (4 kept from the interrupted run)" in run_.stderr
     assert_same_frames(frames_of(out), expected)
-    assert all((os.stat(out / n).st_mtime_ns, os.stat(out / n).st_ino) == (s.st_mtime_ns, s.st_ino)
-               for n, s in kept.items())
+    assert all(
+        (os.stat(out / n).st_mtime_ns, os.stat(out / n).st_ino) == (s.st_mtime_ns, s.st_ino)
+        for n, s in kept.items()
+    )
 
 
 def test_interrupted_folder_resumes_to_the_same_frames(tmp_path, one_process, monkeypatch, capsys):
@@ -732,24 +994,33 @@ def test_interrupted_folder_resumes_to_the_same_frames(tmp_path, one_process, mo
 
     monkeypatch.setattr(video.VideoWriter, "write", interrupted_write)
     assert ups.main([src, str(out)] + flags) == 130
-    assert f"{out} keeps its complete frames: the same command with --resume finishes it" in capsys.readouterr().err
+    assert (
+        f"{out} keeps its complete frames: the same command with --resume finishes it"
+        in capsys.readouterr().err
+    )
     assert sorted(os.listdir(out)) == [f"{i:08d}.png" for i in range(3)]
     kept = {n: os.stat(out / n) for n in os.listdir(out)}
     monkeypatch.setattr(video.VideoWriter, "write", write)
     assert ups.main([src, str(out)] + flags) == 1  # without --resume an existing OUTPUT is refused
     assert "--resume completes an interrupted frame folder" in capsys.readouterr().err
     runs, window = [], ups.upscale_window
-    monkeypatch.setattr(ups, "upscale_window", lambda *a, **k: runs.append(a[3] - a[2]) or window(*a, **k))
+    monkeypatch.setattr(
+        ups, "upscale_window", lambda *a, **k: runs.append(a[3] - a[2]) or window(*a, **k)
+    )
     assert ups.main([src, str(out)] + flags + ["--resume"]) == 0
     assert runs == [2, 1, 2, 2]  # the windows of frames 2-3, 4, 5-6, 7-8: the first was skipped
     assert_same_frames(frames_of(out), expected)
-    assert all((os.stat(out / n).st_mtime_ns, os.stat(out / n).st_ino) == (s.st_mtime_ns, s.st_ino)
-               for n, s in kept.items())
+    assert all(
+        (os.stat(out / n).st_mtime_ns, os.stat(out / n).st_ino) == (s.st_mtime_ns, s.st_ino)
+        for n, s in kept.items()
+    )
 
 
 def test_resume_of_a_video_output_is_refused(tmp_path, one_process, capsys):
     src, flags, _ = one_process
     assert ups.main([src, str(tmp_path / "out.mp4")] + flags + ["--resume"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and all(w in errors[0] for w in ["--resume", "out.mp4", "H.264", "frame folder"])
+    assert len(errors) == 1 and all(
+        w in errors[0] for w in ["--resume", "out.mp4", "H.264", "frame folder"]
+    )
     assert os.listdir(tmp_path) == []

@@ -1,20 +1,23 @@
 """video.py: reading and writing videos and frame folders (the audio is tested through the command
 line in test_upscale.py)."""
+
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-import data
+import files
 import video
-
 
 
 @pytest.mark.parametrize("name", ["clip.mp4", "clip.mkv", "frames"])
 def test_video_roundtrip(tmp_path, name):
     rng = np.random.default_rng(4)
-    frames = [cv2.GaussianBlur(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), (0, 0), 2) for _ in range(9)]
+    frames = [
+        cv2.GaussianBlur(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), (0, 0), 2)
+        for _ in range(9)
+    ]
     path = str(tmp_path / name)
     with video.VideoWriter(path, fps=12.5) as w:
         for f in frames:
@@ -28,7 +31,9 @@ def test_video_roundtrip(tmp_path, name):
     assert len(out) == 9 and all(o.shape == (32, 48, 3) and o.dtype == np.uint8 for o in out)
     err = np.mean([np.abs(o.astype(float) - f).mean() for o, f in zip(out, frames)])
     assert err == 0 if name == "frames" else err < 3  # crf 18: close to the input
-    assert video.read_video(str(tmp_path / "frames") if name == "frames" else path).fps == (25.0 if name == "frames" else 12.5)
+    assert video.read_video(str(tmp_path / "frames") if name == "frames" else path).fps == (
+        25.0 if name == "frames" else 12.5
+    )
 
 
 def test_video_writer_odd_size_and_atomicity(tmp_path):
@@ -45,7 +50,9 @@ def test_video_writer_odd_size_and_atomicity(tmp_path):
             w.write(np.zeros((16, 16, 3), np.uint8))
             raise RuntimeError("interrupted")
     assert sorted(os.listdir(tmp_path)) == ["odd.mp4"]  # nothing half-written left behind
-    with pytest.raises(ValueError, match="16x16"):  # a frame folder keeps its complete frames (to resume)
+    with pytest.raises(
+        ValueError, match="16x16"
+    ):  # a frame folder keeps its complete frames (to resume)
         with video.VideoWriter(str(tmp_path / "fail"), 25) as w:
             w.write(np.zeros((16, 16, 3), np.uint8))
             w.write(np.zeros((8, 8, 3), np.uint8))
@@ -64,7 +71,9 @@ def test_video_writer_resumes_a_frame_folder(tmp_path):
             w.write(frames[0])
             w.write(frames[1])
             raise KeyboardInterrupt
-    open(os.path.join(path, "00000002.tmp-0123abcd.png"), "wb").close()  # a killed write's temporary
+    open(
+        os.path.join(path, "00000002.tmp-0123abcd.png"), "wb"
+    ).close()  # a killed write's temporary
     with pytest.raises(FileExistsError, match="--resume"):
         video.VideoWriter(path, 25)
     kept = os.stat(os.path.join(path, "00000001.png"))
@@ -95,7 +104,7 @@ def test_read_video_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         video.read_video(str(tmp_path / "empty"))
     os.makedirs(tmp_path / "mixed")
-    data.write_image(str(tmp_path / "mixed" / "0.png"), np.zeros((8, 8, 3), np.uint8))
-    data.write_image(str(tmp_path / "mixed" / "1.png"), np.zeros((8, 10, 3), np.uint8))
+    files.write_image(str(tmp_path / "mixed" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    files.write_image(str(tmp_path / "mixed" / "1.png"), np.zeros((8, 10, 3), np.uint8))
     with pytest.raises(ValueError, match="1.png"):
         list(video.read_video(str(tmp_path / "mixed")))

@@ -1,0 +1,368 @@
+"""Weights: one reader for every published layout, strict loading, safetensors that name their
+network, and which network a file holds.
+
+  safetensors (ours)        flat {key: tensor}; metadata "network" and "config" name the network
+  mmagic / mmediting .pth   {"meta": ..., "state_dict": {"generator.<key>": ...}} (also generator_ema.)
+  BasicSR .pth              {"params_ema" or "params": {...}}, SPyNet convs at basic_module.{0,2,4,6,8}
+                            and upsamplers upconv1/upconv2 (renamed here)
+  plain .pth                {key: tensor}
+  standalone SPyNet files   no mean/std buffers: these constants are taken from the model
+"""
+
+import contextlib
+import json
+import os
+import pickle
+import re
+
+import torch
+import torch.nn as nn
+
+from basicvsr import BasicVSR, BasicVSRPlusPlus, SPyNet
+from files import atomic_path
+from realbasicvsr import RealBasicVSR
+
+
+def _is_safetensors(path):
+    # 8-byte little-endian header length, then the JSON header
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return (
+        len(head) == 9
+        and head[8:9] == b"{"
+        and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+    )
+
+
+class _Opaque:
+    """Stand-in for any non-tensor object in a checkpoint's metadata (mmengine's message hub, numpy, ...)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    # Resolves only tensor rebuilding and plain containers; every other global becomes _Opaque,
+    # so no code from the file ever runs.
+    def find_class(self, module, name):
+        if (module == "torch._utils" and name.startswith("_rebuild_")) or (module, name) in {
+            ("collections", "OrderedDict"),
+            ("torch", "Size"),
+            ("torch", "device"),
+        }:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return _Opaque
+
+
+class _TensorsOnlyPickle:
+    Unpickler = _TensorsOnlyUnpickler
+    load = staticmethod(lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load())
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Training checkpoints (mmagic 1.x) carry objects weights_only refuses in their metadata;
+        # read the tensors and leave those objects opaque.
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle
+        )
+
+
+_BASICSR_SPYNET = re.compile(r"^(.*\bbasic_module\.\d+\.basic_module\.)(\d+)\.(weight|bias)$")
+_BASICSR_UPCONV = re.compile(r"^(.*?)\bupconv([12])\.")
+
+
+def _from_basicsr_names(state):
+    """BasicSR's SPyNet (Sequential with ReLU modules: convs at 0,2,..,8) and upsampler names -> mmagic's."""
+    out = {}
+    for k, v in state.items():
+        m = _BASICSR_SPYNET.match(k)
+        if m and int(m.group(2)) % 2 == 0:
+            k = f"{m.group(1)}{int(m.group(2)) // 2}.conv.{m.group(3)}"
+        k = _BASICSR_UPCONV.sub(r"\1upsample\2.upsample_conv.", k)
+        out[k] = v
+    return out
+
+
+def _strip_prefix(state, prefix, path):
+    prefix = prefix.rstrip(".") + "."
+    selected = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not selected:
+        heads = sorted({k.split(".")[0] for k in state})
+        raise ValueError(f"{path}: no keys start with {prefix!r}; the top-level names are {heads}")
+    return selected
+
+
+def read_state_dict(path, prefix=None):
+    """Any supported checkpoint file -> {mmagic key: tensor} for one network.
+
+    prefix picks the network inside the file (with or without the trailing dot): for mmagic files it
+    defaults to "generator_ema." when present, else "generator."; "discriminator" etc. pick another part.
+    For BasicSR files "params" or "params_ema" picks the part (default params_ema when present)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    is_safetensors = _is_safetensors(path)
+    try:
+        if is_safetensors:
+            import safetensors.torch
+
+            state = safetensors.torch.load_file(path)
+        else:
+            obj = _torch_load(path)
+    except Exception as e:  # truncated or not a checkpoint; the loaders' own messages vary
+        raise ValueError(
+            f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+            f"is the file complete?"
+        ) from None
+    if not is_safetensors:
+        if not isinstance(obj, dict):
+            raise ValueError(
+                f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}"
+            )
+        if isinstance(obj.get("state_dict"), dict):  # mmagic / mmediting
+            state = obj["state_dict"]
+            if prefix is None:
+                prefix = next(
+                    (
+                        p
+                        for p in ("generator_ema.", "generator.")
+                        if any(k.startswith(p) for k in state)
+                    ),
+                    None,
+                )
+        elif isinstance(obj.get("params_ema"), dict) or isinstance(
+            obj.get("params"), dict
+        ):  # BasicSR
+            part = "params_ema" if isinstance(obj.get("params_ema"), dict) else "params"
+            if prefix is not None and prefix.rstrip(".") in ("params", "params_ema"):
+                part, prefix = prefix.rstrip("."), None
+                if not isinstance(obj.get(part), dict):
+                    raise ValueError(f"{path}: BasicSR checkpoint has no {part!r}")
+            state = obj[part]
+        else:
+            state = obj
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(
+                f"{path}: not a state dict; non-tensor entries {bad[:5]}"
+                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}"
+            )
+    if prefix is not None:
+        state = _strip_prefix(state, prefix, path)
+    return _from_basicsr_names(state)
+
+
+def _few(keys, n=5):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (
+        f" ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})"
+    )
+
+
+def load_strict(model, state, path, optional=()):
+    """model.load_state_dict(state), where a missing key (other than `optional` ones), an unexpected
+    or a mis-shaped one raises one ValueError naming the keys and the file. Returns the model."""
+    own = model.state_dict()
+    missing = set(own) - set(state) - set(optional)
+    unexpected = set(state) - set(own)
+    misshaped = [
+        f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
+        for k in sorted(set(state) & set(own))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or misshaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {_few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_few(unexpected)}")
+        if misshaped:
+            problems.append(f"mis-shaped {_few(misshaped, 3)}")
+        raise ValueError(
+            f"{os.fspath(path)} does not fit {type(model).__name__}: " + "; ".join(problems)
+        )
+    model.load_state_dict({**{k: own[k] for k in optional if k not in state}, **state}, strict=True)
+    return model
+
+
+def load_state(model, state, path):
+    """load_strict, where SPyNet's mean/std may be absent (they are constants). Returns the model."""
+    constants = {
+        f"{name}.{b}".lstrip(".")
+        for name, m in model.named_modules()
+        if isinstance(m, SPyNet)
+        for b in ("mean", "std")
+    }
+    return load_strict(model, state, path, optional=constants)
+
+
+def load_weights(model, path, prefix=None):
+    """Load any supported checkpoint into `model`, strictly (load_state). Returns the model."""
+    return load_state(model, read_state_dict(path, prefix), path)
+
+
+def save_weights(model_or_state_dict, path):
+    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically. The
+    file describes itself: its metadata names the network and its constructor arguments (a module's
+    `config`, else what the keys say), so upscale.py needs no architecture flags."""
+    import safetensors.torch
+
+    if isinstance(model_or_state_dict, nn.Module):
+        state, config = (
+            model_or_state_dict.state_dict(),
+            getattr(model_or_state_dict, "config", None),
+        )
+        network = type(model_or_state_dict).__name__ if config is not None else None
+    else:
+        state, network, config = model_or_state_dict, None, None
+        with contextlib.suppress(ValueError):  # a part that is no upscaling network: no description
+            network, config = network_from_keys(state, path)
+    metadata = {"format": "pt"}
+    if network is not None:
+        metadata.update(network=network, config=json.dumps(config))
+    # safetensors wants contiguous CPU tensors that share no storage
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+
+
+# Which network a file holds. Our safetensors say it in their metadata; the published .pth files
+# (mmagic, mmediting, BasicSR) are recognised by their key names, and sizes are read off the
+# shapes: the channels from a convolution, the blocks by counting them.
+
+
+def _count(state, prefix):
+    """Number of residual blocks prefix{i}.conv1.weight."""
+    return len(
+        {
+            k[len(prefix) :].split(".")[0]
+            for k in state
+            if k.startswith(prefix) and k.endswith("conv1.weight")
+        }
+    )
+
+
+def _scale(state, prefix):
+    """4 with the second pixel-shuffle stage (every published file), else 2."""
+    return 4 if prefix + "upsample2.upsample_conv.weight" in state else 2
+
+
+def network_from_keys(state, path):
+    """(class name, constructor kwargs) of the upscaling network `state` fits, or one ValueError
+    saying what the file holds instead."""
+    if (
+        "deform_align.backward_1.conv_offset.0.weight" in state
+        and "backbone.backward_1.main.0.weight" in state
+    ):
+        return "BasicVSRPlusPlus", dict(
+            mid_channels=state["backbone.backward_1.main.0.weight"].shape[0],
+            num_blocks=_count(state, "backbone.backward_1.main.2."),
+            max_residue_magnitude=10,  # a constant of the published models, not in the file
+            is_low_res_input="feat_extract.main.0.weight"
+            in state,  # HR input: two stride-2 convs first
+            scale=_scale(state, ""),
+        )
+    if (
+        "image_cleaning.0.main.0.weight" in state
+        and "basicvsr.backward_resblocks.main.0.weight" in state
+    ):
+        return "RealBasicVSR", dict(
+            mid_channels=state["image_cleaning.0.main.0.weight"].shape[0],
+            num_propagation_blocks=_count(state, "basicvsr.backward_resblocks.main.2."),
+            num_cleaning_blocks=_count(state, "image_cleaning.0.main.2."),
+            scale=_scale(state, "basicvsr."),
+        )
+    if "backward_resblocks.main.0.weight" in state:
+        return "BasicVSR", dict(
+            mid_channels=state["backward_resblocks.main.0.weight"].shape[0],
+            num_blocks=_count(state, "backward_resblocks.main.2."),
+            scale=_scale(state, ""),
+        )
+    if state and all(k.startswith("basic_module.") or k in ("mean", "std") for k in state):
+        raise ValueError(
+            f"{path} holds SPyNet, the optical-flow network, not an upscaling network "
+            f"(train.py takes it as --spynet-weights)"
+        )
+    if "conv_0.weight" in state and any(k.startswith("conv_9.") for k in state):
+        raise ValueError(f"{path} holds the UNet discriminator, not an upscaling network")
+    heads = sorted({k.split(".")[0] for k in state})
+    raise ValueError(
+        f"{path} fits no network here (BasicVSR++, BasicVSR, RealBasicVSR): its top-level "
+        f"names are {heads[:8]}{' ...' if len(heads) > 8 else ''}"
+    )
+
+
+def network_of(path, state):
+    """(class name, constructor kwargs) of the network whose weights `state` (read from `path`) are:
+    our safetensors' metadata, else network_from_keys."""
+    if _is_safetensors(path):
+        import safetensors
+
+        with safetensors.safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        if "network" in metadata:
+            return metadata["network"], json.loads(metadata["config"])
+    return network_from_keys(state, path)
+
+
+NETWORKS = {
+    "BasicVSRPlusPlus": BasicVSRPlusPlus,
+    "BasicVSR": BasicVSR,
+    "RealBasicVSR": RealBasicVSR,
+}
+
+
+def load_network(path, refine_thres=255):
+    """The network a weights file holds (weights.network_of: our safetensors' metadata, or the
+    key names and shapes of a published .pth), with its weights. RealBasicVSR is built as the
+    official inference runs it: sequential cleaning, `refine_thres` (0-255) for more passes."""
+    state = read_state_dict(path)
+    name, config = network_of(path, state)
+    if name == "RealBasicVSR":
+        config = dict(config, is_sequential_cleaning=True, dynamic_refine_thres=refine_thres)
+    return load_state(NETWORKS[name](**config), state, path)
+
+
+def scale_of(model):
+    """Output size / input size: 4 or 2, or 1 for BasicVSR++ restoring at the input size (deblur,
+    denoise, decompression: is_low_res_input=False)."""
+    return getattr(model, "scale", 4)  # a plain function (the tests) is x4
+
+
+def convert(src, dst, prefix):
+    state = read_state_dict(src, prefix)
+    save_weights(state, dst)
+    print(
+        f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values"
+    )
+
+
+def load_vgg19_features(vgg, path):
+    """Load torchvision's vgg19-dcbb9e9d.pth (or a .safetensors copy) into VGG19Features, strictly.
+
+    The classifier.* entries of the torchvision file are not needed and are skipped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VGG19 weights not found: {path} (torchvision's vgg19-dcbb9e9d.pth)"
+        )
+    state = read_state_dict(path)
+    load_strict(vgg, {k: v for k, v in state.items() if not k.startswith("classifier.")}, path)
+
+
+def min_input_size(model):
+    """Smallest frame the network is run on: 64 LR pixels for SPyNet's coarsest level in BasicVSR++
+    and RealBasicVSR; x1 models pad smaller frames (_forward), so any size."""
+    if hasattr(model, "min_size"):  # an exported file (export.OnnxNetwork) records it
+        return model.min_size
+    if scale_of(model) == 1 or isinstance(model, BasicVSR):
+        return 1
+    return 64
