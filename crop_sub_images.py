@@ -1,4 +1,5 @@
-"""Crop REDS frames into overlapping sub-images for faster I/O (RealBasicVSR, spec §8.2).
+"""Crop REDS frames into overlapping sub-images for faster I/O, as RealBasicVSR's training data
+is made (ckkelvinchan/RealBasicVSR: crop_sub_images.py).
 
     python crop_sub_images.py --data-root data/REDS --scales 4
 
@@ -38,20 +39,20 @@ def crop_positions(length, crop_size, step, thresh_size):
 
 
 def crop_one(task):
-    """Crop one frame into all grid positions; returns the number of files written (existing ones skipped)."""
+    """Crop one frame into all grid positions; returns the number of files written (existing ones
+    skipped)."""
     path, clip, save_folder, crop_size, step, thresh_size, level = task
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ValueError(f"cannot read image (missing, corrupt or unsupported): {path}")
     name, ext = os.path.splitext(os.path.basename(path))
     h, w = img.shape[:2]
-    hs, ws = (
-        crop_positions(h, crop_size, step, thresh_size),
-        crop_positions(w, crop_size, step, thresh_size),
-    )
+    hs = crop_positions(h, crop_size, step, thresh_size)
+    ws = crop_positions(w, crop_size, step, thresh_size)
     if not hs or not ws:
         raise ValueError(f"image {w}x{h} is smaller than the crop size {crop_size}: {path}")
-    written, index = 0, 0
+    written = 0
+    index = 0
     for y in hs:
         for x in ws:
             index += 1
@@ -78,7 +79,7 @@ def _list_images(input_folder):
     items = []
     for d, _, names in os.walk(input_folder):
         for n in sorted(names):
-            if n.lower().endswith(IMG_EXTS) and ".tmp-" not in n:
+            if n.lower().endswith(IMG_EXTS) and atomic_path.TAG not in n:
                 items.append((os.path.join(d, n), os.path.basename(d)))
     return sorted(items)
 
@@ -92,7 +93,8 @@ def _remove_stale_tmp(folder):
 
 
 def crop_folder(input_folder, save_folder, crop_size, step, thresh_size, level, n_thread):
-    """Crop every image of input_folder into save_folder; returns files written (0 if already complete)."""
+    """Crop every image of input_folder into save_folder; returns the number of files written (0
+    if already complete)."""
     from tqdm import tqdm
 
     if not os.path.isdir(input_folder):

@@ -1,28 +1,33 @@
-"""Data for BasicVSR++ and RealBasicVSR: datasets, degradations, test-set preparation (video I/O: video.py).
+"""Data for BasicVSR++ and RealBasicVSR: the datasets, the BI / BD test-set degradations and the
+preparation of test sets. Elsewhere: image files and frame folders in files.py, the built-in
+synthetic clips in synthetic.py, RealBasicVSR's degradations in degradations.py, video in video.py.
 
 Every dataset item is a dict of float32 torch tensors in [0, 1], RGB, frames first:
     {"lq": (t, 3, h, w), "gt": (t, 3, s*h, s*w), "key": str}
     RealDegradationDataset adds "gt_usm" (the unsharp-masked GT the LQ is made from);
-    LQFolder items have no "gt", REDSSub ones no "lq"; Vimeo90K "test" ones only the centre GT frame (1, 3, H, W).
+    LQFolder items have no "gt", REDSSub ones no "lq"; Vimeo90K "test" ones only the centre GT
+    frame (1, 3, H, W).
 
 Public names, in file order:
-    read_image(path) -> RGB uint8 (h, w, 3)        atomic_path(path): tmp name, renamed when complete
-    write_image(path, rgb, compression=3) (atomic)  frames_to_tensor(frames) -> (t, 3, h, w) float32
-    matlab_imresize(img, scale)                      MATLAB imresize, bicubic, antialiased
-    bicubic_downsample(img, scale=4), bd_downsample(img, sigma=1.6, scale=4)   BI / BD test-set degradations, uint8
-    synthetic_clip(seed, num_frames, gt_size, ...)   one procedurally generated GT clip, uint8
+    frames_to_tensor(frames) -> (t, 3, h, w) float32
+    matlab_imresize(img, scale)                 MATLAB imresize, bicubic, antialiased
+    bicubic_downsample(img, scale=4)            the BI test-set degradation, uint8
+    bd_downsample(img, sigma=1.6, scale=4)      the BD one: Gaussian blur, then subsampling
     SyntheticClips(num_clips, num_frames, gt_size, scale=4, seed=0)   the built-in default data
-    REDS(root, split, num_frames=30, gt_size=256, scale=4)            "train", "reds4", "redsval", "official_train"
-    REDSSub(root, num_frames=15, gt_size=256)        GT-only sub-image clips (train_sharp_sub)
-    Vimeo90K(root, split, degradation="BI", gt_size=256)              septuplets mirrored to 14 frames
-    PairedFolders(root, lq_dir, gt_dir, scale=4)     Vid4 / UDM10 style test sets; LQFolder(root): LQ only
-    (degradations) unsharp_mask, gaussian/generalized_gaussian/plateau/sinc_kernel, blur_kernel, random_blur,
-        random_resize/noise/jpeg/video_compression, check_video_codec, quantize, BLUR_1 ... FINAL_SINC, degrade_sequence
-    RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data; prepare_test_set
+    REDS(root, split, num_frames=30, gt_size=256, scale=4)
+                                                "train", "official_train", "reds4", "redsval"
+    REDSSub(root, num_frames=15, gt_size=256)   GT-only sub-image clips (train_sharp_sub)
+    Vimeo90K(root, split, degradation="BI", gt_size=256)   septuplets mirrored to 14 frames
+    PairedFolders(root, lq_dir, gt_dir, scale=4)           Vid4 / UDM10 style test sets
+    LQFolder(root)                              LQ-only clips
+    RealDegradationDataset(root=None, num_frames=15, gt_size=256, ...)   RealBasicVSR training data
+    prepare_test_set(src, dst, degradation="bi", scale=4)  a BI or BD copy of a tree of images
 
-Command line: `--bench-degradation` (RealBasicVSR samples/s, one worker), `--prepare bi|bd --src GT`.
+Command line: `--bench-degradation` (RealBasicVSR samples/s, one worker),
+`--prepare bi|bd --src GT`.
 
-Randomness: a training sample is a pure function of (seed, rank, epoch (set_epoch), index), whatever num_workers.
+Randomness: a training sample is a pure function of (seed, rank, epoch (set_epoch), index),
+whatever num_workers.
 """
 
 import argparse
@@ -42,7 +47,7 @@ from synthetic import synthetic_clip
 from video import check_video_codec
 
 # ---------------------------------------------------------------------------------------------
-# Image I/O
+# Frames to tensors
 
 
 def frames_to_tensor(frames):
@@ -53,13 +58,15 @@ def frames_to_tensor(frames):
 
 
 # ---------------------------------------------------------------------------------------------
-# Test-set degradations: MATLAB bicubic (BI) and Gaussian blur + subsampling (BD), spec §7.2
+# Test-set degradations: MATLAB bicubic (BI) and Gaussian blur + subsampling (BD), as
+# open-mmlab/mmagic: tools/dataset_converters/vimeo90k/preprocess_vimeo90k_dataset.py makes them
 
 
 def _cubic(x):
     # Keys' cubic with a = -0.5, as MATLAB's imresize
     ax = np.abs(x)
-    ax2, ax3 = ax * ax, ax * ax * ax
+    ax2 = ax * ax
+    ax3 = ax2 * ax
     return np.where(
         ax <= 1,
         1.5 * ax3 - 2.5 * ax2 + 1,
@@ -69,7 +76,8 @@ def _cubic(x):
 
 @functools.lru_cache(maxsize=64)
 def _imresize_weights(in_len, out_len, scale):
-    """MATLAB imresize's bicubic weights along one axis: out[i] = sum_j w[i, j] x[src[i, j]], (out_len, taps)."""
+    """MATLAB imresize's bicubic weights along one axis, (out_len, taps) each:
+    out[i] = sum_j w[i, j] x[src[i, j]]."""
     kernel_scale = min(scale, 1.0)  # downscaling widens the kernel: antialiasing
     width = 4.0 / kernel_scale
     u = np.arange(1, out_len + 1, dtype=np.float64) / scale + 0.5 * (1 - 1 / scale)
@@ -85,13 +93,15 @@ def _imresize_weights(in_len, out_len, scale):
 
 
 def matlab_imresize(img, scale):
-    """MATLAB `imresize(img, scale)`, default bicubic kernel with antialiasing. img (h, w) or (h, w, c):
-    uint8 returns uint8 (rounded half up, clipped), float returns float64 unclipped. Rows first, in
-    float64 without intermediate rounding (as the Python ports used by mmagic/BasicSR)."""
+    """MATLAB `imresize(img, scale)`, default bicubic kernel with antialiasing. img (h, w) or
+    (h, w, c): uint8 returns uint8 (rounded half up, clipped), float returns float64 unclipped.
+    Rows first, in float64 without intermediate rounding (as the Python ports used by
+    mmagic/BasicSR)."""
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     h, w = img.shape[:2]
-    out_h, out_w = int(math.ceil(h * scale)), int(math.ceil(w * scale))
+    out_h = int(math.ceil(h * scale))
+    out_w = int(math.ceil(w * scale))
     # gathers instead of dense matrix products: no BLAS threads, which stall on a busy machine
     src, wt = _imresize_weights(h, out_h, float(scale))
     x = np.einsum("ot,ot...->o...", wt, img.astype(np.float64)[src])  # (oh, w, ...)
@@ -110,10 +120,12 @@ def bicubic_downsample(img, scale=4):
 
 def bd_downsample(img, sigma=1.6, scale=4):
     """The BD degradation: Gaussian blur (MATLAB fspecial, size 12 for sigma 1.6, replicate border,
-    anchor (5, 5) as MATLAB's imfilter centre for an even kernel), then every scale-th pixel from 1."""
+    anchor (5, 5) as MATLAB's imfilter centre for an even kernel), then every scale-th pixel
+    from 1."""
     size = int(math.ceil(3 * sigma)) * 2 + 2  # 12 for sigma 1.6: even, centred between pixels
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2  # -5.5 ... 5.5
-    k, anchor = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma * sigma)), (size - 1) // 2
+    k = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma * sigma))
+    anchor = (size - 1) // 2
     blurred = cv2.filter2D(
         img.astype(np.float64),
         -1,
@@ -125,7 +137,8 @@ def bd_downsample(img, sigma=1.6, scale=4):
 
 
 # ---------------------------------------------------------------------------------------------
-# Datasets: training samples are a random window, crop and flips (_train_sample), evaluation ones whole clips.
+# Datasets: a training sample is a random window, crop and flips (_train_sample), an evaluation
+# one a whole clip.
 
 
 def _need_dirs(*folders):
@@ -198,8 +211,9 @@ def _augment(rng, *seqs):
 
 
 def _train_sample(rng, paths, num_frames, gt_size, scale=1):
-    """([lq,] gt) frame path lists -> a random window of num_frames (None: all), the same random crop of
-    each (GT gt_size, LQ gt_size / scale; None: none) and flips/transpose (p = 0.5 each), uint8 arrays; start."""
+    """([lq,] gt) frame path lists -> (uint8 arrays, start): a random window of num_frames (None:
+    all), the same random crop of each (GT gt_size, LQ gt_size / scale; None: none) and
+    flips/transpose (p = 0.5 each)."""
     start = 0
     if num_frames is not None:
         _check_length(paths[-1], num_frames)
@@ -207,13 +221,15 @@ def _train_sample(rng, paths, num_frames, gt_size, scale=1):
         paths = [p[start : start + num_frames] for p in paths]
     seqs = _read_clips(paths, scale)
     if gt_size is not None:  # placed on the first sequence, the LQ when paired
-        size, (h, w) = gt_size // scale, seqs[0].shape[1:3]
+        size = gt_size // scale
+        h, w = seqs[0].shape[1:3]
         if h < size or w < size:
             raise ValueError(
                 f"{'LQ ' if len(seqs) > 1 else ''}frames {w}x{h} are smaller than the crop "
                 f"{size}x{size}: {paths[0][0]}"
             )
-        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        top = int(rng.integers(0, h - size + 1))
+        left = int(rng.integers(0, w - size + 1))
         seqs = [
             s[:, top * f : (top + size) * f, left * f : (left + size) * f]
             for s, f in zip(seqs, (1, scale))
@@ -222,14 +238,21 @@ def _train_sample(rng, paths, num_frames, gt_size, scale=1):
 
 
 class _Clips(torch.utils.data.Dataset):
-    """clips: the clip names; paths: per clip one frame path list per field (lq, gt). A training set
-    gives one _train_sample per clip, keyed "{clip}/{start:08d}"; the others whole clips, keyed clip."""
+    """clips: the clip names; paths: per clip one frame path list per field (lq, gt). A training
+    set gives one _train_sample per clip, keyed "{clip}/{start:08d}"; the others whole clips, keyed
+    clip."""
 
-    fields, training, num_frames, gt_size, scale = ("lq", "gt"), False, None, None, 1
+    fields = ("lq", "gt")
+    training = False
+    num_frames = None
+    gt_size = None
+    scale = 1
 
     def _find(self, roots, clips, num_frames=None):
-        """Frame paths of each clip under each of roots ([lq_root,] gt_root); LQ, GT counts equal, >= num_frames."""
-        self.clips, self.paths = clips, []
+        """Frame paths of each clip under each of roots ([lq_root,] gt_root); LQ, GT counts equal,
+        >= num_frames."""
+        self.clips = clips
+        self.paths = []
         for c in clips:
             folders = [os.path.join(r, c) for r in roots]
             paths = [list_frames(f) for f in folders]
@@ -266,7 +289,9 @@ class _SampledDataset(torch.utils.data.Dataset):
         if rank is None:
             dist = torch.distributed
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -276,7 +301,8 @@ class _SampledDataset(torch.utils.data.Dataset):
 
 
 class SyntheticClips(torch.utils.data.Dataset):
-    """The built-in default data: clip i is synthetic_clip((seed, i)) with its BI LQ (seed=1: held-out clips)."""
+    """The built-in default data: clip i is synthetic_clip((seed, i)) with its BI LQ (seed=1:
+    held-out clips)."""
 
     def __init__(self, num_clips, num_frames, gt_size, scale=4, seed=0):
         _check_scale(gt_size, scale)
@@ -284,12 +310,11 @@ class SyntheticClips(torch.utils.data.Dataset):
             raise ValueError(
                 f"num_clips and num_frames must be >= 1, got {num_clips}, {num_frames}"
             )
-        self.num_clips, self.num_frames, self.gt_size = (
-            int(num_clips),
-            int(num_frames),
-            int(gt_size),
-        )
-        self.scale, self.seed = int(scale), int(seed)
+        self.num_clips = int(num_clips)
+        self.num_frames = int(num_frames)
+        self.gt_size = int(gt_size)
+        self.scale = int(scale)
+        self.seed = int(seed)
 
     def __len__(self):
         return self.num_clips
@@ -311,9 +336,10 @@ REDSVAL_CLIPS = tuple(f"{i:03d}" for i in range(240, 270))
 
 
 class REDS(_SampledDataset, _Clips):
-    """REDS with val merged in as clips 240-269 (root/train_sharp, root/train_sharp_bicubic/X{scale}). Training
-    splits, one random window per clip per epoch: "train" (every clip present but REDS4), "official_train"
-    (clips 000-239 present); whole clips (gt_size, num_frames ignored): "reds4" (000, 011, 015, 020), "redsval"."""
+    """REDS with val merged in as clips 240-269 (root/train_sharp,
+    root/train_sharp_bicubic/X{scale}). Training splits, one random window per clip per epoch:
+    "train" (every clip present but REDS4), "official_train" (clips 000-239 present); whole clips
+    (gt_size, num_frames ignored): "reds4" (000, 011, 015, 020), "redsval"."""
 
     def __init__(self, root, split, num_frames=30, gt_size=256, scale=4, seed=0, rank=None):
         super().__init__(seed, rank)
@@ -323,7 +349,8 @@ class REDS(_SampledDataset, _Clips):
         self.lq_root = os.path.join(root, "train_sharp_bicubic", f"X{scale}")
         present = _list_clips(self.gt_root)
         _need_dirs(self.lq_root)
-        self.split, self.training = split, split in ("train", "official_train")
+        self.split = split
+        self.training = split in ("train", "official_train")
         if self.training:
             clips = [
                 c
@@ -339,7 +366,9 @@ class REDS(_SampledDataset, _Clips):
                     )
         if not clips:
             raise ValueError(f"no clips for REDS split {split!r} in {self.gt_root}")
-        self.num_frames, self.gt_size, self.scale = num_frames, gt_size, scale
+        self.num_frames = num_frames
+        self.gt_size = gt_size
+        self.scale = scale
         self._find((self.lq_root, self.gt_root), clips, num_frames if self.training else None)
 
 
@@ -347,7 +376,8 @@ class REDSSub(_SampledDataset, _Clips):
     """GT-only training clips for RealBasicVSR: root/train_sharp_sub/{clip}_s{index:03d}/*.png (from
     crop_sub_images.py; gt_dir picks another folder of clip folders). Items {"gt", "key"}."""
 
-    fields, training = ("gt",), True
+    fields = ("gt",)
+    training = True
 
     def __init__(
         self, root, num_frames=15, gt_size=256, gt_dir="train_sharp_sub", seed=0, rank=None
@@ -355,14 +385,17 @@ class REDSSub(_SampledDataset, _Clips):
         super().__init__(seed, rank)
         self.gt_root = os.path.join(root, gt_dir)
         self._find([self.gt_root], _list_clips(self.gt_root), num_frames)
-        self.num_frames, self.gt_size = num_frames, gt_size
+        self.num_frames = num_frames
+        self.gt_size = gt_size
 
 
 class Vimeo90K(_SampledDataset, _Clips):
-    """Vimeo-90K septuplets in the mmagic layout (spec §7.2): root/GT/{xxxxx}/{yyyy}/im1..im7.png,
-    root/{BD|BI}x4/..., root/meta_info_Vimeo90K_{train|test}_GT.txt (one "xxxxx/yyyy ..." line each).
-    "train": a paired crop + flips, LQ and GT mirrored to 14 frames. "test": the LQ mirrored to 14, GT
-    only im4 as (1, 3, H, W); reduce the 14 outputs to the centre as 0.5 * (out[3] + out[10])."""
+    """Vimeo-90K septuplets in the mmagic layout (open-mmlab/mmagic:
+    configs/basicvsr/basicvsr_2xb4_vimeo90k-bi.py): root/GT/{xxxxx}/{yyyy}/im1..im7.png,
+    root/{BD|BI}x4/..., root/meta_info_Vimeo90K_{train|test}_GT.txt (one "xxxxx/yyyy ..." line
+    each). "train": a paired crop + flips, LQ and GT mirrored to 14 frames. "test": the LQ mirrored
+    to 14, GT only im4 as (1, 3, H, W); reduce the 14 outputs to the centre as
+    0.5 * (out[3] + out[10])."""
 
     def __init__(self, root, split, degradation="BI", gt_size=256, scale=4, seed=0, rank=None):
         super().__init__(seed, rank)
@@ -375,12 +408,12 @@ class Vimeo90K(_SampledDataset, _Clips):
             self.keys = self.clips = [line.split()[0] for line in f if line.strip()]
         if not self.keys:
             raise ValueError(f"no septuplets listed in {meta}")
-        self.gt_root, self.lq_root = (
-            os.path.join(root, "GT"),
-            os.path.join(root, f"{degradation}x{scale}"),
-        )
+        self.gt_root = os.path.join(root, "GT")
+        self.lq_root = os.path.join(root, f"{degradation}x{scale}")
         _need_dirs(self.gt_root, self.lq_root)
-        self.training, self.gt_size, self.scale = split == "train", gt_size, scale
+        self.training = split == "train"
+        self.gt_size = gt_size
+        self.scale = scale
 
     def sample(self, index, rng=None):
         key = self.keys[index]
@@ -392,16 +425,19 @@ class Vimeo90K(_SampledDataset, _Clips):
             (lq, gt), _ = _train_sample(rng, (lq_paths, gt_paths), None, self.gt_size, self.scale)
             gt = np.concatenate([gt, gt[::-1]])
         else:
-            lq, gt = _read_clip(lq_paths), read_image(gt_paths[3])[None]
+            lq = _read_clip(lq_paths)
+            gt = read_image(gt_paths[3])[None]
             _check_pair(lq, gt, self.scale, lq_paths[3], gt_paths[3])
         return (np.concatenate([lq, lq[::-1]]), gt), key
 
 
 class PairedFolders(_Clips):
-    """Whole-clip test sets (Vid4, UDM10): root/lq_dir/{clip}/*.png ("BIx4", "BDx4"), root/gt_dir/{clip}/*.png."""
+    """Whole-clip test sets (Vid4, UDM10): root/lq_dir/{clip}/*.png ("BIx4", "BDx4"),
+    root/gt_dir/{clip}/*.png."""
 
     def __init__(self, root, lq_dir, gt_dir, scale=4):
-        self.lq_root, self.gt_root = os.path.join(root, lq_dir), os.path.join(root, gt_dir)
+        self.lq_root = os.path.join(root, lq_dir)
+        self.gt_root = os.path.join(root, gt_dir)
         clips = _list_clips(self.gt_root)
         _need_dirs(self.lq_root)
         self._find((self.lq_root, self.gt_root), clips)
@@ -409,24 +445,25 @@ class PairedFolders(_Clips):
 
 
 class LQFolder(_Clips):
-    """LQ-only clips (VideoLQ, user frames): root/{clip}/*.png, or root/*.png as one clip. Items {"lq", "key"}."""
+    """LQ-only clips (VideoLQ, user frames): root/{clip}/*.png, or root/*.png as one clip. Items
+    {"lq", "key"}."""
 
     fields = ("lq",)
 
     def __init__(self, root):
         _need_dirs(root)
         if any(n.lower().endswith(IMG_EXTS) for n in os.listdir(root)):
-            self.clips, self.paths = (
-                [os.path.basename(os.path.normpath(root))],
-                [[list_frames(root)]],
-            )
+            self.clips = [os.path.basename(os.path.normpath(root))]
+            self.paths = [[list_frames(root)]]
         else:
             self._find([root], _list_clips(root))
 
 
 class RealDegradationDataset(_SampledDataset):
-    """RealBasicVSR training data (spec §6.1) from GT-only clips, root/gt_dir (REDSSub), or synthetic ones
-    (root None): a REDSSub sample mirrored to 2n frames, gt_usm = unsharp_mask(gt), lq = degrade_sequence(gt_usm).
+    """RealBasicVSR training data (Chan et al., CVPR 2022, Sec. 4; the pipeline of
+    ckkelvinchan/RealBasicVSR: configs/realbasicvsr_c64b20_1x30x8_lr5e-5_150k_reds.py) from GT-only
+    clips, root/gt_dir (REDSSub), or synthetic ones (root None): a REDSSub sample mirrored to 2n
+    frames, gt_usm = unsharp_mask(gt), lq = degrade_sequence(gt_usm).
     Item: {"lq" (2n, 3, gt_size/scale, .), "gt" (2n, 3, gt_size, gt_size), "gt_usm", "key"}."""
 
     def __init__(
@@ -447,7 +484,9 @@ class RealDegradationDataset(_SampledDataset):
         self.clips = (
             None if root is None else REDSSub(root, num_frames, gt_size, gt_dir, seed, rank)
         )
-        self.num_frames, self.gt_size, self.scale = num_frames, gt_size, scale
+        self.num_frames = num_frames
+        self.gt_size = gt_size
+        self.scale = scale
         self.num_synthetic_clips = num_synthetic_clips
 
     def __len__(self):
@@ -462,10 +501,10 @@ class RealDegradationDataset(_SampledDataset):
         else:
             (gt,), key = self.clips.sample(index, rng)
         usm = [unsharp_mask(f) for f in gt.astype(np.float32) / 255]
-        lq = degrade_sequence(
-            usm + usm[::-1], rng, self.gt_size // self.scale
-        )  # mirrored: x1..xn, xn..x1
-        gt, usm = frames_to_tensor(gt), frames_to_tensor(usm)
+        # mirrored: x1..xn, xn..x1
+        lq = degrade_sequence(usm + usm[::-1], rng, self.gt_size // self.scale)
+        gt = frames_to_tensor(gt)
+        usm = frames_to_tensor(usm)
         return {
             "lq": frames_to_tensor(lq),
             "gt": torch.cat([gt, gt.flip(0)]),
@@ -475,12 +514,13 @@ class RealDegradationDataset(_SampledDataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (module docstring)
+# Test-set preparation and the command line (module docstring)
 
 
 def prepare_test_set(src, dst, degradation="bi", scale=4):
-    """Degrade every image under `src` (any depth, e.g. {clip}/*.png) into the same tree of PNGs under
-    `dst` ("bi": bicubic_downsample, "bd": bd_downsample), which must not exist (atomic_path)."""
+    """Degrade every image under `src` (any depth, e.g. {clip}/*.png) into the same tree of PNGs
+    under `dst` ("bi": bicubic_downsample, "bd": bd_downsample), which must not exist (atomic_path).
+    Returns the number of images."""
     _check_choice("degradation", degradation, ("bi", "bd"))
     fn = {"bi": bicubic_downsample, "bd": lambda img, s: bd_downsample(img, 1.6, s)}[degradation]
     _need_dirs(src)
@@ -538,29 +578,31 @@ def main(argv=None):
             torch.set_num_threads(1)
             ds = RealDegradationDataset(args.root, num_frames=15, gt_size=256)
             ds[0]  # warm-up (codec init, caches)
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
+            c0 = time.process_time()
             for i in range(1, args.samples + 1):
                 item = ds[i % len(ds)]
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            dt = time.perf_counter() - t0
+            dc = time.process_time() - c0
             # CPU time is what one worker costs on an idle core; wall time also counts other load
             src = "synthetic GT" if args.root is None else args.root
             print(
                 f"RealBasicVSR pipeline ({src}, 15 frames mirrored to 30, 256 crop, "
-                f"lq {tuple(item['lq'].shape)}): {args.samples / dc:.2f} samples/s per worker by CPU time "
-                f"({dc / args.samples:.2f} s/sample), {args.samples / dt:.2f} by wall time"
+                f"lq {tuple(item['lq'].shape)}): {args.samples / dc:.2f} samples/s per worker "
+                f"by CPU time ({dc / args.samples:.2f} s/sample), {args.samples / dt:.2f} by wall "
+                "time"
             )
         elif args.prepare:
             if not args.src:
                 ap.error("--prepare needs --src")
-            src, name = (
-                os.path.normpath(args.src),
-                f"{args.prepare.upper()}x{args.scale}",
-            )  # the usual names
+            # the usual names: BIx4, BDx2, ... beside --src; REDS: train_sharp_bicubic/X4, X2
+            src = os.path.normpath(args.src)
             redsx = os.path.basename(src) == "train_sharp" and args.prepare == "bi"
-            args.dst = args.dst or os.path.join(
-                os.path.dirname(src),
-                *(("train_sharp_bicubic", f"X{args.scale}") if redsx else (name,)),
-            )
+            if redsx:
+                names = ("train_sharp_bicubic", f"X{args.scale}")
+            else:
+                names = (f"{args.prepare.upper()}x{args.scale}",)
+            args.dst = args.dst or os.path.join(os.path.dirname(src), *names)
             n = prepare_test_set(args.src, args.dst, args.prepare, args.scale)
             print(f"wrote {n} images to {args.dst}")
         else:

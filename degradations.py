@@ -1,5 +1,23 @@
-"""RealBasicVSR's degradations (Chan et al., CVPR 2022, Sec. 4; the official configs' pipeline):
-second-order blur, resize, noise, JPEG and video compression, on float32 RGB frames in [0, 1]."""
+"""RealBasicVSR's degradations (Chan et al., "Investigating Tradeoffs in Real-World Video
+Super-Resolution", CVPR 2022, Sec. 4): second-order blur, resize, noise, JPEG and video compression
+on float32 RGB frames in [0, 1], with the recipe of the official training config
+(ckkelvinchan/RealBasicVSR: configs/realbasicvsr_c64b20_1x30x8_lr5e-5_150k_reds.py, whose
+transforms are open-mmlab/mmagic @ v0.16.0: mmedit/datasets/pipelines/random_degradations.py) and
+Real-ESRGAN's blur kernels (xinntao/Real-ESRGAN; XPixelGroup/BasicSR:
+basicsr/data/degradations.py).
+
+Each transform takes a list of (h, w, 3) frames and a np.random.Generator, skips itself when
+U(0, 1) > p["prob"], draws its discrete choices once per sequence and walks its continuous
+parameters per frame (_walk), the paper's stochastic degradation scheme:
+    p_{k+1} = clip(p_k + U(-step, step), range)
+
+Public names, in file order:
+    unsharp_mask(img)                           the sharpened GT the LQ is made from
+    gaussian_kernel, generalized_gaussian_kernel, plateau_kernel, sinc_kernel, blur_kernel
+    random_blur, random_resize, random_noise, random_jpeg, random_video_compression, quantize
+    KERNEL_LIST ... FINAL_SINC                  the official recipe, one dict per transform
+    degrade_sequence(frames, rng, lq_size)      the whole pipeline: GT frames -> LQ frames
+"""
 
 import io
 import math
@@ -9,37 +27,32 @@ import numpy as np
 
 from video import check_video_codec
 
-# RealBasicVSR degradations (spec §6): the official MME recipe, on float32 frames in [0, 1]. Each transform
-# takes a list of (h, w, 3) frames and a np.random.Generator, skips itself when U(0, 1) > p["prob"], draws
-# its discrete choices once per sequence and walks its continuous parameters per frame (_walk):
-#     p_{k+1} = clip(p_k + U(-step, step), range)
+# ---------------------------------------------------------------------------------------------
+# Unsharp masking: the GT is sharpened before the LQ is made from it
 
 
 def unsharp_mask(img, kernel_size=51, sigma=0, weight=0.5, threshold=10):
-    """Sharpen where the high-pass residue exceeds `threshold` grey levels; img float (h, w, 3) in [0, 1].
-    sigma 0 lets OpenCV derive it from the size: 0.3 * ((51 - 1) / 2 - 1) + 0.8 = 8.0."""
+    """Sharpen where the high-pass residue exceeds `threshold` grey levels; img float (h, w, 3) in
+    [0, 1]. sigma 0 lets OpenCV derive it from the size: 0.3 * ((51 - 1) / 2 - 1) + 0.8 = 8.0."""
     g = cv2.getGaussianKernel(kernel_size, sigma)  # the 2-D kernel is g g^T: filter separably
     residue = img - cv2.sepFilter2D(img, -1, g, g)
     mask = (np.abs(residue) * 255 > threshold).astype(np.float32)
-    soft, sharp = cv2.sepFilter2D(mask, -1, g, g), np.clip(img + weight * residue, 0, 1)
+    soft = cv2.sepFilter2D(mask, -1, g, g)
+    sharp = np.clip(img + weight * residue, 0, 1)
     return soft * sharp + (1 - soft) * img
 
 
-# Blur kernels (Real-ESRGAN formulation, spec §6.2), all on the grid -k//2+1 .. k//2, normalised to sum 1.
-
-
-def _check_choice(what, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"unknown {what} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}"
-        )
+# ---------------------------------------------------------------------------------------------
+# Blur kernels, Real-ESRGAN's (XPixelGroup/BasicSR: basicsr/data/degradations.py): all on the grid
+# -k//2+1 .. k//2, normalised to sum 1
 
 
 def _quadratic_form(k, sigma_x, sigma_y, theta):
     """Q = x^T Sigma^-1 x on the k x k grid, Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T."""
     ax = np.arange(-k // 2 + 1.0, k // 2 + 1.0)
     xx, yy = np.meshgrid(ax, ax)
-    c, s = math.cos(theta), math.sin(theta)
+    c = math.cos(theta)
+    s = math.sin(theta)
     R = np.array([[c, -s], [s, c]])  # rotation by theta
     inv = np.linalg.inv(R @ np.diag([sigma_x**2, sigma_y**2]) @ R.T)
     return inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
@@ -68,7 +81,8 @@ def _bessel_j1(x):
 
 
 def sinc_kernel(k, omega):
-    """Circular low-pass with cutoff omega: omega J1(omega r) / (2 pi r), centre omega^2 / (4 pi)."""
+    """Circular low-pass with cutoff omega: omega J1(omega r) / (2 pi r), centre value
+    omega^2 / (4 pi)."""
     ax = np.arange(k) - (k - 1) / 2
     r = np.hypot(ax[:, None], ax[None, :])
     r[(k - 1) // 2, (k - 1) // 2] = 1.0  # placeholder, replaced below
@@ -78,15 +92,17 @@ def sinc_kernel(k, omega):
 
 
 def _resampled_beta(rng, beta):
-    # Quirk kept from the reference (spec §6.2): the helper gets the degenerate range [beta, beta]
-    # and re-draws from [beta, 1] or [1, beta] with p = 0.5 each, i.e. uniform between beta and 1.
+    # Quirk kept from the reference: its RandomBlur hands Real-ESRGAN's kernel helpers (BasicSR:
+    # random_bivariate_generalized_Gaussian, random_bivariate_plateau) the degenerate range
+    # [beta, beta], and they re-draw from [beta, 1] or [1, beta] with p = 0.5 each, i.e. uniform
+    # between beta and 1.
     lo, hi = (beta, 1.0) if rng.random() < 0.5 else (1.0, beta)
     return lo + (hi - lo) * rng.random()  # np.random.uniform's formula, which allows lo > hi
 
 
 def blur_kernel(kind, k, sigma_x, sigma_y, theta, beta_gaussian, beta_plateau, omega, rng):
-    """A kernel of KERNEL_LIST: the *iso kinds use sigma_x on both axes, unrotated; the generalized and
-    plateau kinds draw their beta from rng (_resampled_beta)."""
+    """A kernel of KERNEL_LIST: the *iso kinds use sigma_x on both axes, unrotated; the
+    generalized and plateau kinds draw their beta from rng (_resampled_beta)."""
     if kind not in KERNEL_LIST:
         raise ValueError(f"unknown blur kernel type {kind!r}")
     if kind == "sinc":
@@ -102,6 +118,17 @@ def blur_kernel(kind, k, sigma_x, sigma_y, theta, beta_gaussian, beta_plateau, o
     return fn(k, sigma_x, sigma_y, theta, _resampled_beta(rng, beta))
 
 
+# ---------------------------------------------------------------------------------------------
+# The transforms, on a list of frames
+
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"unknown {what} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}"
+        )
+
+
 def _skip(rng, p):
     return rng.random() > p.get("prob", 1.0)
 
@@ -115,16 +142,9 @@ def random_blur(frames, rng, p):
         return frames
     kind = p["kernel_list"][rng.choice(len(p["kernel_list"]), p=p["kernel_prob"])]
     k = int(p["kernel_size"][rng.integers(len(p["kernel_size"]))])
-    ranges = {
-        name: p.get(name, (0.0, 0.0))
-        for name in (  # in blur_kernel's argument order
-            "sigma_x",
-            "sigma_y",
-            "rotate_angle",
-            "beta_gaussian",
-            "beta_plateau",
-        )
-    }
+    # in blur_kernel's argument order
+    names = ("sigma_x", "sigma_y", "rotate_angle", "beta_gaussian", "beta_plateau")
+    ranges = {name: p.get(name, (0.0, 0.0)) for name in names}
     # omega not given: the Real-ESRGAN rule, a wider range for large kernels
     ranges["omega"] = p.get("omega") or (
         (math.pi / 3, math.pi) if k < 13 else (math.pi / 5, math.pi)
@@ -137,9 +157,8 @@ def random_blur(frames, rng, p):
             g = (g / g.sum()).astype(np.float32)
             out.append(cv2.sepFilter2D(img, -1, g, g))
         else:  # correlation, REFLECT_101
-            out.append(
-                cv2.filter2D(img, -1, blur_kernel(kind, k, *value.values(), rng).astype(np.float32))
-            )
+            kernel = blur_kernel(kind, k, *value.values(), rng).astype(np.float32)
+            out.append(cv2.filter2D(img, -1, kernel))
         for name, r in ranges.items():
             value[name] = _walk(rng, value[name], p.get(name + "_step", 0.0), *r)
     return out
@@ -159,15 +178,15 @@ def random_resize(frames, rng, p):
     if p.get("target_size") is not None:
         th, tw = p["target_size"]
         return [cv2.resize(img, (tw, th), interpolation=interp) for img in frames]
-    (h, w), (lo, hi) = frames[0].shape[:2], p["resize_scale"]
+    h, w = frames[0].shape[:2]
+    lo, hi = p["resize_scale"]
     mode = rng.choice(3, p=p["resize_mode_prob"])  # up, down, keep
     scale = rng.uniform(1, hi) if mode == 0 else rng.uniform(lo, 1) if mode == 1 else 1.0
-    even, step = p.get("is_size_even", False), p.get("resize_step", 0.0)
+    even = p.get("is_size_even", False)  # yuv420p needs even sizes
+    step = p.get("resize_step", 0.0)
     out = []
     for img in frames:
-        th, tw = (
-            2 * (n * scale // 2) if even else n * scale for n in (h, w)
-        )  # yuv420p needs even sizes
+        th, tw = (2 * (n * scale // 2) if even else n * scale for n in (h, w))
         out.append(cv2.resize(img, (max(int(tw), 2), max(int(th), 2)), interpolation=interp))
         if step:
             scale = _walk(rng, scale, step, lo, hi)
@@ -179,18 +198,17 @@ def _to_uint8(img):
 
 
 def random_noise(frames, rng, p):
-    """Gaussian noise (sigma in grey levels) or, as MME / Real-ESRGAN, Poisson noise (poisson(x v) / v - x) *
-    scale, x the 8-bit value, v = 2**ceil(log2(#distinct values)). Gray: one plane for all channels (Poisson: luma)."""
+    """Gaussian noise (sigma in grey levels) or, as the official pipeline and Real-ESRGAN, Poisson
+    noise (poisson(x v) / v - x) * scale, x the 8-bit value on [0, 1],
+    v = 2**ceil(log2(#distinct values)). Gray: one plane for all channels (Poisson: luma)."""
     if _skip(rng, p):
         return frames
     kind = p["noise_type"][rng.choice(len(p["noise_type"]), p=p["noise_prob"])]
     _check_choice("noise_type", kind, ("gaussian", "poisson"))
     name = "gaussian_sigma" if kind == "gaussian" else "poisson_scale"
     lo, hi = p[name]
-    level, gray = (
-        rng.uniform(lo, hi),
-        rng.random() < p[kind + "_gray_noise_prob"],
-    )  # drawn in this order
+    level = rng.uniform(lo, hi)  # drawn before gray
+    gray = rng.random() < p[kind + "_gray_noise_prob"]
     out = []
     for img in frames:
         if kind == "gaussian":
@@ -225,11 +243,12 @@ def random_jpeg(frames, rng, p):
 
 
 def random_video_compression(frames, rng, p):
-    """Encode into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, frame 0's size) and decode it
-    back. Departures from the reference, for reproducible samples: one encoder thread, x264's mbtree
-    off (with it, 5 runs of one clip gave 2-3 different outputs here; off, the 10 kb/s draws come out
-    ~0.9 dB milder), other sizes resized to frame 0's here (not by PyAV), RGB -> yuv420p before the
-    encoder. Also on purpose: frames are rounded and clipped to 8 bits (the reference truncates and wraps)."""
+    """Encode into an in-memory mp4 (rate 1, yuv420p, the drawn bitrate, frame 0's size) and decode
+    it back. Departures from the reference, for reproducible samples: one encoder thread, x264's
+    mbtree off (with it, 5 runs of one clip gave 2-3 different outputs; off, the 10 kb/s draws come
+    out ~0.9 dB milder), other sizes resized to frame 0's here (not by PyAV), RGB -> yuv420p before
+    the encoder. Also on purpose: frames are rounded and clipped to 8 bits (the reference truncates
+    and wraps)."""
     import av
 
     if _skip(rng, p):
@@ -238,14 +257,17 @@ def random_video_compression(frames, rng, p):
         check_video_codec(c)
     codec = p["codec"][rng.choice(len(p["codec"]), p=p["codec_prob"])]
     bitrate = int(rng.integers(int(p["bitrate"][0]), int(p["bitrate"][1]) + 1))
-    buf, (h, w) = io.BytesIO(), frames[0].shape[:2]
+    buf = io.BytesIO()
+    h, w = frames[0].shape[:2]
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=1)
-        stream.height, stream.width, stream.pix_fmt, stream.bit_rate = h, w, "yuv420p", bitrate
+        stream.height = h
+        stream.width = w
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = bitrate
         stream.codec_context.thread_count = 1
-        if (
-            stream.codec_context.name == "libx264"
-        ):  # the macroblock tree makes runs differ, even on one thread
+        # the macroblock tree makes runs differ, even on one thread
+        if stream.codec_context.name == "libx264":
             stream.options = {"x264-params": "mbtree=0"}
         for i, img in enumerate(frames):
             if img.shape[:2] != (h, w):
@@ -257,7 +279,8 @@ def random_video_compression(frames, rng, p):
             frame = av.VideoFrame.from_ndarray(_to_uint8(img), format="rgb24").reformat(
                 format="yuv420p"
             )
-            frame.pict_type, frame.pts = av.video.frame.PictureType.NONE, i
+            frame.pict_type = av.video.frame.PictureType.NONE
+            frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     buf.seek(0)
@@ -274,11 +297,14 @@ def random_video_compression(frames, rng, p):
 
 
 def quantize(frames):
+    """Round to 8-bit levels, clipped to [0, 1]: the pipeline's last step."""
     return [np.round(np.clip(img, 0, 1) * 255).astype(np.float32) / 255 for img in frames]
 
 
-# The official recipe (MME / RealBasicVSR configs), grey levels on the 0-255 scale; the second order
-# differs only where listed.
+# ---------------------------------------------------------------------------------------------
+# The official recipe (ckkelvinchan/RealBasicVSR:
+# configs/realbasicvsr_c64b20_1x30x8_lr5e-5_150k_reds.py), grey levels on the 0-255 scale; the
+# second order differs only where listed.
 KERNEL_LIST = (
     "iso",
     "aniso",
@@ -348,12 +374,11 @@ FINAL_SINC = dict(
 
 
 def degrade_sequence(frames, rng, lq_size):
-    """RealBasicVSR's LQ: float32 (h, w, 3) frames in [0, 1] -> (lq_size, lq_size, 3) frames on 8-bit levels."""
+    """RealBasicVSR's LQ: float32 (h, w, 3) frames in [0, 1] -> (lq_size, lq_size, 3) frames on
+    8-bit levels."""
     lq = list(frames)
-    for blur, resize, noise in (
-        (BLUR_1, RESIZE_1, NOISE_1),
-        (BLUR_2, RESIZE_2, NOISE_2),
-    ):  # first, second order
+    orders = ((BLUR_1, RESIZE_1, NOISE_1), (BLUR_2, RESIZE_2, NOISE_2))  # first, second order
+    for blur, resize, noise in orders:
         lq = random_noise(random_resize(random_blur(lq, rng, blur), rng, resize), rng, noise)
         lq = random_jpeg(lq, rng, JPEG)
         if blur is BLUR_1:  # video compression in the first order only

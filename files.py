@@ -9,11 +9,15 @@ import uuid
 import cv2
 import numpy as np
 
+# ---------------------------------------------------------------------------------------------
+# The atomic write
+
 
 class atomic_path:
-    """The one way this project writes a file or folder: to a temporary sibling, <root>.tmp-<8 hex digits><ext>
-    (the extension kept: encoders choose by it; ext=False: none, a folder), fsynced and moved into place once
-    complete: `with atomic_path(path) as tmp:` (deleted on an exception), or a.tmp, a.commit() / a.discard()."""
+    """The one way this project writes a file or folder: to a temporary sibling,
+    <root>.tmp-<8 hex digits><ext> (the extension kept: encoders choose by it; ext=False: none, a
+    folder), fsynced and moved into place once complete: `with atomic_path(path) as tmp:` (deleted
+    on an exception), or a.tmp, a.commit() / a.discard()."""
 
     TAG = ".tmp-"  # in every temporary's name: a killed run's leftovers are known by it
 
@@ -45,6 +49,9 @@ class atomic_path:
             self.discard()  # a no-op once committed
 
 
+# ---------------------------------------------------------------------------------------------
+# Images and frame folders
+
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -72,7 +79,7 @@ def write_image(path, rgb, compression=3):
 
 
 def list_frames(folder):
-    """Sorted paths of the images in `folder` (upscale.py uses it too)."""
+    """Sorted paths of the images in `folder`, a clip's frames."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder not found: {folder}")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMG_EXTS))

@@ -1,11 +1,12 @@
-"""RealBasicVSR (Chan et al., "Investigating Tradeoffs in Real-World Video Super-Resolution", CVPR 2022).
+"""RealBasicVSR (Chan et al., "Investigating Tradeoffs in Real-World Video Super-Resolution",
+CVPR 2022): the generator, its U-Net discriminator and the training losses.
 
 The generator is an image-cleaning module in front of BasicVSR; it is trained first with pixel and
 cleaning losses ("wogan"), then fine-tuned with a perceptual loss and a U-Net discriminator with
 spectral norm. Module and state_dict names follow mmagic, so the published checkpoints load with
-weights.load_weights (prefix "generator_ema" for inference, "discriminator" for the critic).
-Tensors are RGB in [0, 1]; a video is (n, t, 3, h, w). niqe(img), at the end, is the no-reference
-metric RealBasicVSR is evaluated with on real videos.
+weights.load_weights (prefix "generator_ema" for inference, "discriminator" for the critic), and
+the perceptual loss's VGG19 with weights.load_vgg19_features. Tensors are RGB in [0, 1]; a video
+is (n, t, 3, h, w). The no-reference metric RealBasicVSR is evaluated with, NIQE, is in metrics.py.
 """
 
 import torch
@@ -20,8 +21,8 @@ from basicvsr import BasicVSR, ResidualBlocksWithInputConv, check_video
 
 
 class RealBasicVSR(nn.Module):
-    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w) (s = scale, 4 or 2), or (outputs, cleaned_lqs)
-    with return_lqs.
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w) (s = scale, 4 or 2), or
+    (outputs, cleaned_lqs) with return_lqs.
 
     image_cleaning predicts a residue that is added to the frames. The cleaning is repeated while
     mean |residue| over the whole batch is >= dynamic_refine_thres / 255, at most 3 passes; the
@@ -31,7 +32,8 @@ class RealBasicVSR(nn.Module):
 
     SPyNet is frozen for the whole of training (requires_grad False), and so is image_cleaning when
     is_fix_cleaning. requires_grad_() called on this module keeps them frozen (a parent module's
-    requires_grad_ would bypass that). An optimizer must take only the parameters with requires_grad.
+    requires_grad_ would bypass that). An optimizer must take only the parameters with
+    requires_grad.
     """
 
     def __init__(
@@ -45,12 +47,13 @@ class RealBasicVSR(nn.Module):
         scale=4,
     ):
         super().__init__()
+        # saved with the weights
         self.config = dict(
             mid_channels=mid_channels,
-            num_propagation_blocks=num_propagation_blocks,  # saved
+            num_propagation_blocks=num_propagation_blocks,
             num_cleaning_blocks=num_cleaning_blocks,
             scale=scale,
-        )  # with the weights
+        )
         self.scale = scale
         self.is_fix_cleaning = is_fix_cleaning
         self.is_sequential_cleaning = is_sequential_cleaning
@@ -75,7 +78,8 @@ class RealBasicVSR(nn.Module):
         """One cleaning pass: (cleaned lqs, mean |residue|), both over the whole batch."""
         n, t, c, h, w = lqs.shape
         if self.is_sequential_cleaning:
-            cleaned, residue_sum = [], 0
+            cleaned = []
+            residue_sum = 0
             for i in range(t):
                 residue = self.image_cleaning(lqs[:, i])  # (n, 3, h, w)
                 cleaned.append(lqs[:, i] + residue)
@@ -106,7 +110,8 @@ class RealBasicVSR(nn.Module):
 
 
 class UNetDiscriminatorSN(nn.Module):
-    """Per-pixel real/fake logits (N, 1, H, W) for frames (N, in_channels, H, W); H, W multiples of 8.
+    """Per-pixel real/fake logits (N, 1, H, W) for frames (N, in_channels, H, W); H and W multiples
+    of 8.
 
     Spectral norm is torch.nn.utils.spectral_norm, so the state_dict holds weight_orig, weight_u and
     weight_v as in the published checkpoints. In training mode every forward call does one power
@@ -168,13 +173,8 @@ class UNetDiscriminatorSN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses. Stage 1 ("wogan"): l1(out, gt_usm) + cleaning_loss. Stage 2 adds PerceptualLoss and
-# 0.05 * gan_loss(D(out), True); the discriminator's real and fake losses are unweighted.
-
-
-def l1_loss(pred, target):
-    """Mean absolute error."""
-    return F.l1_loss(pred, target)
+# Losses. Stage 1 ("wogan"): F.l1_loss(out, gt_usm) + cleaning_loss. Stage 2 adds PerceptualLoss
+# and 0.05 * gan_loss(D(out), True); the discriminator's real and fake losses are unweighted.
 
 
 def charbonnier_loss(pred, target, eps=1e-12):
@@ -183,8 +183,8 @@ def charbonnier_loss(pred, target, eps=1e-12):
 
 
 def cleaning_loss(cleaned_lqs, gt_usm):
-    """L1 between the cleaned LQ (n, t, 3, h, w) and the area-downsampled sharpened GT (n, t, 3, s*h,
-    s*w), s the network's scale (4, or 2)."""
+    """L1 between the cleaned LQ (n, t, 3, h, w) and the area-downsampled sharpened GT
+    (n, t, 3, s*h, s*w), s the network's scale (4, or 2)."""
     if cleaned_lqs.dim() != 5 or gt_usm.dim() != 5:
         raise ValueError(
             f"cleaning_loss expects (n, t, c, h, w) tensors, got {tuple(cleaned_lqs.shape)} "
@@ -204,51 +204,32 @@ def cleaning_loss(cleaned_lqs, gt_usm):
 
 
 def gan_loss(logits, target_is_real, weight=1.0):
-    """Vanilla GAN loss: BCE-with-logits against a label map of ones (real) or zeros (fake), times weight."""
+    """Vanilla GAN loss: BCE-with-logits against a label map of ones (real) or zeros (fake), times
+    weight."""
     target = torch.full_like(logits, 1.0 if target_is_real else 0.0)
     return F.binary_cross_entropy_with_logits(logits, target) * weight
 
 
-# VGG19 configuration "E" (torchvision): channels of each 3x3 conv, "M" = 2x2 max-pool.
-VGG19_CFG = [
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    512,
-    "M",
-]
+# VGG19 configuration "E" (torchvision): five blocks of (channels, number) 3x3 convs, each conv
+# followed by a ReLU and each block by a 2x2 max-pool.
+VGG19_BLOCKS = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))
 VGG_MEAN = [0.485, 0.456, 0.406]  # ImageNet statistics, for inputs in [0, 1]
 VGG_STD = [0.229, 0.224, 0.225]
 
 
 class VGG19Features(nn.Module):
-    """torchvision's vgg19().features cut after `num_layers` modules; keys are features.N.weight/bias."""
+    """torchvision's vgg19().features cut after `num_layers` modules; keys are
+    features.N.weight/bias."""
 
     def __init__(self, num_layers=35):
         super().__init__()
-        layers, in_channels = [], 3
-        for v in VGG19_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(in_channels, v, 3, 1, 1), nn.ReLU()]
-                in_channels = v
+        layers = []
+        in_channels = 3
+        for channels, num_convs in VGG19_BLOCKS:
+            for _ in range(num_convs):
+                layers += [nn.Conv2d(in_channels, channels, 3, 1, 1), nn.ReLU()]
+                in_channels = channels
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         self.features = nn.Sequential(*layers[:num_layers])
 
     def forward(self, x, layer_ids):
@@ -262,7 +243,8 @@ class VGG19Features(nn.Module):
 
 
 class PerceptualLoss(nn.Module):
-    """Weighted L1 between VGG19 pre-ReLU features of pred and gt (perceptual_weight 1, no style loss).
+    """Weighted L1 between VGG19 pre-ReLU features of pred and gt (perceptual_weight 1, no style
+    loss).
 
     The VGG starts random: load torchvision's ImageNet weights (vgg19-dcbb9e9d.pth) into `self.vgg`
     with weights.load_vgg19_features before training. It is frozen and stays in eval mode.
@@ -296,7 +278,8 @@ class PerceptualLoss(nn.Module):
             )
         pred = pred.reshape(-1, *pred.shape[-3:])
         gt = gt.detach().reshape(-1, *gt.shape[-3:])
-        pred_feats, gt_feats = self._features(pred), self._features(gt)
+        pred_feats = self._features(pred)
+        gt_feats = self._features(gt)
         loss = 0
         for i, w in self.layer_weights.items():
             loss = loss + F.l1_loss(pred_feats[i], gt_feats[i]) * w

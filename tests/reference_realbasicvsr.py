@@ -7,7 +7,7 @@ own oracle.
 import torch
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------- image cleaning (spec §4.1)
+# ---------------------------------------------------------------- image cleaning
 
 
 def residual_blocks_with_input_conv_ref(x, sd, prefix):
@@ -30,7 +30,7 @@ def image_cleaning_ref(x, sd):
     return F.conv2d(feat, sd["image_cleaning.1.weight"], sd["image_cleaning.1.bias"], padding=1)
 
 
-# ---------------------------------------------------------------- generator forward (spec §4.2)
+# ---------------------------------------------------------------- generator forward
 
 
 def real_basicvsr_ref(
@@ -65,13 +65,14 @@ def real_basicvsr_ref(
     return outputs, lqs, passes
 
 
-# ---------------------------------------------------------------- discriminator (spec §5.2)
+# ---------------------------------------------------------------- discriminator
 
 
 def spectral_norm_weight_ref(sd, name):
     """Eval-mode spectral norm: W / sigma with sigma = u^T W_mat v from the stored u, v."""
     w = sd[name + ".weight_orig"]
-    u, v = sd[name + ".weight_u"], sd[name + ".weight_v"]
+    u = sd[name + ".weight_u"]
+    v = sd[name + ".weight_v"]
     sigma = torch.dot(u, torch.mv(w.reshape(w.size(0), -1), v))
     return w / sigma
 
@@ -106,34 +107,18 @@ def unet_disc_ref(img, sd, skip_connection=True):
     return F.conv2d(out, sd["conv_9.weight"], sd["conv_9.bias"], padding=1)
 
 
-# ---------------------------------------------------------------- VGG19 perceptual loss (spec §5.1)
+# ---------------------------------------------------------------- VGG19 perceptual loss
 
-VGG19_CONVS = [
-    0,
-    2,
-    5,
-    7,
-    10,
-    12,
-    14,
-    16,
-    19,
-    21,
-    23,
-    25,
-    28,
-    30,
-    32,
-    34,
-]  # conv indices in features
+# conv and max-pool indices in torchvision's vgg19().features; the rest are ReLUs
+VGG19_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
 VGG19_POOLS = [4, 9, 18, 27, 36]
 
 
 def vgg19_features_ref(x, sd, layer_ids):
     """Pre-ReLU conv outputs at layer_ids from a torchvision-format state dict (features.N.*)."""
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
-        [0.229, 0.224, 0.225]
-    ).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statistics
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - mean) / std
     feats = {}
     for i in range(max(layer_ids) + 1):
         if i in VGG19_CONVS:

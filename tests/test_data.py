@@ -1,5 +1,8 @@
-"""data.py and crop_sub_images.py on tiny trees built in tmp_path."""
+"""The data side on tiny trees built in tmp_path: files.py (images, the atomic write), data.py
+(MATLAB bicubic, BI / BD, the datasets, --prepare), synthetic.py, degradations.py (RealBasicVSR's
+pipeline) and crop_sub_images.py."""
 
+import json
 import math
 import os
 
@@ -8,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import crop_sub_images as csi
 import data
 import degradations
 import files
 import synthetic
 import video
-from files import atomic_path
 
 
 def _write(path, img):
@@ -53,7 +56,7 @@ def test_read_write_image_roundtrip_and_errors(tmp_path):
 def test_atomic_path_removes_tmp_on_error(tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):
-        with atomic_path(str(target)) as tmp:
+        with files.atomic_path(str(target)) as tmp:
             open(tmp, "wb").write(b"half")
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
@@ -66,7 +69,8 @@ def test_atomic_path_removes_tmp_on_error(tmp_path):
 def test_matlab_imresize_constant_and_ramp():
     const = np.full((16, 24, 3), 77, np.uint8)
     assert np.array_equal(data.matlab_imresize(const, 0.25), np.full((4, 6, 3), 77, np.uint8))
-    # a linear ramp along w stays linear: output j (1-based) sits at input u = 4j - 1.5, away from borders
+    # a linear ramp along w stays linear: output j (1-based) sits at input u = 4j - 1.5, away from
+    # borders
     ramp = np.tile(np.arange(64, dtype=np.float64), (8, 1))  # value = column index (0-based)
     out = data.matlab_imresize(ramp, 0.25)
     assert out.shape == (2, 16)
@@ -76,7 +80,8 @@ def test_matlab_imresize_constant_and_ramp():
 
 
 def test_matlab_imresize_hand_weights():
-    # x1/4: every output sees 16 taps at distances +-0.5, +-1.5, ..., +-7.5 from u; weight cubic(d/4)/4
+    # x1/4: every output sees 16 taps at distances +-0.5, +-1.5, ..., +-7.5 from u; weight
+    # cubic(d/4)/4
     d = np.arange(-7.5, 8.0, 1.0)
     ad = np.abs(d / 4)
     k = (
@@ -120,7 +125,9 @@ def test_bd_downsample_matches_direct_formula():
     k /= k.sum()
     pad = np.pad(img.astype(np.float64), ((5, 6), (5, 6), (0, 0)), mode="edge")
     for i, j in [(0, 0), (3, 4), (7, 9)]:
-        y0, x0 = 1 + 4 * i, 1 + 4 * j  # output (i, j) is blurred pixel (1+4i, 1+4j)
+        # output (i, j) is blurred pixel (1+4i, 1+4j)
+        y0 = 1 + 4 * i
+        x0 = 1 + 4 * j
         ref = (k[..., None] * pad[y0 : y0 + 12, x0 : x0 + 12]).sum((0, 1))
         np.testing.assert_array_equal(out[i, j], np.floor(ref + 0.5).astype(np.uint8))
 
@@ -132,7 +139,8 @@ def test_bd_downsample_matches_direct_formula():
 def test_synthetic_clips_deterministic_and_shapes():
     a = data.SyntheticClips(2, 5, 64, seed=3)
     b = data.SyntheticClips(2, 5, 64, seed=3)
-    x, y = a[1], b[1]
+    x = a[1]
+    y = b[1]
     assert x["gt"].shape == (5, 3, 64, 64) and x["lq"].shape == (5, 3, 16, 16)
     assert x["gt"].dtype == torch.float32 and 0 <= x["gt"].min() and x["gt"].max() <= 1
     assert torch.equal(x["gt"], y["gt"]) and torch.equal(x["lq"], y["lq"])
@@ -230,7 +238,8 @@ def test_reds_val_whole_clip(reds_root):
 
 def test_reds_train_sample_is_paired_crop_and_deterministic(reds_root):
     ds = data.REDS(reds_root, "train", num_frames=3, gt_size=16, scale=4, seed=5)
-    a, b = ds[0], ds[0]
+    a = ds[0]
+    b = ds[0]
     assert a["lq"].shape == (3, 3, 4, 4) and a["gt"].shape == (3, 3, 16, 16)
     assert torch.equal(a["gt"], b["gt"]) and a["key"] == b["key"]
     keys = set()
@@ -295,7 +304,10 @@ def _centre_ratio(k, dy, dx):
 
 
 def test_blur_kernels_sum_to_one_and_match_closed_forms():
-    sx, sy, th, beta = 2.0, 1.2, 0.7, 1.6
+    sx = 2.0
+    sy = 1.2
+    th = 0.7
+    beta = 1.6
     R = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
     inv = np.linalg.inv(R @ np.diag([sx**2, sy**2]) @ R.T)
     for dx, dy in [(3, -2), (-1, 4), (0, 1)]:
@@ -317,15 +329,14 @@ def test_sinc_kernel_and_bessel():
     # J1 against torch's independent implementation, over the whole argument range a kernel uses
     x = np.linspace(0.0, 47.0, 200)
     ref = torch.special.bessel_j1(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(
-        degradations._bessel_j1(x), ref, atol=1e-6
-    )  # torch is ~1e-7 off near x = 5
+    np.testing.assert_allclose(degradations._bessel_j1(x), ref, atol=1e-6)  # torch: ~1e-7 off at 5
     np.testing.assert_allclose(
         degradations._bessel_j1(np.array([1.0, 5.0, 10.0])),  # tabulated values
         [0.4400505857449335, -0.3275791375914652, 0.04347274616886144],
         atol=1e-14,
     )
-    omega, k = 2.0, 13
+    omega = 2.0
+    k = 13
     ker = degradations.sinc_kernel(k, omega)
     assert abs(ker.sum() - 1) < 1e-12
     r = math.hypot(3, 4)
@@ -436,7 +447,8 @@ def test_poisson_noise_level_on_unit_scale():
         n = degradations.random_noise([img], np.random.default_rng(1), p)[0] - img
         expected = scale * math.sqrt((128 / 255) / 256)  # std = scale * sqrt(x / v) on [0, 1]
         assert abs(n[:, 256:].std() / expected - 1) < 0.05, (n[:, 256:].std(), expected)
-        # about sqrt(255) times stronger than mmagic 1.x's 0-255 variant (spec §12.1)
+        # about sqrt(255) times stronger than mmagic 1.x's 0-255 variant
+        # (mmagic/datasets/transforms/random_degradations.py, which draws on the 0-255 scale)
         assert n[:, 256:].std() * 255 > 10 * scale * math.sqrt(128 / 256)
     p = _noise_p(noise_prob=(0.0, 1.0), poisson_scale=(1, 1), poisson_gray_noise_prob=1.0)
     n = degradations.random_noise([img], np.random.default_rng(1), p)[0] - img
@@ -518,7 +530,8 @@ def test_video_compression_each_codec(codec):
     err = np.mean([np.abs(o - f).mean() for o, f in zip(out, frames)])
     assert 1e-3 < err < 0.2
     # frames of different sizes (the resize walk) come back at frame 0's size, reproducibly
-    frames[1], frames[3] = cv2.resize(frames[1], (50, 34)), cv2.resize(frames[3], (44, 30))
+    frames[1] = cv2.resize(frames[1], (50, 34))
+    frames[3] = cv2.resize(frames[3], (44, 30))
     runs = [
         degradations.random_video_compression(frames, np.random.default_rng(1), p) for _ in range(3)
     ]
@@ -552,7 +565,8 @@ def test_video_codec_missing_is_an_error():
 
 def test_real_degradation_dataset_synthetic_determinism():
     ds = data.RealDegradationDataset(None, num_frames=3, gt_size=64, num_synthetic_clips=4, seed=2)
-    a, b = ds[1], ds[1]
+    a = ds[1]
+    b = ds[1]
     assert (
         a["lq"].shape == (6, 3, 16, 16)
         and a["gt"].shape == (6, 3, 64, 64)
@@ -585,9 +599,8 @@ def test_redssub_and_real_degradation_from_folder(tmp_path):
     ds = data.RealDegradationDataset(str(tmp_path), num_frames=3, gt_size=32, seed=1)
     s = ds[1]
     assert len(ds) == 2 and s["lq"].shape == (6, 3, 8, 8) and s["gt"].shape == (6, 3, 32, 32)
-    assert torch.equal(
-        s["gt"][:3], item["gt"]
-    )  # same window, crop and flips for the same seed/index
+    # same window, crop and flips for the same seed/index
+    assert torch.equal(s["gt"][:3], item["gt"])
     with pytest.raises(ValueError, match="fewer than num_frames.*000_s001"):
         data.REDSSub(str(tmp_path), num_frames=5)
     with pytest.raises(FileNotFoundError, match="train_sharp_sub"):
@@ -686,12 +699,13 @@ def test_prepare_test_set_cli(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# crop_sub_images.py (spec §8.2)
+# crop_sub_images.py (ckkelvinchan/RealBasicVSR: crop_sub_images.py's grid)
+
+STATE = ".crop_sub_images.json"
 
 
-def test_crop_positions_spec_examples():
-    import crop_sub_images as csi
-
+def test_crop_positions_official_examples():
+    # a 720x1280 REDS frame: crop 480, step 240; its x4 LQ: crop 120, step 60
     assert csi.crop_positions(720, 480, 240, 0) == [0, 240]
     assert csi.crop_positions(1280, 480, 240, 0) == [0, 240, 480, 720, 800]
     assert csi.crop_positions(180, 120, 60, 0) == [0, 60]
@@ -700,8 +714,6 @@ def test_crop_positions_spec_examples():
 
 
 def test_crop_sub_images_layout_resume_and_refusal(tmp_path, capsys):
-    import crop_sub_images as csi
-
     root = str(tmp_path / "REDS")
     _reds_tree(root, ["000", "011"], n=2, h=18, w=32)  # 72x128 GT: the 720x1280 example at 1/10
     args = [
@@ -721,13 +733,10 @@ def test_crop_sub_images_layout_resume_and_refusal(tmp_path, capsys):
     expected = [STATE] + [f"{c}_s{i:03d}" for c in ("000", "011") for i in range(1, 11)]
     assert sorted(os.listdir(sub)) == sorted(expected)
     gt = files.read_image(os.path.join(root, "train_sharp", "011", "00000001.png"))
-    crop = files.read_image(
-        os.path.join(sub, "011_s007", "00000001.png")
-    )  # row 2, column 2: (24, 24)
+    # crop 7 is row 2, column 2, at (24, 24); crop 10 row 2, column 5, at (24, 80)
+    crop = files.read_image(os.path.join(sub, "011_s007", "00000001.png"))
     assert np.array_equal(crop, gt[24:72, 24:72])
-    crop = files.read_image(
-        os.path.join(sub, "011_s010", "00000001.png")
-    )  # row 2, column 5: (24, 80)
+    crop = files.read_image(os.path.join(sub, "011_s010", "00000001.png"))
     assert np.array_equal(crop, gt[24:72, 80:128])
     lq = files.read_image(os.path.join(root, "train_sharp_bicubic", "X4", "011", "00000001.png"))
     crop = files.read_image(
@@ -743,8 +752,6 @@ def test_crop_sub_images_layout_resume_and_refusal(tmp_path, capsys):
     os.remove(os.path.join(sub, "000_s003", "00000001.png"))
     open(os.path.join(sub, "000_s003", "00000001.tmp-deadbeef.png"), "wb").write(b"half")
     state = os.path.join(sub, STATE)
-    import json
-
     st = json.load(open(state))
     st.pop("complete")
     json.dump(st, open(state, "w"))
@@ -763,8 +770,6 @@ def test_crop_sub_images_layout_resume_and_refusal(tmp_path, capsys):
 
 
 def test_crop_sub_images_errors(tmp_path):
-    import crop_sub_images as csi
-
     with pytest.raises(SystemExit, match="train_sharp"):
         csi.main(["--data-root", str(tmp_path / "none"), "--n-thread", "1"])
     root = str(tmp_path / "REDS")
@@ -779,13 +784,9 @@ def test_crop_sub_images_errors(tmp_path):
     assert os.listdir(sub) == [STATE]  # nothing half-written; the run can be resumed
 
 
+@pytest.mark.slow  # a multiprocessing pool
 def test_crop_sub_images_parallel(tmp_path):
-    import crop_sub_images as csi
-
     root = str(tmp_path / "REDS")
     _reds_tree(root, ["000"], n=3, h=18, w=32)
     csi.main(["--data-root", root, "--crop-size", "48", "--step", "24", "--n-thread", "2"])
     assert len(os.listdir(os.path.join(root, "train_sharp_sub", "000_s010"))) == 3
-
-
-STATE = ".crop_sub_images.json"

@@ -1,3 +1,7 @@
+"""realbasicvsr.py against the reference-structured oracle (tests/reference_realbasicvsr.py), the
+published checkpoints' keys and hand-computed loss values; and NIQE (metrics.py), the metric
+RealBasicVSR is evaluated with, against BasicSR's values."""
+
 import math
 import os
 
@@ -6,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import basicvsr
 import metrics
 import realbasicvsr as rbv
 import weights
@@ -13,8 +18,8 @@ import weights
 import reference_realbasicvsr as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 from helpers import published_keys  # noqa: E402
 
-# The published key lists (spec §13) are vendored in tests/keys; the tests rebuild them from the
-# spec's rules below and compare.
+# The key lists of the published checkpoints are vendored in tests/keys; the tests rebuild them
+# from the layout of open-mmlab/mmagic's modules below and compare.
 
 
 def resblocks_keys(prefix, c_in, c, n):
@@ -29,7 +34,9 @@ def resblocks_keys(prefix, c_in, c, n):
 
 
 def realbasicvsr_keys(c=64, n=20):
-    """mmagic RealBasicVSRNet(c, n, n) state_dict, from spec §1.5, §3.3, §4.4."""
+    """mmagic RealBasicVSRNet(c, n, n) state_dict (open-mmlab/mmagic:
+    mmagic/models/editors/real_basicvsr/real_basicvsr_net.py): image cleaning, then the BasicVSRNet
+    with its SPyNet."""
     keys = resblocks_keys("image_cleaning.0.", 3, c, n)
     keys += [("image_cleaning.1.weight", [3, c, 3, 3]), ("image_cleaning.1.bias", [3])]
     keys += [("basicvsr.spynet.mean", [1, 3, 1, 1]), ("basicvsr.spynet.std", [1, 3, 1, 1])]
@@ -51,7 +58,8 @@ def realbasicvsr_keys(c=64, n=20):
 
 
 def unet_disc_keys(m=64):
-    """mmagic UNetDiscriminatorWithSpectralNorm(3, m) state_dict, from spec §5.2."""
+    """mmagic UNetDiscriminatorWithSpectralNorm(3, m) state_dict (open-mmlab/mmagic:
+    mmagic/models/editors/real_esrgan/unet_disc.py)."""
     keys = [("conv_0.weight", [m, 3, 3, 3]), ("conv_0.bias", [m])]
     convs = [
         (2 * m, m, 4),
@@ -89,7 +97,8 @@ def shapes(module):
 
 
 def test_disc_keys_params_and_shape():
-    """spec §11.7: (1,3,16,16) -> (1,1,16,16); keys exactly the mmagic ones; 4,376,897 parameters."""
+    """As mmagic's test_unet_disc.py: (1,3,16,16) -> (1,1,16,16); keys exactly the mmagic ones;
+    4,376,897 parameters."""
     disc = rbv.UNetDiscriminatorSN(3)
     assert shapes(disc) == unet_disc_keys()
     assert sum(p.numel() for p in disc.parameters()) == 4376897
@@ -100,9 +109,8 @@ def test_disc_keys_params_and_shape():
 def test_disc_matches_reference(skip_connection):
     torch.manual_seed(0)
     disc = rbv.UNetDiscriminatorSN(3, mid_channels=8, skip_connection=skip_connection)
-    with (
-        torch.no_grad()
-    ):  # spectral norm keeps activations small; scale the plain convs for O(1) logits
+    # spectral norm keeps activations small; scale the plain convs for O(1) logits
+    with torch.no_grad():
         disc.conv_0.weight.mul_(10)
         disc.conv_9.weight.mul_(100)
     # a few training-mode calls run power iterations, so u and v are no longer their random init
@@ -134,7 +142,7 @@ def test_disc_bad_input():
 def test_l1_and_charbonnier_hand_values():
     pred = torch.tensor([0.0, 1.0, 2.0, -1.0])
     target = torch.tensor([1.0, 1.0, 0.0, 1.0])
-    assert rbv.l1_loss(pred, target).item() == pytest.approx((1 + 0 + 2 + 2) / 4)
+    assert F.l1_loss(pred, target).item() == pytest.approx((1 + 0 + 2 + 2) / 4)
     assert rbv.charbonnier_loss(pred, target).item() == pytest.approx(
         (1 + 1e-6 + 2 + 2) / 4, abs=1e-6
     )
@@ -150,7 +158,8 @@ def test_cleaning_loss_hand_value():
     cleaned = torch.zeros(1, 1, 3, 2, 2)
     expected = (0.25 + 0.4 + 0.6 + 1.0) / 4
     assert rbv.cleaning_loss(cleaned, gt).item() == pytest.approx(expected, rel=1e-6)
-    # x2: 2x2 cells; the raised pixel lifts its cell by 0.8/4: (3 * 0.2 + 0.4 + 4 * (0.4 + 0.6 + 1.0)) / 16
+    # x2: 2x2 cells; the raised pixel lifts its cell by 0.8/4:
+    # (3 * 0.2 + 0.4 + 4 * (0.4 + 0.6 + 1.0)) / 16
     assert rbv.cleaning_loss(torch.zeros(1, 1, 3, 4, 4), gt).item() == pytest.approx(
         9.0 / 16, rel=1e-6
     )
@@ -174,7 +183,8 @@ def test_gan_loss_hand_values():
 def random_torchvision_vgg19(path):
     """A random state dict in torchvision's vgg19 key layout (features + a token classifier)."""
     g = torch.Generator().manual_seed(0)
-    sd, c_in = {}, 3
+    sd = {}
+    c_in = 3
     for i, c_out in zip(ref.VGG19_CONVS, [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8):
         # He-scaled so features keep a sensible magnitude through 16 convs
         sd[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g) * math.sqrt(
@@ -207,19 +217,12 @@ def test_perceptual_loss_loads_torchvision_vgg19(tmp_path):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     # one layer on its own, as a hand check of the pre-ReLU tap and the 0.1 weight
     only2 = ref.perceptual_loss_ref(pred.detach(), gt, sd, {2: 0.1})
-    conv1_2 = lambda x: F.conv2d(
-        F.relu(
-            F.conv2d(
-                (x - loss_fn.mean) / loss_fn.std,
-                sd["features.0.weight"],  # noqa: E731
-                sd["features.0.bias"],
-                padding=1,
-            )
-        ),
-        sd["features.2.weight"],
-        sd["features.2.bias"],
-        padding=1,
-    )
+
+    def conv1_2(x):
+        x = (x - loss_fn.mean) / loss_fn.std
+        x = F.relu(F.conv2d(x, sd["features.0.weight"], sd["features.0.bias"], padding=1))
+        return F.conv2d(x, sd["features.2.weight"], sd["features.2.bias"], padding=1)
+
     hand = 0.1 * (conv1_2(pred.detach().flatten(0, 1)) - conv1_2(gt.flatten(0, 1))).abs().mean()
     assert only2.item() == pytest.approx(hand.item(), rel=1e-5)
     # the same on (N,3,H,W) input, and gradients reach pred but not the VGG
@@ -246,8 +249,6 @@ def test_perceptual_loss_errors(tmp_path):
 
 
 # ============================================================================ generator
-
-import basicvsr  # noqa: E402
 
 
 def tiny_generator(mid_channels=8, seed=0, **kwargs):
@@ -294,7 +295,8 @@ def test_generator_keys_and_params():
     ],
 )
 def test_generator_matches_reference(passes, thres, sequential):
-    """Batched or sequential cleaning vs the reference loop: outputs, cleaned LQs, number of passes."""
+    """Batched or sequential cleaning vs the reference loop: outputs, cleaned LQs, number of
+    passes."""
     torch.manual_seed(1)
     lqs = torch.rand(2, 2, 3, 16, 16)  # n=2: the stopping test is one mean over the whole batch
     lqs_copy = lqs.clone()
@@ -314,8 +316,8 @@ def test_generator_matches_reference(passes, thres, sequential):
 
 
 def test_generator_default_shapes():
-    """spec §11.4 with the default (64, 20, 20) network, in one forward call; 3 frames, not 5, to
-    save CPU time (the frame count does not change the shapes)."""
+    """As mmagic's test_real_basicvsr_net.py, with the default (64, 20, 20) network, in one forward
+    call; 3 frames, not 5, to save CPU time (the frame count does not change the shapes)."""
     torch.manual_seed(0)
     model = rbv.RealBasicVSR(is_fix_cleaning=True, is_sequential_cleaning=True)
     assert not any(p.requires_grad for p in model.image_cleaning.parameters())
@@ -340,7 +342,7 @@ def test_gradients_flow_but_not_into_spynet():
     lqs = torch.rand(1, 2, 3, 16, 16)
     gt = torch.rand(1, 2, 3, 64, 64)
     out, cleaned = model(lqs, return_lqs=True)
-    (rbv.l1_loss(out, gt) + rbv.cleaning_loss(cleaned, gt)).backward()
+    (F.l1_loss(out, gt) + rbv.cleaning_loss(cleaned, gt)).backward()
     for name in (
         "image_cleaning",
         "basicvsr.backward_resblocks",
@@ -361,19 +363,18 @@ def test_gradients_flow_but_not_into_spynet():
 
 
 def test_training_losses_finite():
-    """spec §11.6: tiny net (mid 4, 1 block, thres 5) and D (mid 4); all four G losses and both D losses."""
+    """As mmagic's test_real_basicvsr.py: tiny net (mid 4, 1 block, thres 5) and D (mid 4); all
+    four G losses and both D losses."""
     torch.manual_seed(0)
     net = rbv.RealBasicVSR(4, 1, 1, dynamic_refine_thres=5)
     disc = rbv.UNetDiscriminatorSN(3, 4)
     perceptual = rbv.PerceptualLoss()
-    lq, gt, gt_usm = (
-        torch.rand(1, 2, 3, 16, 16),
-        torch.rand(1, 2, 3, 64, 64),
-        torch.rand(1, 2, 3, 64, 64),
-    )
+    lq = torch.rand(1, 2, 3, 16, 16)
+    gt = torch.rand(1, 2, 3, 64, 64)
+    gt_usm = torch.rand(1, 2, 3, 64, 64)
     out, cleaned = net(lq, return_lqs=True)
     losses = {
-        "loss_pix": rbv.l1_loss(out, gt_usm),
+        "loss_pix": F.l1_loss(out, gt_usm),
         "loss_clean": rbv.cleaning_loss(cleaned, gt_usm),
         "loss_perceptual": perceptual(out, gt_usm),
         "loss_gan": rbv.gan_loss(disc(out.flatten(0, 1)), True, weight=0.05),
@@ -389,7 +390,8 @@ def test_training_losses_finite():
 def test_load_published_layout(tmp_path):
     """An mmagic-style RealBasicVSR checkpoint: the generator loads from generator_ema by default,
     the discriminator (spectral-norm u, v buffers included) from prefix "discriminator"."""
-    gen, gen_ema = tiny_generator(seed=1), tiny_generator(seed=2)
+    gen = tiny_generator(seed=1)
+    gen_ema = tiny_generator(seed=2)
     torch.manual_seed(3)
     disc = rbv.UNetDiscriminatorSN(3, 8)
     for _ in range(2):  # move u, v away from their init
@@ -407,7 +409,8 @@ def test_load_published_layout(tmp_path):
     disc2 = weights.load_weights(rbv.UNetDiscriminatorSN(3, 8), path, prefix="discriminator")
     for k, v in disc.state_dict().items():
         assert torch.equal(disc2.state_dict()[k], v), k
-    disc.eval(), disc2.eval()
+    disc.eval()
+    disc2.eval()
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(disc(x), disc2(x))
@@ -425,15 +428,16 @@ def test_load_published_layout(tmp_path):
 
 # The NIQE inputs are committed (tests/data/niqe_inputs.npz, RGB uint8): textured synthetic frames
 # ("a", "crop_200x300", "192x192"), "a" plus Gaussian noise of sigma 20 ("a_noise20"), and a frame
-# downscaled and upscaled x4 with the MATLAB bicubic ("smooth"). Rendered once with synthetic.synthetic_clip
-# (seeds 0, 1, 3, 2) on OpenCV 5.1; regenerating them on another OpenCV or CPU moves a few pixels by a
-# grey level, which is why they are stored rather than drawn here.
+# downscaled and upscaled x4 with the MATLAB bicubic ("smooth"). Rendered once with
+# synthetic.synthetic_clip (seeds 0, 1, 3, 2) on OpenCV 5.1; regenerating them on another OpenCV or
+# CPU moves a few pixels by a grey level, which is why they are stored rather than drawn here.
 NIQE_INPUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "niqe_inputs.npz")
 
 
 # BasicSR 1.4.2 (PyPI sdist), basicsr/metrics/niqe.py calculate_niqe(img[..., ::-1], crop_border=0,
-# input_order='HWC', convert_to='y') -- BasicSR takes BGR -- numpy 2.4.6, scipy 1.17.1, torch 2.13.0 CPU,
-# computed 2026-12-03. Value and the input's pixel sum (to tell changed inputs from a changed metric).
+# input_order='HWC', convert_to='y') -- BasicSR takes BGR -- numpy 2.4.6, scipy 1.17.1,
+# torch 2.13.0 CPU, computed 2026-12-03. Value and the input's pixel sum (to tell changed inputs
+# from a changed metric).
 _NIQE_BASICSR = {
     "a": (5.690433493810372, 18805903),
     "crop_200x300": (9.07181776594531, 24171258),
@@ -450,8 +454,8 @@ def niqe_images():
 
 
 def test_niqe_matches_basicsr(niqe_images):
-    # 1e-3: BasicSR resizes the second scale in float32 torch; we agree to ~1e-4 (its own value moves
-    # by about that when that resize is perturbed by one float32 ulp)
+    # 1e-3: BasicSR resizes the second scale in float32 torch; we agree to ~1e-4 (its own value
+    # moves by about that when that resize is perturbed by one float32 ulp)
     for name, (value, pixel_sum) in _NIQE_BASICSR.items():
         img = niqe_images[name]
         assert int(img.astype(np.int64).sum()) == pixel_sum, f"{NIQE_INPUTS}: {name} changed"
