@@ -1,9 +1,10 @@
-"""Train and evaluate BasicVSR++ and RealBasicVSR with the published recipes (spec §5, §7):
-`python train.py --model basicvsrpp` (the built-in synthetic clips; a CPU is enough), under torchrun
-for several GPUs, `--eval` for test-set PSNR/SSIM; README's Training section has the commands.
+"""Train and evaluate BasicVSR++ and RealBasicVSR (CVPR 2022) with the published recipes, those of
+the official configs: `python train.py --model basicvsrpp` (the built-in synthetic clips; a CPU is
+enough), under torchrun for several GPUs, `--eval` for test-set PSNR/SSIM (NIQE without GT);
+README's Training section has the commands.
 
-The file reads top to bottom: recipes, flags, distributed setup, the data stream, metrics,
-validation, checkpoints, one training iteration, the training loop, evaluation.
+The recipes are in recipes.py. This file reads top to bottom: flags, distributed setup, the data
+stream, validation, models, checkpoints, one training iteration, the training loop, evaluation.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -32,173 +33,15 @@ import realbasicvsr
 import weights
 from files import atomic_path
 from metrics import niqe, psnr, ssim
-
-# ---------------------------------------------------------------------------------------------
-# Recipes. Every field can be overridden by the flag of the same name (underscores -> dashes).
-
-BASICVSRPP_REDS4 = dict(
-    arch="basicvsrpp",
-    scale=4,
-    mid_channels=64,
-    num_blocks=7,
-    num_cleaning_blocks=0,
-    train_set="reds",
-    val_set="reds4",
-    degradation="BI",
-    lq_dir=None,
-    gt_dir=None,
-    metric_channel="rgb",
-    crop_border=0,
-    num_frames=30,
-    crop_size=256,
-    batch_size=1,
-    pixel_loss="charbonnier",
-    pixel_target="gt",
-    cleaning_weight=0.0,
-    perceptual_weight=0.0,
-    gan_weight=0.0,
-    d_mid_channels=64,
-    lr=1e-4,
-    lr_d=0.0,
-    betas=(0.9, 0.99),
-    lr_schedule="cosine",
-    eta_min=1e-7,
-    lr_period=None,
-    max_iters=600_000,
-    spynet_lr_mult=0.25,
-    spynet_fix_iters=5000,
-    ema_decay=0.0,
-    grad_clip=0.0,
-    needs_spynet_weights=True,
-    num_workers=6,
-    val_interval=5000,
-    save_interval=5000,
-    val_clips=None,
+from recipes import (
+    EVAL_SETS,
+    RECIPES,
+    RUN_DEFAULTS,
+    SPYNET_FILE,
+    SYNTHETIC,
+    SYNTHETIC_CPU,
+    VGG_FILE,
 )
-REALBASICVSR_WOGAN = dict(
-    BASICVSRPP_REDS4,
-    arch="realbasicvsr",
-    mid_channels=64,
-    num_blocks=20,
-    num_cleaning_blocks=20,
-    train_set="reds_sub",
-    val_set="udm10",
-    lq_dir="BIx4",
-    gt_dir="GT",
-    num_frames=15,
-    crop_size=256,
-    batch_size=2,  # 15 frames, mirrored to 30 by the dataset
-    pixel_loss="l1",
-    pixel_target="gt_usm",
-    cleaning_weight=1.0,
-    lr=1e-4,
-    lr_schedule="constant",
-    max_iters=300_000,
-    spynet_lr_mult=1.0,
-    spynet_fix_iters=-1,
-    ema_decay=0.999,  # SPyNet frozen throughout
-    num_workers=10,
-)
-RECIPES = {
-    # REDS4 BI x4 (§7.1): Charbonnier, cosine 1e-4 -> 1e-7 over 600k, SPyNet x0.25 and frozen 5k.
-    "basicvsrpp": BASICVSRPP_REDS4,
-    # Vimeo-90K (§7.2): 7 frames mirrored to 14, batch 2/GPU, 300k, SPyNet trained from the start,
-    # validation on Vid4 (Y channel).
-    "basicvsrpp_vimeo_bi": dict(
-        BASICVSRPP_REDS4,
-        train_set="vimeo90k",
-        degradation="BI",
-        val_set="vid4",
-        lq_dir="BIx4",
-        gt_dir="GT",
-        metric_channel="y",
-        num_frames=7,
-        batch_size=2,
-        max_iters=300_000,
-        spynet_fix_iters=0,
-    ),
-    "basicvsrpp_vimeo_bd": dict(
-        BASICVSRPP_REDS4,
-        train_set="vimeo90k",
-        degradation="BD",
-        val_set="vid4",
-        lq_dir="BDx4",
-        gt_dir="GT",
-        metric_channel="y",
-        num_frames=7,
-        batch_size=2,
-        max_iters=300_000,
-        spynet_fix_iters=0,
-    ),
-    # RealBasicVSR stage 1 (§5.5): L1 on the sharpened GT + cleaning loss, EMA 0.999.
-    "realbasicvsr_wogan": REALBASICVSR_WOGAN,
-    # Stage 2: + perceptual (1.0) + GAN (0.05); G 5e-5, D 1e-4; starts from stage 1 (--init).
-    "realbasicvsr": dict(
-        REALBASICVSR_WOGAN,
-        perceptual_weight=1.0,
-        gan_weight=0.05,
-        lr=5e-5,
-        lr_d=1e-4,
-        max_iters=150_000,
-        batch_size=1,
-        needs_spynet_weights=False,
-    ),
-}
-
-# Without --data-root: the built-in synthetic clips (RealBasicVSR: through the degradations), with
-# small settings (flags win); on a CPU a smaller network too, which passes bicubic within minutes.
-# BasicVSR++ needs LR frames of 64x64, hence its 256 crop.
-SYNTHETIC = {
-    "basicvsrpp": dict(
-        num_frames=5,
-        crop_size=256,
-        synthetic_clips=200,
-        val_clips=2,
-        num_workers=4,
-        val_interval=500,
-        save_interval=500,
-        max_iters=5000,
-    ),
-    "realbasicvsr": dict(
-        num_frames=5,
-        crop_size=128,
-        synthetic_clips=200,
-        val_clips=2,
-        num_workers=4,
-        val_interval=500,
-        save_interval=500,
-        max_iters=5000,
-    ),
-}
-SYNTHETIC_CPU = {
-    "basicvsrpp": dict(
-        num_frames=2,
-        mid_channels=16,
-        num_blocks=2,
-        num_workers=0,
-        lr=1e-3,
-        val_interval=50,
-        save_interval=50,
-        max_iters=1000,
-    ),
-    "realbasicvsr": dict(
-        num_frames=2,
-        crop_size=64,
-        mid_channels=16,
-        num_blocks=2,
-        num_cleaning_blocks=2,
-        d_mid_channels=16,
-        num_workers=0,
-        val_interval=50,
-        save_interval=50,
-        max_iters=1000,
-    ),
-}
-
-# The published files the recipes start from; nothing is downloaded.
-SPYNET_FILE = "spynet_20210409-c6c1bd09.pth"
-VGG_FILE = "vgg19-dcbb9e9d.pth"
-
 
 # ---------------------------------------------------------------------------------------------
 # Flags. Recipe fields default to None so that "given on the command line" is visible.
@@ -206,7 +49,7 @@ VGG_FILE = "vgg19-dcbb9e9d.pth"
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train or evaluate BasicVSR++ / RealBasicVSR.")
-    p.add_argument("--model", required=True, choices=sorted(RECIPES), help="recipe")
+    p.add_argument("--model", required=True, choices=sorted(RECIPES), help="recipe (recipes.py)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="training data root; none: the built-in synthetic clips")
     g.add_argument("--val-root", help="validation data root (default: --data-root for reds4)")
@@ -247,11 +90,7 @@ def build_parser():
     g.add_argument("--num-cleaning-blocks", type=int, help="RealBasicVSR cleaning blocks")
     g.add_argument("--d-mid-channels", type=int, help="discriminator width (GAN stage)")
     g.add_argument("--spynet-weights", help=f"pretrained SPyNet ({SPYNET_FILE})")
-    g.add_argument(
-        "--vgg-weights",
-        help=f"torchvision VGG19 ({VGG_FILE}) for the perceptual loss; "
-        "'random' = untrained VGG, for tests only",
-    )
+    g.add_argument("--vgg-weights", help=f"torchvision VGG19 ({VGG_FILE}) for the perceptual loss")
     g.add_argument(
         "--init", help="initial weights only (file or run folder; EMA weights preferred)"
     )
@@ -309,15 +148,6 @@ def build_parser():
     return p
 
 
-RUN_DEFAULTS = dict(
-    seed=0,
-    amp="none",
-    compile=False,
-    log_interval=10,
-    keep_last=3,
-    max_nonfinite=10,
-    synthetic_clips=200,
-)
 FLAG_ONLY = (
     "model",
     "data_root",
@@ -470,16 +300,17 @@ class EpochIndexed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        getattr(self.dataset, "set_epoch", lambda epoch: None)(
-            epoch
-        )  # SyntheticClips draws no epochs
+        if hasattr(self.dataset, "set_epoch"):  # SyntheticClips draws no epochs
+            self.dataset.set_epoch(epoch)
         return self.dataset[index]
 
 
 def build_train_set(cfg, rank):
-    seed, root, scale = cfg["seed"], cfg["data_root"], cfg["scale"]
+    seed = cfg["seed"]
+    root = cfg["data_root"]
+    scale = cfg["scale"]
     if cfg["arch"] == "realbasicvsr":
-        # GT clips (REDS sub-images, or synthetic ones) through the degradation pipeline (§6)
+        # GT clips (REDS sub-images, or synthetic ones) through degradations.py's pipeline
         return data.RealDegradationDataset(
             root,
             num_frames=cfg["num_frames"],
@@ -500,7 +331,8 @@ def build_train_set(cfg, rank):
     if cfg["train_set"] == "vimeo90k":
         if cfg["num_frames"] != 7:
             raise ValueError(
-                f"train.py: Vimeo-90K septuplets have 7 frames (mirrored to 14), got --num-frames {cfg['num_frames']}"
+                f"train.py: Vimeo-90K septuplets have 7 frames (mirrored to 14), "
+                f"got --num-frames {cfg['num_frames']}"
             )
         return data.Vimeo90K(
             root,
@@ -552,7 +384,8 @@ def build_eval_set(name, root, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics as text, and frames on the [0, 255] scale they are computed on.
+# Validation / evaluation: whole clips, one at a time, spread over the ranks, scored by
+# metrics.py on frames rounded to 8 bits.
 
 
 def metrics_text(p, s, b, frames=None):
@@ -570,12 +403,8 @@ def to_255(frames):
     return (frames.float().clamp(0, 1) * 255.0).round()
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation / evaluation: whole clips, one at a time, spread over the ranks.
-
-
 def infer(model, lqs, gt_frames, amp_ctx):
-    """Model output for a clip (1, t, 3, h, w). A single GT frame means Vimeo-90K-T (§7.2): the 7
+    """Model output for a clip (1, t, 3, h, w). A single GT frame means Vimeo-90K-T: the 7
     LQ frames mirrored to 14 (by the dataset, or here), and the centre prediction is the mean of
     out[3] and out[10], the two outputs of frame 4."""
     centre = gt_frames == 1 and lqs.shape[1] > 1
@@ -590,7 +419,8 @@ def infer(model, lqs, gt_frames, amp_ctx):
 
 
 def bicubic(lqs, gt_frames, scale):
-    """Bicubic upscaling of the LQ, the baseline printed beside the model (Vimeo-90K-T: frame 4 only)."""
+    """Bicubic upscaling of the LQ, the baseline printed beside the model (Vimeo-90K-T: frame 4
+    only)."""
     if gt_frames == 1 and lqs.shape[1] > 1:
         k = lqs.shape[1] // 4 if basicvsr.is_mirror_extended(lqs) else lqs.shape[1] // 2
         lqs = lqs[:, k : k + 1]
@@ -615,16 +445,19 @@ def evaluate_clips(
     max_clips=None,
     verbose=False,
 ):
-    """[(key, psnr, ssim, bicubic_psnr, frames)] of the clips (clip i on rank i % world_size) on every rank,
-    and their means; a clip without GT (VideoLQ) gets the output's NIQE for PSNR and nan for the rest."""
+    """[(key, psnr, ssim, bicubic_psnr, frames)] of the clips (clip i on rank i % world_size) on
+    every rank, and their means; a clip without GT (VideoLQ) gets the output's NIQE for PSNR and
+    nan for the rest."""
     was_training = model.training
     model.eval()
-    y, border = cfg["metric_channel"] == "y", cfg["crop_border"]
+    y = cfg["metric_channel"] == "y"
+    border = cfg["crop_border"]
     num = len(dataset) if not max_clips else min(max_clips, len(dataset))
     rows = []
     for i in range(rank, num, world_size):
         item = dataset[i]
-        lqs, gt = item["lq"][None].to(device), item.get("gt")
+        lqs = item["lq"][None].to(device)
+        gt = item.get("gt")
         if gt is None:  # no GT (VideoLQ, real footage): the NIQE of the output frames
             out = to_255(infer(model, lqs, 0, amp_ctx)[0]).byte().permute(0, 2, 3, 1).cpu().numpy()
             q = [niqe(o) for o in out]
@@ -643,9 +476,8 @@ def evaluate_clips(
             print(f"  {item['key']:<24s} {metrics_text(*rows[-1][1:])}", flush=True)
         if i == 0 and image_path is not None:
             k = out.shape[0] // 2
-            side_by_side = torch.cat(
-                [bic[k].cpu(), out[k].cpu(), gt255[k].cpu()], dim=2
-            )  # bicubic | output | GT
+            # bicubic | output | GT
+            side_by_side = torch.cat([bic[k].cpu(), out[k].cpu(), gt255[k].cpu()], dim=2)
             files.write_image(image_path, side_by_side.permute(1, 2, 0).numpy().astype(np.uint8))
     if ddp:
         gathered = [None] * world_size
@@ -686,7 +518,8 @@ def spynet_params(model):
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * param for trained parameters; frozen parameters
-    (SPyNet) and buffers are copied (spec §5.3)."""
+    (SPyNet) and buffers are copied, as mmagic's ExponentialMovingAverageHook
+    (open-mmlab/mmagic: mmagic/engine/hooks/ema.py)."""
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         if p.requires_grad:
             p_ema.lerp_(p, 1.0 - decay)
@@ -697,7 +530,8 @@ def ema_update(ema, model, decay):
 
 
 def lr_at(step, base_lr, cfg):
-    """Cosine to eta_min over lr_period (mmagic's CosineRestartLR, one period), or constant; of the step alone."""
+    """Cosine to eta_min over lr_period (mmagic's CosineRestartLR, one period), or constant; of the
+    step alone."""
     if cfg["lr_schedule"] == "constant":
         return base_lr
     t = min(step, cfg["lr_period"]) / cfg["lr_period"]
@@ -705,7 +539,8 @@ def lr_at(step, base_lr, cfg):
 
 
 def weights_file(path, what, ema=True):
-    """A weights file, or the latest checkpoint of a run folder; with ema, our EMA file beside it wins."""
+    """A weights file, or the latest checkpoint of a run folder; with ema, our EMA file beside it
+    wins."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path}: no such file or run folder")
     if os.path.isdir(path):
@@ -776,7 +611,8 @@ def checkpoint_stem(path):
                 raise FileNotFoundError(f"train.py: --resume: {stem}.state.pt not found")
             return stem
     raise ValueError(
-        f"train.py: --resume takes a run folder or an iter_*.state.pt / .safetensors file, got {path}"
+        f"train.py: --resume takes a run folder or an iter_*.state.pt / .safetensors file, "
+        f"got {path}"
     )
 
 
@@ -796,15 +632,22 @@ def save_checkpoint(out_dir, step, state, g_raw, ema, keep_last):
 
 
 # ---------------------------------------------------------------------------------------------
-# One training iteration (spec §5.1, §7.1). Generator: pixel loss (+ cleaning, perceptual and
-# 0.05 x GAN with D frozen); then, in the GAN stage, D: BCE(D(gt), 1) + BCE(D(out.detach()), 0),
-# D applied per frame. A non-finite loss, agreed on by all ranks, skips the update.
+# One training iteration, as the official training models (open-mmlab/mmagic:
+# mmagic/models/editors/basicvsr/basicvsr.py, real_basicvsr/real_basicvsr.py). Generator: pixel
+# loss (+ cleaning, perceptual and 0.05 x GAN with D frozen); then, in the GAN stage, D:
+# BCE(D(gt), 1) + BCE(D(out.detach()), 0), D applied per frame. A non-finite loss, agreed on by
+# all ranks, skips the update.
 
 
 class Trainer:
     def __init__(self, cfg, g_raw, ema, d_raw, percep, device, ddp, amp):
-        self.cfg, self.g_raw, self.ema, self.d_raw, self.percep = cfg, g_raw, ema, d_raw, percep
-        self.device, self.ddp = device, ddp
+        self.cfg = cfg
+        self.g_raw = g_raw  # the generator; self.g is its DDP wrapper (set_phase)
+        self.ema = ema
+        self.d_raw = d_raw  # the discriminator (GAN stage); self.d is its DDP wrapper
+        self.percep = percep
+        self.device = device
+        self.ddp = ddp
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
         spy = set(map(id, spynet_params(g_raw)))
@@ -839,11 +682,10 @@ class Trainer:
     def set_phase(self, step):
         """SPyNet freeze under DDP without find_unused_parameters: DDP reduces only the parameters
         that require grad when it is built, so at the switch every rank, at the same iteration,
-        unfreezes SPyNet and rebuilds the wrapper (toggling it under a live one crashes the reference)."""
+        unfreezes SPyNet and rebuilds the wrapper (toggling it under a live one crashes the
+        reference)."""
         fix = self.cfg["spynet_fix_iters"]
-        frozen = (
-            fix < 0 or step < fix
-        )  # a function of the iteration: a resumed run lands in its phase
+        frozen = fix < 0 or step < fix  # of the iteration alone: a resumed run lands in its phase
         if frozen == self.spynet_frozen:
             return False
         for p in spynet_params(self.g_raw):
@@ -870,9 +712,8 @@ class Trainer:
         if self.cfg["grad_clip"] > 0:
             scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["grad_clip"])
-            ok = (
-                bool(torch.isfinite(norm)) or scaler.is_enabled()
-            )  # fp16: the scaler skips inf steps
+            # fp16: the scaler itself skips the steps with inf gradients
+            ok = bool(torch.isfinite(norm)) or scaler.is_enabled()
         if ok:
             scaler.step(opt)
         scaler.update()
@@ -891,11 +732,7 @@ class Trainer:
                 out, lqs_clean = self.g(lqs, return_lqs=True)
             else:
                 out = self.g(lqs)
-        pixel = (
-            realbasicvsr.charbonnier_loss
-            if cfg["pixel_loss"] == "charbonnier"
-            else realbasicvsr.l1_loss
-        )
+        pixel = realbasicvsr.charbonnier_loss if cfg["pixel_loss"] == "charbonnier" else F.l1_loss
         losses["pix"] = pixel(out.float(), target)
         if cfg["cleaning_weight"] > 0:
             losses["clean"] = cfg["cleaning_weight"] * realbasicvsr.cleaning_loss(
@@ -920,7 +757,7 @@ class Trainer:
         if cfg["gan_weight"] > 0:
             self.d_raw.requires_grad_(True)
             self.opt_d.zero_grad(set_to_none=True)
-            real_target = gt.flatten(0, 1)  # the unsharpened GT is "real" (§5.1)
+            real_target = gt.flatten(0, 1)  # the unsharpened GT is "real" (official configs)
             # real and fake each backward on their own, as in the reference (half the activations)
             with self.amp_ctx:
                 real_logits = self.d(real_target)
@@ -959,43 +796,40 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop.
+# The training loop. Setup reads everything (checkpoint, config, weights, data) before the run
+# folder is made, so a mistake leaves nothing behind; each iteration then is one step, a log
+# line, a checkpoint, a validation, and a stop when Ctrl-C / SIGTERM asked for one.
 
 
-def train(args, ddp, rank, world_size, device):
-    saved_state, stem = None, None
-    if args.resume:
-        stem = checkpoint_stem(args.resume)
-        saved_state = torch.load(stem + ".state.pt", map_location="cpu", weights_only=True)
-    cfg = resolve_config(args, device, world_size, saved_state["config"] if saved_state else None)
-    out_dir = args.out_dir or (
-        os.path.dirname(stem) if stem else os.path.join("runs", cfg["model"])
-    )
-    cfg["out_dir"] = out_dir
+def load_resume(args):
+    """--resume: the checkpoint's stem and its state (step, config, optimisers, RNG states)."""
+    if not args.resume:
+        return None, None
+    stem = checkpoint_stem(args.resume)
+    return stem, torch.load(stem + ".state.pt", map_location="cpu", weights_only=True)
 
-    # --- say what runs
+
+def check_run(cfg, args, device, ddp, rank):
+    """Says what runs and raises on a mistake; returns the command that continues the run."""
     if cfg["data_root"] is None:
         print0(
             f"data: no --data-root, training on the built-in synthetic clips"
             f"{' through the degradation pipeline' if cfg['arch'] == 'realbasicvsr' else ''}"
-            f" with small {'CPU ' if device.type == 'cpu' else ''}settings (flags override them)",
+            f" with small {'CPU ' if device.type == 'cpu' else ''}settings"
+            f" (flags override them)",
             rank=rank,
         )
-    if (
-        cfg["needs_spynet_weights"]
-        and not args.spynet_weights
-        and not args.init
-        and not args.resume
-    ):
+    starts_trained = args.spynet_weights or args.init or args.resume
+    if cfg["needs_spynet_weights"] and not starts_trained:
         print0(
-            f"warning: no --spynet-weights: SPyNet starts untrained (zero flow); the {cfg['model']} recipe "
-            f"starts from the pretrained {SPYNET_FILE}",
+            f"warning: no --spynet-weights: SPyNet starts untrained (zero flow); the "
+            f"{cfg['model']} recipe starts from the pretrained {SPYNET_FILE}",
             rank=rank,
         )
     if cfg["perceptual_weight"] > 0 and not args.vgg_weights:
         raise ValueError(
             f"train.py: --model {cfg['model']} needs --vgg-weights (torchvision's {VGG_FILE}) "
-            f"for the perceptual loss; '--vgg-weights random' is for tests only"
+            f"for the perceptual loss"
         )
     if cfg["gan_weight"] > 0 and not args.init and not args.resume:
         print0(
@@ -1008,21 +842,23 @@ def train(args, ddp, rank, world_size, device):
         + "\n".join(f"  {k:22s} {cfg[k]}" for k in sorted(cfg)),
         rank=rank,
     )
-    resume_cmd = (
-        f"torchrun --nproc_per_node={world_size} " if ddp else "python "
-    ) + f"train.py --model {cfg['model']} --resume {out_dir}"
-    if not args.resume and glob.glob(os.path.join(out_dir, "iter_*.state.pt")):
+    launcher = f"torchrun --nproc_per_node={cfg['world_size']} " if ddp else "python "
+    resume_cmd = f"{launcher}train.py --model {cfg['model']} --resume {cfg['out_dir']}"
+    if not args.resume and glob.glob(os.path.join(cfg["out_dir"], "iter_*.state.pt")):
         # keep-last pruning would otherwise delete the new run's checkpoints, not the old ones
         raise ValueError(
-            f"train.py: {out_dir} already holds checkpoints; continue it with `{resume_cmd}`, "
-            f"or pick another --out-dir"
+            f"train.py: {cfg['out_dir']} already holds checkpoints; continue it with "
+            f"`{resume_cmd}`, or pick another --out-dir"
         )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = (
-            True  # fixed training shapes; GPU runs are not bitwise reproducible anyway
-        )
+    return resume_cmd
 
-    # --- models; identical initial weights on every rank (DDP also broadcasts rank 0's)
+
+def build_trainer(cfg, args, device, ddp, rank):
+    """The networks, with identical initial weights on every rank (DDP also broadcasts rank 0's),
+    and the Trainer that steps them."""
+    if device.type == "cuda":
+        # fixed training shapes; GPU runs are not bitwise reproducible anyway
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg["seed"])
     g_raw = build_generator(cfg)
     spynet = g_raw.basicvsr.spynet if cfg["arch"] == "realbasicvsr" else g_raw.spynet
@@ -1034,44 +870,46 @@ def train(args, ddp, rank, world_size, device):
     ema = copy.deepcopy(g_raw).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     if args.init:
         load_init(g_raw, ema, args.init, rank)
-    if cfg.get("compile"):  # after the EMA copy: the EMA only evaluates, and stays eager
+    if cfg["compile"]:  # after the EMA copy: the EMA only evaluates, and stays eager
         basicvsr.compile_network(g_raw)
-    d_raw = (
-        realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train()
-        if cfg["gan_weight"] > 0
-        else None
-    )
+    d_raw = None
+    if cfg["gan_weight"] > 0:
+        d_raw = realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train()
     percep = None
     if cfg["perceptual_weight"] > 0:
         percep = realbasicvsr.PerceptualLoss()
-        if args.vgg_weights != "random":
-            weights.load_vgg19_features(percep.vgg, args.vgg_weights)
+        weights.load_vgg19_features(percep.vgg, args.vgg_weights)
         percep = percep.to(device)
-    trainer = Trainer(cfg, g_raw, ema, d_raw, percep, device, ddp, cfg["amp"])
+    return Trainer(cfg, g_raw, ema, d_raw, percep, device, ddp, cfg["amp"])
 
-    start = 0
-    if saved_state is not None:
-        weights.load_weights(g_raw, stem + ".safetensors")
-        if ema is not None:
-            weights.load_weights(ema, stem + "_ema.safetensors")
-        trainer.load_state_dict(saved_state["trainer"])
-        start = saved_state["step"]
-        rngs = saved_state["rng"]
-        if len(rngs) != world_size:
-            print0(
-                f"warning: resuming a {len(rngs)}-rank run on {world_size} ranks: the data stream and "
-                f"random states differ from an uninterrupted run",
-                rank=rank,
-            )
-            torch.manual_seed(cfg["seed"] + rank)
-        else:
-            set_rng_state(rngs[rank], device)
-        print0(f"resume: {stem} at iteration {start}", rank=rank)
+
+def restore(trainer, stem, state, rank, world_size):
+    """A resumed run's weights, optimisers and random states; returns the iteration it stopped
+    at. A new run starts at 0, each rank with its own random stream."""
+    seed = trainer.cfg["seed"]
+    if state is None:
+        torch.manual_seed(seed + rank)
+        return 0
+    weights.load_weights(trainer.g_raw, stem + ".safetensors")
+    if trainer.ema is not None:
+        weights.load_weights(trainer.ema, stem + "_ema.safetensors")
+    trainer.load_state_dict(state["trainer"])
+    rngs = state["rng"]
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank], trainer.device)
     else:
-        # each rank its own random stream (and its own data through the sampler)
-        torch.manual_seed(cfg["seed"] + rank)
+        print0(
+            f"warning: resuming a {len(rngs)}-rank run on {world_size} ranks: the data stream "
+            f"and random states differ from an uninterrupted run",
+            rank=rank,
+        )
+        torch.manual_seed(seed + rank)
+    print0(f"resume: {stem} at iteration {state['step']}", rank=rank)
+    return state["step"]
 
-    # --- data
+
+def training_batches(cfg, start, rank, world_size, device):
+    """This rank's batches from iteration `start` on, those the uninterrupted run would draw."""
     train_set = build_train_set(cfg, rank)
     stream = EndlessStream(
         train_set, rank, world_size, cfg["seed"], start=start * cfg["batch_size"]
@@ -1083,158 +921,244 @@ def train(args, ddp, rank, world_size, device):
         num_workers=cfg["num_workers"],
         pin_memory=device.type == "cuda",
         persistent_workers=cfg["num_workers"] > 0,
+        # not the global RNG: resume stays exact
         generator=torch.Generator().manual_seed(cfg["seed"] + rank),
-    )  # not the global RNG: resume stays exact
-    batches = iter(loader)
-    val_set = None
-    if cfg["val_set"] != "none":
-        if cfg["val_set"] != "synthetic" and cfg["val_root"] is None:
-            print0(
-                f"warning: no --val-root for the {cfg['val_set']} validation set: validation is off",
-                rank=rank,
-            )
-        else:
-            val_set = build_eval_set(cfg["val_set"], cfg["val_root"], cfg)
+    )
+    return iter(loader)
 
-    # --- logs: the run folder exists only once the data and the weights have been read
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
 
-    run_start = time.time()
-
-    def log(record):
-        if rank == 0:
-            record["time"] = round(
-                time.time() - run_start, 1
-            )  # wall seconds since this process started
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def checkpoint(step, nonfinite_total):
-        rngs = [rng_state(device)] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng_state(device))
-        if rank == 0:
-            state = {
-                "step": step,
-                "config": cfg,
-                "trainer": trainer.state_dict(),
-                "rng": rngs,
-                "data_position": step * cfg["batch_size"],
-                "nonfinite_total": nonfinite_total,
-            }
-            return save_checkpoint(out_dir, step, state, g_raw, ema, cfg["keep_last"])
-
-    def validate(step):
-        image = os.path.join(out_dir, f"val_{step:07d}.png") if rank == 0 else None
-        rows, (p, s, b) = evaluate_clips(
-            ema if ema is not None else g_raw,
-            val_set,
-            cfg,
-            device,
-            trainer.amp_ctx,
-            rank,
-            world_size,
-            ddp,
-            image,
-            cfg["val_clips"],
-        )
+def validation_set(cfg, rank):
+    """The validation clips, or None: no validation."""
+    if cfg["val_set"] == "none":
+        return None
+    if cfg["val_set"] != "synthetic" and cfg["val_root"] is None:
         print0(
-            f"val   {step:>7d} | {metrics_text(p, s, b)} "
-            f"({cfg['metric_channel'].upper()}, {len(rows)} clips{', EMA' if ema is not None else ''})",
+            f"warning: no --val-root for the {cfg['val_set']} validation set: validation is off",
             rank=rank,
         )
-        log(
-            {"iter": step, "val_niqe": p}
-            if math.isnan(s)
-            else {"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b}
-        )
-        if rank == 0:
-            for old in sorted(glob.glob(os.path.join(out_dir, "val_*.png")))[: -cfg["keep_last"]]:
-                os.remove(old)
+        return None
+    return build_eval_set(cfg["val_set"], cfg["val_root"], cfg)
 
-    # --- loop
-    step, max_iters = start, cfg["max_iters"]
-    nonfinite_total = saved_state["nonfinite_total"] if saved_state else 0
-    nonfinite_run, last_ckpt = 0, stem
-    sums, count, t0, timed_iters = {}, 0, time.time(), 0
-    # Ctrl-C / SIGTERM only ask to stop: the iteration finishes, every rank agrees on where to stop,
-    # a checkpoint is written there. A second signal during the write changes nothing.
-    stop, handlers = [], {}
+
+class RunLog:
+    """The run folder's log.jsonl, made on entry: one JSON record a line, with the wall seconds
+    since training started. Rank 0 writes; on the other ranks a record goes nowhere."""
+
+    def __init__(self, out_dir, rank):
+        self.out_dir = out_dir
+        self.rank = rank
+        self.file = None
+        self.start = None
+
+    def __enter__(self):
+        if self.rank == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.file = open(os.path.join(self.out_dir, "log.jsonl"), "a")
+        self.start = time.time()
+        return self
+
+    def __call__(self, record):
+        if self.file:
+            record = record | {"time": round(time.time() - self.start, 1)}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C / SIGTERM only ask to stop: the list yielded collects the signals, the iteration
+    finishes, every rank agrees on where to stop, a checkpoint is written there. A second signal
+    during the write changes nothing. Signal handlers exist in the main thread only."""
+    stop = []
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {
-            sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-    print0(f"train: iterations {start + 1}..{max_iters} on {world_size} x {device.type}", rank=rank)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
     try:
+        yield stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+class LossMeter:
+    """The losses of the applied updates since the last log line, and the iterations timed since
+    then (validation is not timed)."""
+
+    def __init__(self):
+        self.sums = {}
+        self.count = 0
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.t0 = time.time()
+        self.iters = 0
+
+    def add(self, losses, ok):
+        self.iters += 1
+        if ok:
+            for k, v in losses.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.count += 1
+
+
+def spynet_phase(trainer, step):
+    """The line saying whether SPyNet is frozen or trained from this iteration on."""
+    fix = trainer.cfg["spynet_fix_iters"]
+    until = f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""
+    state = "frozen" if trainer.spynet_frozen else "trained"
+    return f"spynet: {state} from iteration {step + 1}{until}"
+
+
+def report(trainer, meter, step, lr, nonfinite_total, log, rank):
+    """One log line: the losses (means over iterations and ranks), lr, speed, ETA, memory."""
+    names = sorted(meter.sums)
+    means = [meter.sums[k] / meter.count for k in names]
+    means = dict(zip(names, all_reduce_mean(means, trainer.ddp)))
+    it_s = meter.iters / max(time.time() - meter.t0, 1e-9)
+    device = trainer.device
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    max_iters = trainer.cfg["max_iters"]
+    parts = " ".join(f"{k} {means[k]:.4g}" for k in names if k != "loss")
+    eta = tqdm.tqdm.format_interval((max_iters - step) / it_s)
+    print0(
+        f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
+        f"lr {lr:.2e} | {it_s:.2f} it/s | eta {eta} | "
+        f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}",
+        rank=rank,
+    )
+    record = {"iter": step, **means, "lr": lr, "it_s": it_s, "nonfinite": nonfinite_total}
+    log(record | ({"mem_gb": mem} if mem is not None else {}))
+
+
+def report_nonfinite(losses, step, nonfinite_run, nonfinite_total, log, rank):
+    """A skipped update, on the console and in the log."""
+    print0(
+        f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
+        f"({nonfinite_run} in a row, {nonfinite_total} in all)",
+        rank=rank,
+    )
+    log({"iter": step, "nonfinite": nonfinite_total})
+
+
+def checkpoint(trainer, step, nonfinite_total, rank, world_size):
+    """Every rank's RNG state to rank 0, which saves and returns the checkpoint's stem (the other
+    ranks, which print nothing, None)."""
+    rngs = [rng_state(trainer.device)] * world_size
+    if trainer.ddp:
+        dist.all_gather_object(rngs, rng_state(trainer.device))
+    if rank != 0:
+        return None
+    cfg = trainer.cfg
+    state = {
+        "step": step,
+        "config": cfg,
+        "trainer": trainer.state_dict(),
+        "rng": rngs,
+        "nonfinite_total": nonfinite_total,
+    }
+    return save_checkpoint(
+        cfg["out_dir"], step, state, trainer.g_raw, trainer.ema, cfg["keep_last"]
+    )
+
+
+def validate(trainer, val_set, step, log, rank, world_size):
+    """The EMA generator (else the generator) on the validation clips: PSNR / SSIM / bicubic PSNR,
+    or NIQE for clips without GT; rank 0 keeps the last keep_last bicubic | output | GT images."""
+    cfg = trainer.cfg
+    out_dir = cfg["out_dir"]
+    ema = trainer.ema
+    image = os.path.join(out_dir, f"val_{step:07d}.png") if rank == 0 else None
+    rows, (p, s, b) = evaluate_clips(
+        ema if ema is not None else trainer.g_raw,
+        val_set,
+        cfg,
+        trainer.device,
+        trainer.amp_ctx,
+        rank,
+        world_size,
+        trainer.ddp,
+        image,
+        cfg["val_clips"],
+    )
+    which = f"{cfg['metric_channel'].upper()}, {len(rows)} clips"
+    if ema is not None:
+        which += ", EMA"
+    print0(f"val   {step:>7d} | {metrics_text(p, s, b)} ({which})", rank=rank)
+    if math.isnan(s):
+        log({"iter": step, "val_niqe": p})
+    else:
+        log({"iter": step, "val_psnr": p, "val_ssim": s, "val_bicubic_psnr": b})
+    if rank == 0:
+        for old in sorted(glob.glob(os.path.join(out_dir, "val_*.png")))[: -cfg["keep_last"]]:
+            os.remove(old)
+
+
+def stop_nonfinite(step, nonfinite_run, last_ckpt, cfg, ddp, rank):
+    """Too many non-finite losses in a row: rank 0 exits with the message, the others with 1."""
+    last = last_ckpt + ".safetensors" if last_ckpt else "none"
+    msg = (
+        f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
+        f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: {last} (untouched)"
+    )
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(msg if rank == 0 else 1)
+
+
+def stop_signalled(stop, step, last_ckpt, resume_cmd, rank):
+    """Exit 128 + the signal (130 Ctrl-C, 143 SIGTERM) with the command that continues the run."""
+    signum = stop[0] if stop else signal.SIGTERM  # another rank was signalled
+    saved = f"checkpoint {last_ckpt}.state.pt" if last_ckpt else "no checkpoint yet"
+    print0(
+        f"{signal.Signals(signum).name}: stopped after iteration {step}; {saved}; "
+        f"continue with `{resume_cmd}`",
+        rank=rank,
+    )
+    sys.exit(128 + signum)
+
+
+def train(args, ddp, rank, world_size, device):
+    """Set up, then train to max_iters; returns the run's config."""
+    stem, saved = load_resume(args)
+    cfg = resolve_config(args, device, world_size, saved["config"] if saved else None)
+    default_dir = os.path.dirname(stem) if stem else os.path.join("runs", cfg["model"])
+    cfg["out_dir"] = args.out_dir or default_dir
+    resume_cmd = check_run(cfg, args, device, ddp, rank)
+    trainer = build_trainer(cfg, args, device, ddp, rank)
+    start = restore(trainer, stem, saved, rank, world_size)
+    batches = training_batches(cfg, start, rank, world_size, device)
+    val_set = validation_set(cfg, rank)
+
+    step = start  # iterations done
+    max_iters = cfg["max_iters"]
+    last_ckpt = stem  # the last complete checkpoint
+    nonfinite_total = saved["nonfinite_total"] if saved else 0
+    nonfinite_run = 0  # non-finite losses in a row
+    meter = LossMeter()
+    with RunLog(cfg["out_dir"], rank) as log, stop_requests() as stop:
+        where = f"{world_size} x {device.type}"
+        print0(f"train: iterations {start + 1}..{max_iters} on {where}", rank=rank)
         while step < max_iters:
             if trainer.set_phase(step):
-                fix = cfg["spynet_fix_iters"]
-                print0(
-                    f"spynet: {'frozen' if trainer.spynet_frozen else 'trained'} from iteration {step + 1}"
-                    + (f" to {fix}" if trainer.spynet_frozen and fix > 0 else ""),
-                    rank=rank,
-                )
+                print0(spynet_phase(trainer, step), rank=rank)
             lr = trainer.set_lr(step)
-            batch = next(batches)
-            losses, ok = trainer.train_step(batch)
+            losses, ok = trainer.train_step(next(batches))
             step += 1
-            if ok:
-                nonfinite_run = 0
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-            else:
-                nonfinite_run += 1
+            meter.add(losses, ok)
+            nonfinite_run = 0 if ok else nonfinite_run + 1
+            if not ok:
                 nonfinite_total += 1
-                print0(
-                    f"iter  {step:>7d} | non-finite loss ({losses['loss']}): update skipped "
-                    f"({nonfinite_run} in a row, {nonfinite_total} in all)",
-                    rank=rank,
-                )
-                log({"iter": step, "nonfinite": nonfinite_total})
+                report_nonfinite(losses, step, nonfinite_run, nonfinite_total, log, rank)
                 if nonfinite_run >= cfg["max_nonfinite"]:
-                    msg = (
-                        f"train.py: stopping at iteration {step}: {nonfinite_run} non-finite losses in a row "
-                        f"(--max-nonfinite {cfg['max_nonfinite']}); last good checkpoint: "
-                        f"{last_ckpt + '.safetensors' if last_ckpt else 'none'} (untouched)"
-                    )
-                    if ddp:
-                        dist.destroy_process_group()
-                    sys.exit(msg if rank == 0 else 1)
-            timed_iters += 1
-            if (step % cfg["log_interval"] == 0 or step == max_iters) and count:
-                names = sorted(sums)
-                means = dict(
-                    zip(names, all_reduce_mean([sums[k] / max(count, 1) for k in names], ddp))
-                )
-                elapsed = time.time() - t0
-                it_s = timed_iters / max(elapsed, 1e-9)
-                mem = (
-                    torch.cuda.max_memory_allocated(device) / 2**30
-                    if device.type == "cuda"
-                    else None
-                )
-                parts = " ".join(f"{k} {means[k]:.4g}" for k in names if k != "loss")
-                print0(
-                    f"iter  {step:>7d}/{max_iters} | loss {means.get('loss', float('nan')):.4g} ({parts}) | "
-                    f"lr {lr:.2e} | {it_s:.2f} it/s | eta {tqdm.tqdm.format_interval((max_iters - step) / it_s)} | "
-                    f"mem {'%.1fG' % mem if mem is not None else '-'} | non-finite {nonfinite_total}",
-                    rank=rank,
-                )
-                log(
-                    {
-                        "iter": step,
-                        **means,
-                        "lr": lr,
-                        "it_s": it_s,
-                        "nonfinite": nonfinite_total,
-                        **({"mem_gb": mem} if mem is not None else {}),
-                    }
-                )
-                sums, count, t0, timed_iters = {}, 0, time.time(), 0
+                    stop_nonfinite(step, nonfinite_run, last_ckpt, cfg, ddp, rank)
+            if (step % cfg["log_interval"] == 0 or step == max_iters) and meter.count:
+                report(trainer, meter, step, lr, nonfinite_total, log, rank)
+                meter = LossMeter()
             stopping = all_reduce_max(bool(stop), ddp)  # the same iteration on every rank
             if step % cfg["save_interval"] == 0 or step == max_iters or stopping:
                 if nonfinite_run:  # keep the last checkpoint a good one
@@ -1242,40 +1166,17 @@ def train(args, ddp, rank, world_size, device):
                         f"save  {step:>7d} | skipped: inside a run of non-finite losses", rank=rank
                     )
                 else:
-                    last_ckpt = checkpoint(step, nonfinite_total) or last_ckpt
+                    last_ckpt = checkpoint(trainer, step, nonfinite_total, rank, world_size)
             if val_set is not None and (step % cfg["val_interval"] == 0 or step == max_iters):
-                validate(step)
-                t0, timed_iters = time.time(), 0
+                validate(trainer, val_set, step, log, rank, world_size)
+                meter.restart_clock()
             if stopping:
-                signum = stop[0] if stop else signal.SIGTERM  # another rank was signalled
-                saved = f"checkpoint {last_ckpt}.state.pt" if last_ckpt else "no checkpoint yet"
-                print0(
-                    f"{signal.Signals(signum).name}: stopped after iteration {step}; {saved}; "
-                    f"continue with `{resume_cmd}`",
-                    rank=rank,
-                )
-                sys.exit(128 + signum)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if log_file:
-            log_file.close()
+                stop_signalled(stop, step, last_ckpt, resume_cmd, rank)
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation of published or trained weights on a test set.
-
-
-EVAL_SETS = {  # set -> metric channel and default LQ/GT folder names (spec §7.2, §10)
-    "reds4": ("rgb", None, None),
-    "redsval": ("rgb", None, None),
-    "vid4": ("y", "BIx4", "GT"),
-    "udm10": ("y", "BDx4", "GT"),
-    "vimeo90k_t": ("y", None, None),
-    "folders": ("rgb", None, None),
-    "videolq": ("rgb", None, None),  # videolq: LQ only, NIQE
-}
 
 
 def evaluate(args, ddp, rank, world_size, device):
@@ -1285,7 +1186,7 @@ def evaluate(args, ddp, rank, world_size, device):
         raise ValueError("train.py: --eval needs --data-root (the test set folder)")
     cfg = dict(RUN_DEFAULTS, **RECIPES[args.model])
     name = args.eval_set or cfg["val_set"]
-    if name != cfg["val_set"]:  # the recipe's own protocol for its validation set, else §10's
+    if name != cfg["val_set"]:  # the recipe's own protocol for its validation set, else EVAL_SETS'
         channel, lq_dir, gt_dir = EVAL_SETS[name]
         cfg.update(metric_channel=channel, lq_dir=lq_dir, gt_dir=gt_dir)
     cfg.update(

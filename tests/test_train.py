@@ -1,6 +1,6 @@
-"""train.py: metrics against closed forms, the training loop on tiny models (loss goes down,
-checkpoints, exact resume, the GAN stage, the NaN guard), torchrun DDP on CPU with the SPyNet
-freeze, and evaluation mode."""
+"""train.py and metrics.py: metrics against closed forms, the training loop on tiny models (loss
+goes down, checkpoints, exact resume, the GAN stage, the NaN guard), torchrun DDP on CPU with the
+SPyNet freeze, and evaluation mode."""
 
 import json
 import math
@@ -9,8 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+from contextlib import nullcontext
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -27,53 +30,24 @@ import weights
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # BasicVSR++ needs LR frames of at least 64x64, so its GT crop is 256; RealBasicVSR (BasicVSR
-# inside) takes any size, so its tests use 64-pixel GT crops (2 frames, mirrored to 4).
-TINY_PP = [
-    "--model",
-    "basicvsrpp",
-    "--mid-channels",
-    "8",
-    "--num-blocks",
-    "1",
-    "--num-frames",
-    "2",
-    "--crop-size",
-    "256",
-    "--device",
-    "cpu",
-    "--log-interval",
-    "1",
-    "--val-set",
-    "none",
-]
-TINY_RBV = [
-    "--model",
-    "realbasicvsr_wogan",
-    "--mid-channels",
-    "8",
-    "--num-blocks",
-    "1",
-    "--num-cleaning-blocks",
-    "1",
-    "--num-frames",
-    "2",
-    "--crop-size",
-    "64",
-    "--synthetic-clips",
-    "4",
-    "--device",
-    "cpu",
-    "--log-interval",
-    "1",
-    "--val-set",
-    "none",
-]
+# inside) takes any size, so its tests use 32-pixel GT crops, one clip of 2 frames (mirrored to 4)
+# a batch.
+TINY_PP = (
+    "--model basicvsrpp --mid-channels 8 --num-blocks 1 --num-frames 2 --crop-size 256 "
+    "--device cpu --log-interval 1 --val-set none"
+).split()
+TINY_RBV = (
+    "--model realbasicvsr_wogan --mid-channels 8 --num-blocks 1 --num-cleaning-blocks 1 "
+    "--num-frames 2 --crop-size 32 --batch-size 1 --synthetic-clips 4 "
+    "--device cpu --log-interval 1 --val-set none"
+).split()
 
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for the in-process training runs: on a busy 2-core box two OpenMP
-    threads spin against other processes and run several times slower; restored afterwards."""
+    """One intra-op thread for the in-process training runs: the tiny models gain nothing from
+    more, and OpenMP threads that spin against other processes run several times slower; the
+    thread count is restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -99,6 +73,30 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+# the conv layers of torchvision's vgg19().features up to conv5_4 (index 34): index -> out channels
+VGG19_CONVS = dict(
+    zip(
+        [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34],
+        [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8,
+    )
+)
+
+
+def random_vgg19_file(path):
+    """A random VGG19 in the layout of torchvision's vgg19-dcbb9e9d.pth (features.{i}.weight/bias),
+    what --vgg-weights takes; He-scaled so the features keep their magnitude through 16 convs."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    c_in = 3  # RGB
+    for i, c_out in VGG19_CONVS.items():
+        w = torch.randn(c_out, c_in, 3, 3, generator=g) * math.sqrt(2 / (9 * c_in))
+        state[f"features.{i}.weight"] = w
+        state[f"features.{i}.bias"] = torch.randn(c_out, generator=g) * 0.01
+        c_in = c_out
+    torch.save(state, path)
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
@@ -109,7 +107,8 @@ def test_psnr_known_values():
     for d in (1.0, 7.0):
         b = a + d
         assert metrics.psnr(a, b) == pytest.approx(20 * math.log10(255 / d), abs=1e-9)
-        # the same offset on R, G, B moves Y by d * (65.481 + 128.553 + 24.966) / 255 = d * 219 / 255
+        # the same offset on R, G, B moves Y by d * (65.481 + 128.553 + 24.966) / 255
+        # = d * 219 / 255
         assert metrics.psnr(a, b, y_channel=True) == pytest.approx(
             20 * math.log10(255 / (d * 219 / 255)), abs=1e-9
         )
@@ -131,7 +130,7 @@ def test_rgb2y_bt601_studio_range():
 
 
 def _ssim_by_hand(x, y):
-    """One channel, every valid 11x11 window, with explicit Gaussian weights and the SSIM formula."""
+    """One channel, every valid 11x11 window, explicit Gaussian weights and the SSIM formula."""
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
     w = np.outer(g, g) / np.outer(g, g).sum()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -170,8 +169,6 @@ def test_vimeo_t_centre_frame_and_bicubic():
     def model(x):  # output frame k = (k + 1) everywhere; checks which frames are averaged
         assert x.shape[1] == 14 and basicvsr.is_mirror_extended(x)
         return torch.arange(1.0, 15.0).view(1, 14, 1, 1, 1).expand(1, 14, 3, 16, 16)
-
-    from contextlib import nullcontext
 
     for clip in (lqs, torch.cat([lqs, lqs.flip(1)], 1)):  # mirrored here, or by the dataset
         out = train.infer(model, clip, gt_frames=1, amp_ctx=nullcontext())
@@ -249,16 +246,14 @@ def test_loss_decreases_checkpoints_and_validation(one_thread, tmp_path, capsys)
     val = [r for r in log if "val_psnr" in r]
     assert len(val) == 1 and val[0]["iter"] == 4
     assert all(math.isfinite(val[0][k]) for k in ("val_psnr", "val_ssim", "val_bicubic_psnr"))
-    import cv2
-
     img = cv2.imread(str(out / "val_0000004.png"))
     assert img.shape == (256, 3 * 256, 3)
 
 
 def test_resume_is_exact(one_thread, tmp_path, monkeypatch, capsys):
-    """6 iterations in one go == 3 iterations + resume for 3 (losses and final weights, EMA included),
-    with a different number of DataLoader workers after the resume; and == a run stopped by SIGINT
-    after iteration 2 (no checkpoint due there), then resumed."""
+    """6 iterations in one go == 3 iterations + resume for 3 (losses and final weights, EMA
+    included), with a different number of DataLoader workers after the resume; and == a run
+    stopped by SIGINT after iteration 2 (no checkpoint due there), then resumed."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     train.main(
         TINY_RBV
@@ -281,7 +276,8 @@ def test_resume_is_exact(one_thread, tmp_path, monkeypatch, capsys):
     assert sorted(lb) == [4, 5, 6]
     assert [la[i] for i in (4, 5, 6)] == [lb[i] for i in (4, 5, 6)]
 
-    train_step, steps = train.Trainer.train_step, []
+    train_step = train.Trainer.train_step
+    steps = []
 
     def train_step_then_ctrl_c(self, batch):  # Ctrl-C arrives during iteration 2, and again at once
         steps.append(None)
@@ -342,15 +338,14 @@ def test_gan_stage_all_losses_and_init_prefers_ema(one_thread, tmp_path, capsys)
         "8",
         "--max-iters",
         "2",
-        "--batch-size",
-        "1",
         "--out-dir",
         str(tmp_path / "gan"),
     ]
     with pytest.raises(SystemExit, match="error: .*--vgg-weights"):  # the GAN stage needs VGG19
         train.main(args)
     # G at lr 0: the weights stay those it was initialised with, so they show which file --init took
-    train.main(args + ["--vgg-weights", "random", "--init", str(stage1), "--lr", "0"])
+    vgg = random_vgg19_file(tmp_path / "vgg19.pth")
+    train.main(args + ["--vgg-weights", vgg, "--init", str(stage1), "--lr", "0"])
     assert "EMA from " + str(stage1 / "iter_0000010_ema.safetensors") in capsys.readouterr().out
     log = [r for r in read_log(tmp_path / "gan") if "loss" in r]
     assert len(log) == 2
@@ -381,8 +376,6 @@ def test_gan_stage_all_losses_and_init_prefers_ema(one_thread, tmp_path, capsys)
 def test_nan_guard_skips_then_stops(one_thread, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     args = TINY_RBV + [
-        "--batch-size",
-        "1",
         "--max-iters",
         "10",
         "--save-interval",
@@ -394,13 +387,15 @@ def test_nan_guard_skips_then_stops(one_thread, tmp_path, monkeypatch):
         "--out-dir",
         str(out),
     ]
-    l1_loss, calls = realbasicvsr.l1_loss, []
+    cleaning_loss = realbasicvsr.cleaning_loss
+    calls = []
 
-    def l1_loss_nan_at_2_4_5_6(pred, target):  # the recipe's pixel loss, called once per iteration
+    def cleaning_loss_nan_at_2_4_5_6(cleaned_lqs, gt_usm):  # called once per iteration
         calls.append(None)
-        return l1_loss(pred, target) * (float("nan") if len(calls) in (2, 4, 5, 6) else 1.0)
+        nan_or_1 = float("nan") if len(calls) in (2, 4, 5, 6) else 1.0
+        return cleaning_loss(cleaned_lqs, gt_usm) * nan_or_1
 
-    monkeypatch.setattr(realbasicvsr, "l1_loss", l1_loss_nan_at_2_4_5_6)
+    monkeypatch.setattr(realbasicvsr, "cleaning_loss", cleaning_loss_nan_at_2_4_5_6)
     with pytest.raises(SystemExit) as stop:
         train.main(args)
     msg = str(stop.value.code)
@@ -432,6 +427,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_spynet_freeze(tmp_path):
     """Two ranks, SPyNet frozen for 2 iterations then trained: no crash at the switch, SPyNet
     untouched during the freeze and changed after, both ranks end with identical weights."""
@@ -442,13 +438,28 @@ def test_torchrun_two_ranks_spynet_freeze(tmp_path):
     # train.py run by torchrun, each rank then writing its final weights to compare them
     script = tmp_path / "train_and_dump.py"
     script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
-        "import basicvsr, train\n"
-        "trainers, init = [], train.Trainer.__init__\n"
-        "train.Trainer.__init__ = lambda self, *a, **k: (init(self, *a, **k), trainers.append(self))[0]\n"
-        "train.main(sys.argv[1:])\n"
-        f"weights.save_weights(trainers[0].g_raw, os.path.join({str(out)!r}, f'rank{{os.environ[\"RANK\"]}}_final.safetensors'))\n"
+        textwrap.dedent(f"""\
+            import os
+            import sys
+
+            sys.path.insert(0, {ROOT!r})
+            import train
+            import weights
+
+            trainers = []
+            init = train.Trainer.__init__
+
+
+            def init_and_keep(self, *args, **kwargs):
+                init(self, *args, **kwargs)
+                trainers.append(self)
+
+
+            train.Trainer.__init__ = init_and_keep
+            train.main(sys.argv[1:])
+            name = f"rank{{os.environ['RANK']}}_final.safetensors"
+            weights.save_weights(trainers[0].g_raw, os.path.join({str(out)!r}, name))
+            """)
     )
     cmd = (
         [
@@ -484,7 +495,7 @@ def test_torchrun_two_ranks_spynet_freeze(tmp_path):
     assert run.stdout.count("train: iterations") == 1  # rank 0 alone prints
     state = torch.load(out / "iter_0000004.state.pt", weights_only=True)
     assert state["config"]["world_size"] == 2 and state["config"]["total_batch_size"] == 2
-    pre = weights(spynet_file)
+    pre = tensors(spynet_file)
     w2, w4 = tensors(out / "iter_0000002.safetensors"), tensors(out / "iter_0000004.safetensors")
     spy = [k for k in w2 if k.startswith("spynet.") and not k.endswith(("mean", "std"))]
     assert spy and all(torch.equal(w2[k], pre[k[len("spynet.") :]]) for k in spy)
@@ -551,6 +562,7 @@ def test_eval_on_vid4_layout(one_thread, tmp_path, capsys):
     assert 0 < s < 1 and b > 10
 
 
+@pytest.mark.slow
 def test_compile_flag_trains_like_eager(one_thread, tmp_path, monkeypatch):
     """--compile (basicvsr.compile_network on the generator, inductor on CPU) gives the eager run's
     losses and weights, and its checkpoints keep the published key names."""
@@ -622,10 +634,8 @@ def test_mistakes_are_one_line_and_leave_nothing(one_thread, tmp_path):
         with pytest.raises(SystemExit) as stop:
             train.main(TINY_PP + ["--max-iters", "1", "--out-dir", str(run)] + extra)
         line = str(stop.value.code)
-        assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), (
-            extra,
-            line,
-        )
+        assert line.startswith("error: ") and "\n" not in line, (extra, line)
+        assert all(w in line for w in words), (extra, line)
         assert sorted(os.listdir(tmp_path)) == before, extra  # no run folder, nothing else
     train.main(TINY_PP + ["--max-iters", "1", "--out-dir", str(run)])
     kept = sorted(os.listdir(run))
@@ -637,6 +647,7 @@ def test_mistakes_are_one_line_and_leave_nothing(one_thread, tmp_path):
     assert sorted(os.listdir(run)) == kept
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     """A real process: SIGTERM during training writes a checkpoint at the current iteration, prints
     the resume command and exits 143, with no traceback; the checkpoint resumes."""
@@ -699,11 +710,8 @@ def test_x2_training_and_weights(one_thread, tmp_path):
     model = weights.load_network(out / "iter_0000002.safetensors")
     assert model.scale == 2 and model.config["mid_channels"] == 8
     val = [r for r in read_log(out) if "val_psnr" in r][0]
-    assert (
-        math.isfinite(val["val_psnr"]) and val["val_bicubic_psnr"] > 20
-    )  # bicubic x2 of the synthetic clip
-    import cv2
-
+    assert math.isfinite(val["val_psnr"])
+    assert val["val_bicubic_psnr"] > 20  # bicubic x2 of the synthetic clip
     assert cv2.imread(str(out / "val_0000002.png")).shape == (128, 3 * 128, 3)
 
 
@@ -732,9 +740,8 @@ def test_eval_videolq_is_niqe(one_thread, tmp_path, capsys):
         ]
     )
     text = capsys.readouterr().out
-    assert (
-        [r[0] for r in rows] == ["000", "001"] and math.isnan(s) and "mean (2 clips): NIQE" in text
-    )
+    assert [r[0] for r in rows] == ["000", "001"]
+    assert math.isnan(s) and "mean (2 clips): NIQE" in text
     lq = data.frames_to_tensor(list(synthetic.synthetic_clip(1, 2, 64)[0]))[None]
     with torch.no_grad():
         out = model(lq)[0].clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
