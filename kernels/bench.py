@@ -24,9 +24,14 @@ compulsory bytes are every tensor the op must read or write, counted once:
   forward            inputs + output
   forward+backward   forward + (grad_out + inputs) read + (one gradient per input) written
 "% floor" = floor time / measured time; GB/s = compulsory bytes / measured time.
+
+The whole-model benchmark (bench.py) takes its inputs and its third path from here: moving_clip,
+and torchvision_ops, which puts torchvision's DCN and plain grid_sample where the networks call
+kernels.deform_conv2d, kernels.flow_guided_deform_conv2d and kernels.flow_warp.
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from torch.nn.modules.utils import _pair
 
 from . import (
     common,
@@ -53,6 +59,8 @@ except ImportError:  # torchvision is optional: its rows are skipped
     tv_deform_conv2d, TORCHVISION = None, "not installed"
 except RuntimeError as e:  # e.g. a build for another torch: its ops do not register
     tv_deform_conv2d, TORCHVISION = None, f"unusable ({str(e).splitlines()[0][:100]})"
+
+PACKAGE = sys.modules[__package__]  # the package object the networks call through
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ("dcn", "dcn + offset glue", "flow_warp")
@@ -117,6 +125,30 @@ def warp_inputs(n, dtype, device, h=180, w=320, c=64):
     return torch.randn(n, c, h, w, device=device).to(dtype), smooth_flow(n, h, w, 4.0, device)
 
 
+def moving_clip(frames, h, w, seed=0):
+    """(1, frames, 3, h, w) in [0, 1], CPU: a smooth random texture (three octaves of bicubically
+    upsampled noise) seen through a window that pans about 1 px down and 2 px right per frame,
+    with jitter. Consecutive frames are shifted copies, so the flows between them are not zero.
+    The whole-model benchmark's clip (bench.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    path = (torch.randn(frames, 2, generator=gen) * 0.5 + torch.tensor([1.0, 2.0])).cumsum(0)
+    path = (path - path.min(0).values).round().long()
+    hh = h + int(path[:, 0].max())
+    ww = w + int(path[:, 1].max())
+    octaves = [
+        F.interpolate(
+            torch.rand(1, 3, hh // s + 3, ww // s + 3, generator=gen),
+            size=(hh, ww),
+            mode="bicubic",
+            align_corners=False,
+        )
+        for s in (2, 8, 32)
+    ]
+    texture = sum(octaves) / 3
+    clip = torch.stack([texture[0, :, y : y + h, x : x + w] for y, x in path.tolist()])
+    return clip[None].clamp(0, 1)
+
+
 # ----------------------------------------------------------------------------------------
 # Timing.
 
@@ -165,6 +197,101 @@ def fwd_and_fwd_bwd(impl, op, inputs, reps, warmup=5):
 
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------
+# torchvision's ops in the networks' place: the third path of the whole-model benchmark.
+
+
+def torchvision_deform_conv2d(
+    x,
+    offset,
+    mask,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    deform_groups=1,
+    backend=None,
+):
+    """kernels.deform_conv2d's signature on torchvision.ops.deform_conv2d (mmcv's layout; the
+    deform groups follow from offset's channels). Under autocast torchvision casts to fp32
+    itself."""
+    if not torch.is_autocast_enabled(x.device.type):  # it takes a single dtype
+        offset = offset.to(x.dtype)
+        mask = mask.to(x.dtype)
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return tv_deform_conv2d(
+        x, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask=mask
+    )
+
+
+def torchvision_flow_guided_deform_conv2d(
+    x,
+    conv_offset,
+    flows,
+    weight,
+    bias=None,
+    max_residue_magnitude=10.0,
+    stride=1,
+    padding=0,
+    dilation=1,
+    deform_groups=1,
+    backend=None,
+):
+    """kernels.flow_guided_deform_conv2d's signature: the PyTorch glue, then torchvision's DCN."""
+    offset, mask = flow_guided_offsets(
+        conv_offset, flows, max_residue_magnitude, deform_groups, weight.shape[2] * weight.shape[3]
+    )
+    return torchvision_deform_conv2d(
+        x, offset, mask, weight, bias, stride, padding, dilation, deform_groups
+    )
+
+
+def grid_sample_flow_warp(x, flow, padding_mode="zeros", backend=None):
+    """mmagic's flow_warp: plain F.grid_sample on the grid built from the flow, in fp32
+    positions."""
+    n, _, h, w = x.shape
+    grid_y, grid_x = torch.meshgrid(
+        torch.arange(h, device=x.device, dtype=torch.float32),
+        torch.arange(w, device=x.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    gx = 2.0 * (grid_x + flow[:, 0].float()) / max(w - 1, 1) - 1.0
+    gy = 2.0 * (grid_y + flow[:, 1].float()) / max(h - 1, 1) - 1.0
+    return F.grid_sample(
+        x,
+        torch.stack((gx, gy), dim=3),
+        mode="bilinear",
+        padding_mode=padding_mode,
+        align_corners=True,
+    )
+
+
+@contextlib.contextmanager
+def torchvision_ops():
+    """BENCHMARK-ONLY PATCH, not a fallback of the library: while the block runs, the names the
+    networks call, kernels.deform_conv2d, kernels.flow_guided_deform_conv2d (its PyTorch glue,
+    then the DCN) and kernels.flow_warp, are torchvision's DCN and plain grid_sample, i.e. what
+    users of mmagic-style code without mmcv run today. torchvision's DCN differs from mmcv's only
+    in the gradient at exactly -1, which does not matter for timing."""
+    if tv_deform_conv2d is None:
+        raise RuntimeError("the torchvision path needs torchvision")
+    saved = dict(
+        deform_conv2d=PACKAGE.deform_conv2d,
+        flow_guided_deform_conv2d=PACKAGE.flow_guided_deform_conv2d,
+        flow_warp=PACKAGE.flow_warp,
+    )
+    PACKAGE.deform_conv2d = torchvision_deform_conv2d
+    PACKAGE.flow_guided_deform_conv2d = torchvision_flow_guided_deform_conv2d
+    PACKAGE.flow_warp = grid_sample_flow_warp
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(PACKAGE, name, fn)
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,9 +415,8 @@ def bench_ops(batches, dtypes, ops, reps, device, size=SIZE, warmup=5, results=N
             for op in ops:
                 print(f"  ... {op} batch {batch} {dtype_name}", file=sys.stderr, flush=True)
                 results.append(bench_op(op, batch, dtype_name, reps, device, size, warmup))
-                if (
-                    results[-1]["rel_err"] is not None
-                ):  # a cheap guard against timing a wrong kernel
+                # A cheap guard against timing a wrong kernel.
+                if results[-1]["rel_err"] is not None:
                     print(
                         f"  {op} batch {batch} {dtype_name}: Triton vs reference forward, rel err "
                         f"{results[-1]['rel_err']:.1e}",
@@ -312,9 +438,19 @@ def device_for(dry_run):
         )
     if not common.INTERPRET:
         raise ValueError(
-            "a dry run without a GPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1"
+            "a dry run without a GPU runs the Triton kernels in the interpreter: "
+            "set TRITON_INTERPRET=1"
         )
     return torch.device("cpu")
+
+
+def environment(device):
+    """The device and the versions, one line, as the benchmarks print it first."""
+    where = f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else None
+    return (
+        f"{where or 'device: CPU (dry run)'}; torch {torch.__version__}; "
+        f"triton {triton.__version__}; torchvision {TORCHVISION}"
+    )
 
 
 def main(argv=None):
@@ -358,15 +494,12 @@ def main(argv=None):
     except ValueError as e:
         parser.exit(1, f"error: {e}\n")
     torch.manual_seed(0)
+    print(environment(device))
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"command: python -m kernels.bench {command}".rstrip())
     print(
-        f"{'GPU: ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'device: CPU (dry run)'}; "
-        f"torch {torch.__version__}; triton {triton.__version__}; torchvision {TORCHVISION}"
-    )
-    print(
-        f"command: python -m kernels.bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-    )
-    print(
-        f"floor = compulsory bytes / {args.peak_tbps} TB/s; Triton speedup = that row's time / Triton's time"
+        f"floor = compulsory bytes / {args.peak_tbps} TB/s; "
+        "Triton speedup = that row's time / Triton's time"
     )
     ops = [op for op in OPS if op.split(" ")[0] in args.ops]
     size, reps, warmup = (DRY_RUN_SIZE, 1, 0) if args.dry_run else (SIZE, args.reps, 5)

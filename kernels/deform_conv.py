@@ -5,6 +5,10 @@ offset  (n, G*2*K, ho, wo), channel g*2K + 2k + (0: dy, 1: dx), K = kh*kw, k = i
 mask    (n, G*K, ho, wo),   channel g*K + k
 weight  (c_out, c_in, kh, kw); input channels split evenly over the G deform groups.
 A sample not strictly inside (-1, h) x (-1, w) contributes 0 and gets no offset/mask gradient.
+The conventions are those of open-mmlab/mmcv:
+mmcv/ops/csrc/common/cuda/modulated_deform_conv_cuda_kernel.cuh (pytorch/vision:
+torchvision/csrc/ops/cpu/deform_conv2d_kernel.cpp has the same layout and differs only in the
+gradient of a sample at exactly -1).
 
 The flow-guided variant (BasicVSR++'s second-order alignment) builds offset and mask inside the
 kernel from the raw output of the offset branch, instead of ~10 elementwise passes before it:
@@ -61,7 +65,8 @@ def _check(x, offset, mask, weight, bias, stride, padding, dilation, deform_grou
     n, K = x.shape[0], weight.shape[2] * weight.shape[3]
     if tuple(offset.shape) != (n, deform_groups * 2 * K, ho, wo):
         raise ValueError(
-            f"deform_conv2d: offset must be {(n, deform_groups * 2 * K, ho, wo)}, got {tuple(offset.shape)}"
+            f"deform_conv2d: offset must be {(n, deform_groups * 2 * K, ho, wo)}, "
+            f"got {tuple(offset.shape)}"
         )
     if tuple(mask.shape) != (n, deform_groups * K, ho, wo):
         raise ValueError(
@@ -75,7 +80,8 @@ def _check_glue(conv_offset, flows, deform_groups, taps, op, size=None):
     conv_offset's; returns F."""
     if conv_offset.dim() != 4 or flows.dim() != 4:
         raise ValueError(
-            f"{op}: conv_offset and flows must be 4-d, got {tuple(conv_offset.shape)} and {tuple(flows.shape)}"
+            f"{op}: conv_offset and flows must be 4-d, "
+            f"got {tuple(conv_offset.shape)} and {tuple(flows.shape)}"
         )
     if deform_groups < 1 or taps < 1:
         raise ValueError(
@@ -254,7 +260,8 @@ def _sigmoid(v):
 
 @triton.jit
 def _at(ptr, b, chan, oy, ox, S_N, S_C, S_H, S_W):
-    """[BP, GPB] pointers to channels chan [GPB] of pixels (oy, ox) [BP] of image b (int64 offsets)."""
+    """[BP, GPB] pointers to channels chan [GPB] of pixels (oy, ox) [BP] of image b, with int64
+    offsets."""
     pix = oy.to(tl.int64) * S_H + ox.to(tl.int64) * S_W
     return ptr + (b.to(tl.int64) * S_N + chan.to(tl.int64) * S_C)[None, :] + pix[:, None]
 
@@ -303,7 +310,8 @@ def _taps(
     Computed once per (pixel, group, tap) and broadcast over the group's channels.
     SO_*, SM_*, SF_*: strides of off, msk and flow.
     FUSED: off_ptr is conv_offset (offset logits, then mask logits; msk_ptr and SM_* unused) and
-    flow_ptr the flows, GPF groups per flow; offset and mask are built here in fp32 (module docstring)."""
+    flow_ptr the flows, GPF groups per flow; offset and mask are built here in fp32 (see the module
+    docstring)."""
     K: tl.constexpr = KH * KW
     ok = p_ok[:, None] & g_ok[None, :]
     if FUSED:
@@ -765,7 +773,8 @@ def _dcn_bwd_kernel(
         tl.store(goff_at, _cast(g_dy, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
         tl.store(goff_at + SO_C, _cast(g_dx, goff_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
 
-        # grad_w[k, c, co] += sum_p cols[p, c] gout[p, co], with the same rounded columns as the forward.
+        # grad_w[k, c, co] += sum_p cols[p, c] gout[p, co], with the same rounded columns as the
+        # forward.
         cols = _cast(
             tl.reshape(s * m[:, :, None], (BP, CHUNK)), gout_ptr.dtype.element_ty, INTERP_BF16
         )
@@ -840,7 +849,8 @@ def _on_device(x):
 
 
 def _empty_output(x, c_out, ho, wo):
-    """The forward's output (n, c_out, ho, wo) in x's memory format; the real and fake paths share it."""
+    """The forward's output (n, c_out, ho, wo) in x's memory format; the real and fake paths share
+    it."""
     return torch.empty(
         (x.shape[0], c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=memory_format(x)
     )
@@ -1166,21 +1176,13 @@ def _register(name, tensors, params, forward, backward, size):
 
 
 _CONV = ("int[] stride", "int[] padding", "int[] dilation", "int deform_groups")
-# Lambdas: the bodies are looked up at call time (tests count calls of _forward and _forward_fused).
-_register(
-    "deform_conv2d",
-    ("Tensor offset", "Tensor mask"),
-    _CONV,
-    lambda *a: _forward(*a),
-    lambda *a: _backward(*a),
-    _check,
-)
+_register("deform_conv2d", ("Tensor offset", "Tensor mask"), _CONV, _forward, _backward, _check)
 _register(
     "flow_guided_deform_conv2d",
     ("Tensor conv_offset", "Tensor flows"),
     ("float max_residue_magnitude", *_CONV),
-    lambda *a: _forward_fused(*a),
-    lambda *a: _backward_fused(*a),
+    _forward_fused,
+    _backward_fused,
     _fused_size,
 )
 
@@ -1267,8 +1269,8 @@ def flow_guided_deform_conv2d(
 # ----------------------------------------------------------------------------------------
 # ONNX: both ops as DeformConv (opset 19), for torch.onnx.export(dynamo=True,
 # custom_translation_table=...); the flow-guided glue is ordinary ONNX ops in front of it.
-# DeformConv has mmcv's layouts (offset (n, G*K*2, ho, wo) as per-tap (dy, dx); mask (n, G*K, ho, wo))
-# and its guard (a sample outside (-1, h) x (-1, w) is 0).
+# DeformConv has mmcv's layouts (offset (n, G*K*2, ho, wo) as per-tap (dy, dx); mask
+# (n, G*K, ho, wo)) and its guard (a sample outside (-1, h) x (-1, w) is 0).
 
 
 def onnx_translations(opset):

@@ -11,8 +11,8 @@ they sample zeros ("zeros") or the border ("border", NaN goes to 0, +inf to w-1)
 flow gradient. CUDA grid_sample does the same; CPU grid_sample would return NaN.
 
 The output takes x's memory format (kernels.common.memory_format): a channels-last x gives a
-channels-last output, on both paths, so a network converted with .to(memory_format=torch.channels_last)
-stays so.
+channels-last output, on both paths, so a network converted with
+.to(memory_format=torch.channels_last) stays so.
 """
 
 import torch
@@ -26,11 +26,13 @@ from .common import INTERPRET, autocast_inputs, memory_format, use_triton
 def _check(x, flow, padding_mode):
     if x.dim() != 4 or flow.dim() != 4 or flow.shape[1] != 2:
         raise ValueError(
-            f"flow_warp: expected x (n, c, h, w) and flow (n, 2, h, w), got {tuple(x.shape)} and {tuple(flow.shape)}"
+            f"flow_warp: expected x (n, c, h, w) and flow (n, 2, h, w), "
+            f"got {tuple(x.shape)} and {tuple(flow.shape)}"
         )
     if x.shape[0] != flow.shape[0] or x.shape[-2:] != flow.shape[-2:]:
         raise ValueError(
-            f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in batch or spatial size"
+            f"flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} "
+            "differ in batch or spatial size"
         )
     if padding_mode not in ("zeros", "border"):
         raise ValueError(
@@ -53,7 +55,8 @@ def flow_warp_reference(x, flow, padding_mode="zeros"):
     _check(x, flow, padding_mode)
     n, _, h, w = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
-    # Positions in fp32 whatever x's dtype: bf16 cannot hold pixel coordinates (kernels.md §4.3).
+    # Positions in fp32 whatever x's dtype: bf16 cannot hold pixel coordinates (8 significant
+    # bits: the ulp is 2 px in [256, 512)), and grid_sample takes the grid in x's dtype.
     grid_y, grid_x = torch.meshgrid(
         torch.arange(h, device=x.device, dtype=acc),
         torch.arange(w, device=x.device, dtype=acc),
@@ -224,8 +227,9 @@ def _flow_warp_bwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # grad_x (fp32, strides sd*: x's memory format) gets the four weighted scatters; grad_flow (fp32,
-    # contiguous (n, 2, h, w)) gets sum_c g * d(sample)/d(position), chained through the clamp.
+    # grad_x (fp32, strides sd*: x's memory format) gets the four weighted scatters; grad_flow
+    # (fp32, contiguous (n, 2, h, w)) gets sum_c g * d(sample)/d(position), chained through the
+    # clamp.
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -294,13 +298,15 @@ def _launch_check(x, flow, *more):
         )
     if x.dtype not in _TRITON_DTYPES or flow.dtype not in _TRITON_DTYPES:
         raise ValueError(
-            f"flow_warp: the Triton kernel takes float32/bfloat16/float16, got x {x.dtype}, flow {flow.dtype}"
+            "flow_warp: the Triton kernel takes float32/bfloat16/float16, "
+            f"got x {x.dtype}, flow {flow.dtype}"
         )
     for t in (x, flow, *more):
         # The within-image offsets are int32; per-image bases and channel offsets are int64.
         if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
             raise ValueError(
-                f"flow_warp: a {tuple(t.shape)} tensor with strides {t.stride()} is too large for int32 offsets"
+                f"flow_warp: a {tuple(t.shape)} tensor with strides {t.stride()} "
+                "is too large for int32 offsets"
             )
 
 

@@ -1,9 +1,12 @@
-"""kernels/bench.py (the ops) and bench.py (the whole models, --report) on the CPU:
+"""kernels/bench.py (the ops), bench.py (the whole models) and report.py (the targets, --report)
+on the CPU:
 - the compulsory-bytes arithmetic, and one op entry at the dry run's tiny sizes whose Triton output
   matches the reference (rel <= 1e-5 in fp32: the kernel sums in another order);
 - the benchmark-only torchvision patch runs the same network (a stand-in with torchvision's
-  signature replaces torchvision, which CI does not have) and is undone after the block, rel <= 1e-5;
-- a tiny GAN-stage iteration through train.py's Trainer; the clip, PSNR and target arithmetic;
+  signature replaces torchvision, which CI does not have) and is undone after the block,
+  rel <= 1e-5;
+- the clip; bench.py's dry run of a tiny GAN-stage iteration through train.py's Trainer, and its
+  PSNR of two clips (subprocesses); the target arithmetic;
 - --report: report.md and report.json with their sections from stubbed measurements (the real
   dry run takes minutes in the interpreter), a part that runs out of its time is stopped and
   recorded as skipped, and a bad flag gives one `error:` line.
@@ -18,8 +21,8 @@ import time
 import pytest
 import torch
 
-import bench
 import kernels
+import report
 from kernels import bench as op_bench
 
 from helpers import rel, tiny_alignment
@@ -27,13 +30,23 @@ from helpers import rel, tiny_alignment
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_bench(*args, code=None):
+    """python bench.py ARGS (or python -c CODE) in the repository, on the CPU (conftest.py's
+    TRITON_INTERPRET=1 is inherited)."""
+    command = ["-c", code] if code is not None else ["bench.py", *args]
+    return subprocess.run(
+        [sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # kernels/bench.py
 
 
-def test_compulsory_bytes_match_kernels_md():
-    # kernels.md §2.3: one 180x320 image moves 71.9 MB (all bf16) / 143.8 MB (all fp32) in the
-    # forward, counting x, offset, mask and out (the 74k-element weight is left out there).
+def test_compulsory_bytes_of_basicvsrpp_layer():
+    # One 180x320 image moves 71.9 MB (all bf16) / 143.8 MB (all fp32) in the forward of
+    # BasicVSR++'s DCN, counting x (128 channels), offset (288), mask (144) and out (64); the
+    # 74k-element weight is left out.
     for dtype, mb in ((torch.bfloat16, 71.9), (torch.float32, 143.8)):
         x, offset, mask, out = (
             torch.empty(1, c, 180, 320, device="meta", dtype=dtype) for c in (128, 288, 144, 64)
@@ -58,15 +71,11 @@ def test_op_entry_at_dry_run_size(op):
     )
 
 
-# ----------------------------------------------------------------------------------------
-# bench.py: the model workloads.
-
-
 def standin_torchvision_deform_conv2d(
     input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None
 ):
-    """torchvision.ops.deform_conv2d's signature and layout (groups implied by offset), computed here
-    by the reference."""
+    """torchvision.ops.deform_conv2d's signature and layout (groups implied by offset), computed
+    here by the reference."""
     groups = offset.shape[1] // (2 * weight.shape[2] * weight.shape[3])
     return kernels.deform_conv2d_reference(
         input, offset, mask, weight, bias, stride, padding, dilation, groups
@@ -80,35 +89,20 @@ def test_torchvision_patch_runs_the_same_network(monkeypatch):
         standin_calls.append(1)
         return standin_torchvision_deform_conv2d(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "tv_deform_conv2d", standin)
+    monkeypatch.setattr(op_bench, "tv_deform_conv2d", standin)
     original = kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp
     step = tiny_alignment()
     with kernels.use_backend("torch"):
         reference = step()
-    with bench.ops_path("torchvision"):
-        assert kernels.flow_warp is bench.grid_sample_flow_warp
+    with op_bench.torchvision_ops():
+        assert kernels.flow_warp is op_bench.grid_sample_flow_warp
         patched = step()
     with pytest.raises(ZeroDivisionError):
-        with bench.ops_path("torchvision"):
+        with op_bench.torchvision_ops():
             1 / 0
     assert (kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp) == original
     assert len(standin_calls) > 0
     assert rel(patched, reference) <= 1e-5
-
-
-def test_gan_iteration_runs_train_py_trainer():
-    # The bench drives train.py's own Trainer: a tiny GAN-stage iteration on the reference path
-    # (generator, cleaning, perceptual, GAN and discriminator losses, EMA) catches a drifted interface.
-    wl = dict(
-        bench.model_workloads(100, 30)["realbasicvsr-gan"],
-        name="gan",
-        **bench.DRY_RUN["realbasicvsr-gan"],
-    )
-    notes = []
-    cells = bench.bench_training(
-        wl, ["torch reference"], ["fp32"], 1, 0, torch.device("cpu"), notes
-    )
-    assert cells[("fp32", "torch reference")]["seconds"] > 0 and notes == []
 
 
 def integer_shift(a, b, max_shift=4):
@@ -124,19 +118,54 @@ def integer_shift(a, b, max_shift=4):
 
 
 def test_moving_clip_frames_are_shifted_copies():
-    clip = bench.moving_clip(5, 20, 30)[0]
+    clip = op_bench.moving_clip(5, 20, 30)[0]
     assert clip.shape == (5, 3, 20, 30) and 0 <= clip.min() and clip.max() <= 1
     shifts = [integer_shift(a, b) for a, b in zip(clip[:-1], clip[1:])]
     assert None not in shifts and any(s != (0, 0) for s in shifts), shifts
 
 
-def test_clip_psnr_and_targets_arithmetic():
-    a = torch.zeros(1, 2, 3, 4, 4)
-    b = a.clone()
-    b[0, 1] = 0.1  # frame 0 identical (inf), frame 1 off by 0.1 everywhere: 20 dB
-    assert bench.clip_psnr(a + 0.1, a) == pytest.approx(20.0)
-    assert bench.clip_psnr(b, a) == float("inf")  # the mean over frames, as train.py's evaluation
-    assert bench.clip_psnr(a + 2, a + 1) == float("inf")  # both clamp to 1
+# ----------------------------------------------------------------------------------------
+# bench.py, in subprocesses.
+
+
+@pytest.mark.slow
+def test_gan_iteration_runs_train_py_trainer():
+    # The bench drives train.py's own Trainer: a tiny GAN-stage iteration on the reference path
+    # (generator, cleaning, perceptual, GAN and discriminator losses, EMA) catches a drifted
+    # interface.
+    proc = run_bench("--dry-run", "--workloads", "realbasicvsr-gan", "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| [dry run] realbasicvsr-gan")]
+    reference = [r for r in rows if "| fp32 | torch reference |" in r]
+    assert len(reference) == 2, proc.stdout  # the workload's table, then the one of all
+    seconds = float(reference[0].split("|")[4].split()[0])  # "12.34 ms/iter"
+    assert seconds > 0 and "non-finite" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_clip_psnr_is_the_mean_over_frames_of_metrics_psnr():
+    code = """
+import torch, bench
+a = torch.zeros(1, 2, 3, 4, 4)
+b = a.clone()
+b[0, 1] = 0.1
+print(bench.clip_psnr(a + 0.1, a), bench.clip_psnr(b, a), bench.clip_psnr(a + 2, a + 1))
+"""
+    proc = run_bench(code=code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    off, mixed, clamped = [float(v) for v in proc.stdout.split()]
+    # a frame 0.1 off everywhere: 20 dB; frame 0 identical (inf), frame 1 off by 0.1: the mean
+    # over frames, as train.py's evaluation, is inf; both clips clamp to 1: inf.
+    assert off == pytest.approx(20.0)
+    assert mixed == float("inf")
+    assert clamped == float("inf")
+
+
+# ----------------------------------------------------------------------------------------
+# report.py: the targets.
+
+
+def test_targets_arithmetic():
     T, R = "triton", "torch reference"
     results = {
         "bvsrpp-180x320": {
@@ -152,7 +181,7 @@ def test_clip_psnr_and_targets_arithmetic():
             ("bf16", R): dict(seconds=2.5, peak=1.0),
         },
     }
-    lines = bench.target_lines(results, frames=100)
+    lines = report.target_lines(results, frames=100)
     assert "200.0 frames/s -> met" in lines[0]
     assert "4.00x -> met" in lines[1] and "over the reference in fp32: 8.00x" in lines[1]
     assert "fp32 not measured" in lines[2] and "bf16 2.50x -> met" in lines[2]
@@ -165,7 +194,7 @@ def test_clip_psnr_and_targets_arithmetic():
     # the best Triton variant counts, and is named
     results["bvsrpp-180x320"][("bf16", "triton + host cache")] = dict(seconds=0.8, peak=0.5)
     results["bvsrpp-180x320"][("bf16", "triton + compile")] = dict(seconds=0.4, peak=1.2)
-    lines = bench.target_lines(results, frames=100)
+    lines = report.target_lines(results, frames=100)
     assert "250.0 frames/s -> met [triton + compile]" in lines[0]
     assert "5.00x -> met" in lines[1]
     assert (
@@ -175,26 +204,26 @@ def test_clip_psnr_and_targets_arithmetic():
 
 
 # ----------------------------------------------------------------------------------------
-# bench.py --report, with stubbed measurements.
+# bench.py --report (report.py), with stubbed measurements.
 
 
 def fake_op(op, batch, dtype_name, reps, device, size=None, warmup=5):
     times = {"triton": [1.0, 2.0], "torch reference": [4.0, 10.0]}
     if op == "dcn":
-        times["torchvision"] = (
-            [3.0, 12.0] if dtype_name == "fp32" else None
-        )  # 6x: met; bf16: not run
+        # fp32: 6x, the target is met; bf16: torchvision does not run.
+        times["torchvision"] = [3.0, 12.0] if dtype_name == "fp32" else None
     return dict(op=op, batch=batch, dtype=dtype_name, times=times, bytes=[1e6, 3e6], rel_err=1e-7)
 
 
 def fake_workload(
     wl, paths, dtypes, device, weights, notes, reps=None, quick=False, dry_run=False, cells=None
 ):
-    """Cells as bench_inference / bench_training fill them. BasicVSR++ 100 frames: Triton bf16 at
-    0.5 s (200 frames/s, 4x the reference), the host cache at 1/5 of the reference's memory."""
+    """Cells as bench.py's bench_inference / bench_training fill them. BasicVSR++ 100 frames:
+    Triton bf16 at 0.5 s (200 frames/s, 4x the reference), the host cache at 1/5 of the
+    reference's memory."""
     speed = {"triton": 1.0, "triton + host cache": 1.2, "torch reference": 4.0}
     peak = {"triton": 4.0, "triton + host cache": 1.0, "torch reference": 5.0}
-    for path in bench.expected_paths(wl, paths):
+    for path in report.workload_paths(wl, paths):
         for name in dtypes:
             seconds = speed[path] * (0.5 if name == "bf16" else 1.0)
             if wl["kind"] == "train" and path == "triton":
@@ -210,16 +239,11 @@ def fake_workload(
 @pytest.fixture
 def stubbed(monkeypatch):
     monkeypatch.setattr(op_bench, "bench_op", fake_op)
-    monkeypatch.setattr(bench, "run_workload", fake_workload)
-    monkeypatch.setattr(
-        bench,
-        "selected_workloads",
-        lambda names, **kw: {k: dict(bench.model_workloads(100, 30)[k], name=k) for k in names},
-    )
+    monkeypatch.setattr(report, "run_workload", fake_workload)  # on the real workloads' sizes
 
 
 def test_report_files_and_targets(tmp_path, stubbed):
-    report = bench.run_report(
+    result = report.run_report(
         str(tmp_path), 60, torch.device("cpu"), command="python bench.py --report x"
     )
     assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md"]  # no temporary files left
@@ -235,10 +259,10 @@ def test_report_files_and_targets(tmp_path, stubbed):
     )
     assert saved["parts"]["ops"]["status"] == "done" and len(saved["parts"]["ops"]["results"]) == 6
     cells = saved["parts"]["models"]["cells"]
-    assert {c["workload"] for c in cells} == set(bench.REPORT_WORKLOADS)
+    assert {c["workload"] for c in cells} == set(report.REPORT_WORKLOADS)
     assert not any(c.get("status") == "skipped" for c in cells)
     met = {t["target"].split(":")[0]: t["met"] for t in saved["targets"]}
-    assert len(saved["targets"]) == 8 == len(report["targets"])
+    assert len(saved["targets"]) == 8 == len(result["targets"])
     values = [t["value"] for t in saved["targets"]]
     assert values[:3] == [pytest.approx(200.0), pytest.approx(4.0), pytest.approx(6.0)]
     assert [t["met"] for t in saved["targets"]] == [
@@ -270,15 +294,15 @@ def test_report_part_out_of_time_is_skipped(tmp_path, stubbed, monkeypatch):
             time.sleep(30)  # stopped by the alarm
         return fake_workload(wl, paths, dtypes, device, weights, notes, cells=cells)
 
-    monkeypatch.setattr(bench, "run_workload", slow_workload)
-    monkeypatch.setattr(bench, "REPORT_MARGIN", 0.0)
+    monkeypatch.setattr(report, "run_workload", slow_workload)
+    monkeypatch.setattr(report, "REPORT_MARGIN", 0.0)
     start = time.monotonic()
-    report = bench.run_report(str(tmp_path), 1.5, torch.device("cpu"))
+    result = report.run_report(str(tmp_path), 1.5, torch.device("cpu"))
     assert time.monotonic() - start < 2.5
-    models = report["parts"]["models"]
+    models = result["parts"]["models"]
     assert models["status"] == "partial" and "ran out" in models["reason"]
     assert all("status" not in c for c in models["results"]["bvsrpp-180x320"].values())
-    assert list(models["results"]) == list(bench.REPORT_WORKLOADS)
+    assert list(models["results"]) == list(report.REPORT_WORKLOADS)
     assert all(
         c == {"status": "skipped"}
         for k in ("bvsrpp-train", "realbasicvsr-480p")
@@ -292,16 +316,17 @@ def test_report_part_out_of_time_is_skipped(tmp_path, stubbed, monkeypatch):
 
 def test_time_limit_stops_a_block():
     start = time.monotonic()
-    with pytest.raises(bench.OutOfTime, match="its share of the budget"):
-        with bench.time_limit(0.2, "part"):
+    with pytest.raises(report.OutOfTime, match="its share of the budget"):
+        with report.time_limit(0.2, "part"):
             while True:
                 pass
     assert time.monotonic() - start < 1.0
-    with pytest.raises(bench.OutOfTime, match="no time left"):
-        with bench.time_limit(0, "part"):
+    with pytest.raises(report.OutOfTime, match="no time left"):
+        with report.time_limit(0, "part"):
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv,flag",
     [
@@ -312,26 +337,20 @@ def test_time_limit_stops_a_block():
         (["--reps", "0"], "--reps"),
     ],
 )
-def test_bad_flag_is_one_error_line(argv, flag, tmp_path, capsys):
+def test_bad_flag_is_one_error_line(argv, flag, tmp_path):
     (tmp_path / "FILE").write_text("")
     argv = [str(tmp_path / a) if a in ("OUT", "FILE") else a for a in argv]
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv)
-    err = capsys.readouterr().err
+    proc = run_bench(*argv)
+    err = proc.stderr
     assert (
-        e.value.code != 0 and err.startswith("error: ") and err.count("\n") == 1 and flag in err
+        proc.returncode != 0 and err.startswith("error: ") and err.count("\n") == 1 and flag in err
     ), err
     assert not (tmp_path / "OUT").exists()
 
 
+@pytest.mark.slow
 def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "bench.py", "--report", str(tmp_path), "--budget", "-1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench("--report", str(tmp_path), "--budget", "-1")
     assert (
         proc.returncode == 2
         and proc.stderr == "error: --budget must be a positive number of seconds, got -1\n"

@@ -90,7 +90,8 @@ def oracle(inputs, conv, op=deform_conv2d):
 
 
 def check_triton(inputs, conv, dtype=torch.float32, op=deform_conv2d, fp32_inputs=("offset",)):
-    """Triton vs the float64 reference in `dtype` (fp32_inputs stay fp32); inputs must stay untouched."""
+    """Triton vs the float64 reference in `dtype` (fp32_inputs stay fp32); inputs must stay
+    untouched."""
     low = {k: (v if k in fp32_inputs else v.to(dtype)) for k, v in inputs.items()}
     names = ("out", *low)
     before = {k: v.clone() for k, v in low.items()}
@@ -176,7 +177,10 @@ def test_boundary_positions_known_values(backend):
     g_x, g_off, g_mask, _ = torch.autograd.grad(out.sum(), leaves)
     v = x[0, 0].double()
     o, go, gm = out[0, 0].detach().double(), g_off[0].double(), g_mask[0, 0].double()
-    close = lambda a, b: abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+
+    def close(a, b):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+
     for i, j in ((0, 1), (1, 0), (2, 3)):
         assert o[i, j] == 0 and go[0, i, j] == 0 and go[1, i, j] == 0 and gm[i, j] == 0, (i, j)
     assert close(o[0, 2], m * 0.5 * v[0, 2])
@@ -342,15 +346,14 @@ class TinyAlign(nn.Module):
 
 # Inductor around the custom ops (the GPU training path). The reference graph is traced with
 # aot_eager: the same Dynamo + AOTAutograd capture (fullgraph, fake tensors, autograd), without
-# the minute of C++ compiles that Inductor needs for it on a 2-core CPU.
+# the minute of C++ compiles that Inductor needs for it on a CPU.
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,compiler", [("triton", "inductor"), ("torch", "aot_eager")])
 def test_torch_compile_with_both_ops_matches_eager(backend, compiler):
     torch.manual_seed(0)
     model = TinyAlign(backend)
     feats = torch.randn(2, 1, 4, 6, 7).unbind(0)
-    compiled = torch.compile(
-        model, backend=compiler, fullgraph=True
-    )  # fullgraph: a graph break fails
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)  # a graph break fails
 
     def out_and_grads(fn):
         leaves = [f.clone().requires_grad_() for f in feats]
@@ -383,7 +386,9 @@ def compile_for_sm90(kernel, pointers, constexprs, num_warps):
         else:
             sig[name] = "fp32" if name == "MAG" else "i32"
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1}
+    )
     # Registers and stack frame (where spills go) of the cubin.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -406,7 +411,10 @@ for (dt, prec), (layout, unit), variant in itertools.product(
     kernel = dc._dcn_bwd_kernel if backward else dc._dcn_fwd_kernel
     th, tw, _, _, warps = dc._tiles(180, 320, backward, ieee=prec == "ieee")
     gpb, cpb = dc._chunking(16, 8, 32, whole_groups=backward)
-    consts = dict(CG=8, KH=3, KW=3, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb, BLOCK_CO=64, PREC=prec, INTERP_BF16=False)
+    consts = dict(
+        CG=8, KH=3, KW=3, TILE_H=th, TILE_W=tw, GPB=gpb, CPB=cpb, BLOCK_CO=64, PREC=prec,
+        INTERP_BF16=False,
+    )
     if not backward:
         consts.update(HAS_BIAS=True, FUSED=fused)
     # Memory strides are named S<tensor>_<dim>: SO_C, SG_W, ...
@@ -425,6 +433,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     "nvidia" not in TRITON_BACKENDS, reason="Triton built without its NVIDIA backend"
 )
@@ -635,14 +644,12 @@ def test_flow_guided_saturated_and_nonfinite_logits(backend):
     expected[0, :2] = expected[0, :2].clamp(-50, 50)
     expected[0, :2][:, nan_tap] = 0.0
     expected[0, 2][nan_tap] = float("-inf")
-    # Back to mmcv's layout: channel g*2K + 2k + (0: dy, 1: dx), then the mask logits.
-    to_layout = lambda t: torch.cat(
-        (
-            t[0, :2].view(2, G * K, 6, 7).transpose(0, 1).reshape(1, -1, 6, 7),
-            t[0, 2].view(1, G * K, 6, 7),
-        ),
-        1,
-    )
+
+    def to_layout(t):
+        """Back to mmcv's layout: channel g*2K + 2k + (0: dy, 1: dx), then the mask logits."""
+        offsets = t[0, :2].view(2, G * K, 6, 7).transpose(0, 1).reshape(1, -1, 6, 7)
+        return torch.cat((offsets, t[0, 2].view(1, G * K, 6, 7)), 1)
+
     wild_inputs = dict(inputs, conv_offset=to_layout(logits))
     tame_inputs = dict(inputs, conv_offset=to_layout(expected))
     dtype = torch.float64 if backend == "torch" else torch.float32
@@ -658,7 +665,8 @@ def test_flow_guided_saturated_and_nonfinite_logits(backend):
         if name != "conv_offset":
             assert torch.isfinite(a).all(), name
             assert rel(a, b) <= 1e-5, f"{name}: rel {rel(a, b):.2e}"
-    # tanh and sigmoid are flat where they saturate; a NaN logit has a NaN derivative (as in autograd).
+    # tanh and sigmoid are flat where they saturate; a NaN logit has a NaN derivative (as in
+    # autograd).
     grad = got[2]
     nan = torch.isnan(wild_inputs["conv_offset"])
     assert torch.equal(torch.isnan(grad), nan)
@@ -689,8 +697,11 @@ def test_flow_guided_autocast_and_bf16_logits():
 
 def test_flow_guided_clear_errors():
     inputs, conv = make_fused_inputs(1, 8, 3, 5, 6, 4, 2)
-    x, co, fl, w = inputs["x"], inputs["conv_offset"], inputs["flows"], inputs["weight"]
-    call = lambda **kw: flow_guided_deform_conv2d(**dict(inputs, **kw), **conv)
+    co, fl, w = inputs["conv_offset"], inputs["flows"], inputs["weight"]
+
+    def call(**kw):
+        return flow_guided_deform_conv2d(**dict(inputs, **kw), **conv)
+
     with pytest.raises(
         ValueError, match="conv_offset must have 3 \\* deform_groups \\* taps = 108 channels"
     ):
@@ -737,6 +748,7 @@ class TinySecondOrderAlign(nn.Module):
         )
 
 
+@pytest.mark.slow
 def test_flow_guided_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = TinySecondOrderAlign()
@@ -788,7 +800,8 @@ def test_channels_last_matches_nchw_reference(layout):
 
 @pytest.mark.parametrize("flows_cl", [True, False], ids=["cl_flows", "nchw_flows"])
 def test_flow_guided_channels_last_conv_offset_from_a_conv(flows_cl):
-    # conv_offset as BasicVSR++ makes it in a channels-last network: the output of a channels-last conv.
+    # conv_offset as BasicVSR++ makes it in a channels-last network: the output of a channels-last
+    # conv.
     inputs, conv = make_fused_inputs(1, 16, 16, 6, 7, 4, 2)
     torch.manual_seed(1)
     offset_branch = nn.Conv2d(8, 4 * 27, 3, padding=1).to(memory_format=CL)
@@ -817,6 +830,7 @@ class TinyWarpAlign(TinySecondOrderAlign):
         return super().forward(feat + flow_warp(feat_n, flow_1, backend="triton"), flow_1, flow_2)
 
 
+@pytest.mark.slow
 def test_torch_compile_channels_last_matches_eager():
     # Inductor's code indexes the ops' outputs and gradients with the strides of the fake impls:
     # with the module and its inputs channels-last, those must be the real channels-last ones
@@ -918,11 +932,11 @@ def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
             p.add_(0.02 * torch.randn_like(p))
     net_cl = copy.deepcopy(net).to(memory_format=CL)
     base = torch.rand(1, 1, 3, 70, 74, generator=torch.Generator().manual_seed(2))
-    lqs = torch.cat(
-        [base[..., i : i + 64, 2 * i : 2 * i + 64] for i in range(3)], 1
-    ).double()  # moving 1-2 px a frame
+    # Moving 1-2 px a frame.
+    lqs = torch.cat([base[..., i : i + 64, 2 * i : 2 * i + 64] for i in range(3)], 1).double()
 
-    seen, layouts = {}, []
+    seen = {}
+    layouts = []
     hooks = [
         m.register_forward_hook(lambda m, i, o: layouts.append((is_cl(i[0]), is_cl(o))))
         for m in net_cl.backbone.values()
@@ -941,9 +955,8 @@ def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
 
     (args, step_out), (args_cl, _) = seen["nchw"], seen["cl"]
     x, extra_feat, flow_1, flow_2 = [t.float() for t in args_cl]
-    assert (
-        is_cl(x) and is_cl(extra_feat) and flow_2.abs().mean() > 0.5
-    )  # the last step: both flows real
+    # The last step: both flows real.
+    assert is_cl(x) and is_cl(extra_feat) and flow_2.abs().mean() > 0.5
     step = copy.deepcopy(net_cl.deform_align["forward_2"]).float()
     # One 64x64 tile: the interpreter pays per program (16 of them would take ~5 s).
     monkeypatch.setattr(

@@ -23,7 +23,8 @@ fw = importlib.import_module("kernels.flow_warp")  # kernels.flow_warp is the fu
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts of the implementations that ran: 'dcn triton', 'dcn torch', 'warp triton', 'warp torch'."""
+    """Counts of the implementations that ran: 'dcn triton', 'dcn torch', 'warp triton',
+    'warp torch'."""
     counts = collections.Counter()
 
     def count(module, name, key):
@@ -35,10 +36,9 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(module, name, counted)
 
-    count(dc, "_forward", "dcn triton")  # the body of the vsr::deform_conv2d custom op
-    count(
-        dc, "_forward_fused", "dcn triton"
-    )  # and of vsr::flow_guided_deform_conv2d, which BasicVSR++ calls
+    # The forward kernel's launch, in both DCN custom ops (vsr::flow_guided_deform_conv2d is the
+    # one BasicVSR++ calls).
+    count(dc, "_launch_forward", "dcn triton")
     count(dc, "deform_conv2d_reference", "dcn torch")
     count(fw, "_flow_warp_triton", "warp triton")
     count(fw, "flow_warp_reference", "warp torch")
