@@ -1,15 +1,19 @@
-"""BasicVSR and BasicVSR++ for x4 video super-resolution, weight-compatible with mmagic.
+"""BasicVSR and BasicVSR++ for x4 (or x2) video super-resolution, weight-compatible with mmagic.
 
-  SPyNet            optical flow between two frames (Ranjan & Black 2017), the flow estimator of both networks
-  BasicVSR          first-order bidirectional propagation (Chan et al., CVPR 2021); the SR part of RealBasicVSR
-  BasicVSRPlusPlus  second-order grid propagation with flow-guided deformable alignment (Chan et al., CVPR 2022)
-  load_weights      mmagic/mmediting .pth, BasicSR .pth, plain state dicts and our safetensors, strictly
-  save_weights      safetensors that name their network, written atomically
-  network_of        which network (and size) a weights file holds
+  SPyNet            optical flow between two frames (Ranjan & Black, CVPR 2017), the flow
+                    estimator of both networks
+  BasicVSR          first-order bidirectional propagation (Chan et al., CVPR 2021); the SR part
+                    of RealBasicVSR
+  BasicVSRPlusPlus  second-order grid propagation with flow-guided deformable alignment
+                    (Chan et al., CVPR 2022)
+  compile_network   torch.compile of the modules every frame runs
+  HostFrames        BasicVSR++'s per-frame lists in pinned host memory, for long clips
 
-Videos are (n, t, 3, h, w) RGB in [0, 1]; flows are (n, 2, h, w) in pixels, channel 0 = dx, channel 1 = dy.
-Module and parameter names are mmagic's, so `model.state_dict()` keys equal the published checkpoints'.
-The two irregular ops, flow warping and modulated deformable convolution, come from `kernels`.
+Videos are (n, t, 3, h, w) RGB in [0, 1]; flows are (n, 2, h, w) in pixels, channel 0 = dx,
+channel 1 = dy. Module and parameter names are mmagic's, so `model.state_dict()` keys equal the
+published checkpoints' (open-mmlab/mmagic: mmagic/models/editors/basicvsr_plusplus_net/
+basicvsr_plusplus_net.py and basicvsr/basicvsr_net.py). The two irregular ops, flow warping and
+modulated deformable convolution, come from `kernels`.
 """
 
 import torch
@@ -20,11 +24,23 @@ from einops import rearrange
 import kernels
 
 # ----------------------------------------------------------------------------------------
+# Export. torch.export (the ONNX export of export.py) traces one graph that must serve every
+# clip and frame size, so while it traces, the networks take no branch on the frames' values or
+# size: they compute both flows of a mirrored clip, and SPyNet resizes at every size.
+
+
+def exporting():
+    """Whether torch.export is tracing the network."""
+    return torch.compiler.is_exporting()
+
+
+# ----------------------------------------------------------------------------------------
 # Building blocks
 
 
 def default_init_weights(modules, scale=1.0):
-    """Kaiming-normal (fan_in) weights scaled by `scale`, zero biases: mmagic's init for SR convs."""
+    """Kaiming-normal (fan_in) weights scaled by `scale`, zero biases: mmagic's init for SR
+    convolutions."""
     for m in modules:
         nn.init.kaiming_normal_(m.weight)
         m.weight.data.mul_(scale)
@@ -33,7 +49,8 @@ def default_init_weights(modules, scale=1.0):
 
 
 class ResidualBlockNoBN(nn.Module):
-    """x + conv2(relu(conv1(x))), no batch norm (EDSR). Small init (x0.1) keeps a deep stack near identity."""
+    """x + conv2(relu(conv1(x))), no batch norm (EDSR). The small init (x0.1) keeps a deep stack
+    near the identity."""
 
     def __init__(self, mid_channels=64):
         super().__init__()
@@ -81,10 +98,10 @@ class PixelShufflePack(nn.Module):
 
 def add_head(net, mid_channels, scale):
     """The upsampling tail shared by BasicVSR and BasicVSR++. x4 (the published one): two
-    pixel-shuffle x2 stages, conv_hr, conv_last and the bilinear x4 image skip; x2: one pixel-shuffle
-    x2 stage and a bilinear x2 skip, the other names unchanged. The attribute names are the
-    checkpoint keys; call it where the reference registers them, so the state_dict order matches
-    the published files."""
+    pixel-shuffle x2 stages, conv_hr, conv_last and the bilinear x4 image skip; x2: one
+    pixel-shuffle x2 stage and a bilinear x2 skip, the other names unchanged. The attribute names
+    are the checkpoint keys; call it where the reference registers them, so the state_dict order
+    matches the published files."""
     if scale not in (2, 4):
         raise ValueError(f"{type(net).__name__}: scale must be 2 or 4, got {scale}")
     net.upsample1 = PixelShufflePack(
@@ -113,15 +130,15 @@ def head(net, feat):
 
 
 class ConvModule(nn.Module):
-    """Conv2d (k7, bias) plus optional ReLU, with the conv at `.conv` as in mmcv's ConvModule (the keys need it)."""
+    """Conv2d (k7, bias) plus optional ReLU, with the conv at `.conv` as in mmcv's ConvModule
+    (the keys need it)."""
 
     def __init__(self, in_channels, out_channels, act=True):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 7, 1, 3, bias=True)
         self.act = nn.ReLU(inplace=True) if act else None
-        nn.init.kaiming_normal_(
-            self.conv.weight, mode="fan_out", nonlinearity="relu"
-        )  # mmcv's default
+        # mmcv's default init
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x):
@@ -147,7 +164,8 @@ class SPyNetBasicModule(nn.Module):
 
 
 class SPyNet(nn.Module):
-    """forward(ref, supp) -> flow (n, 2, h, w) from ref to supp: flow_warp(supp, flow) is aligned to ref."""
+    """forward(ref, supp) -> flow (n, 2, h, w) from ref to supp: flow_warp(supp, flow) is
+    aligned to ref."""
 
     def __init__(self):
         super().__init__()
@@ -157,9 +175,10 @@ class SPyNet(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def zero_flow_(self):
-        """Untrained, SPyNet returns flows of ~10 px on 64x64 frames, so the alignment is noise; with each
-        level's last conv zeroed it returns zero flow (an identity warp) until trained, and still learns
-        (its gradients are not zero). For training without the pretrained weights."""
+        """Untrained, SPyNet returns flows of ~10 px on 64x64 frames, so the alignment is noise;
+        with each level's last conv zeroed it returns zero flow (an identity warp) until trained,
+        and still learns (its gradients are not zero). For training without the pretrained
+        weights."""
         for level in self.basic_module:
             nn.init.zeros_(level.basic_module[-1].conv.weight)
             nn.init.zeros_(level.basic_module[-1].conv.bias)
@@ -179,13 +198,10 @@ class SPyNet(nn.Module):
         for level in range(6):
             if level == 0:
                 flow_up = flow
-            else:  # twice the size, so twice the displacement (size, not scale_factor=2: simpler to export)
-                flow_up = (
-                    F.interpolate(
-                        flow, size=ref[level].shape[2:], mode="bilinear", align_corners=True
-                    )
-                    * 2.0
-                )
+            else:  # twice the size, so twice the displacement (size=: simpler to export than
+                # scale_factor=2)
+                size = ref[level].shape[2:]
+                flow_up = F.interpolate(flow, size=size, mode="bilinear", align_corners=True) * 2.0
             supp_warped = kernels.flow_warp(supp[level], flow_up, padding_mode="border")
             flow = flow_up + self.basic_module[level](
                 torch.cat([ref[level], supp_warped, flow_up], dim=1)
@@ -199,13 +215,12 @@ class SPyNet(nn.Module):
                 f"and {tuple(supp.shape)}"
             )
         h, w = ref.shape[2:]
-        # The pyramid halves the size 5 times: work at the next multiple of 32.
-        h_up, w_up = (
-            (h + 31) // 32 * 32,
-            (w + 31) // 32 * 32,
-        )  # no negative floor division: ONNX's truncates
-        # exported (ONNX), the sizes are symbolic: always resize (an identity at multiples of 32)
-        resize = torch.compiler.is_exporting() or (h_up, w_up) != (h, w)
+        # The pyramid halves the size 5 times: work at the next multiple of 32 (rounded up without
+        # a negative floor division, which ONNX truncates).
+        h_up = (h + 31) // 32 * 32
+        w_up = (w + 31) // 32 * 32
+        # an identity at multiples of 32; exported, the size is unknown, so always
+        resize = exporting() or (h_up, w_up) != (h, w)
         if resize:
             ref = F.interpolate(ref, size=(h_up, w_up), mode="bilinear", align_corners=False)
             supp = F.interpolate(supp, size=(h_up, w_up), mode="bilinear", align_corners=False)
@@ -217,7 +232,7 @@ class SPyNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Shared by both networks: input checks, mirror detection, per-step flows, CPU offload.
+# Shared by both networks: input checks, mirror detection, the flows of a clip.
 
 
 def check_video(lqs, name, min_size=0):
@@ -235,82 +250,35 @@ def check_video(lqs, name, min_size=0):
 
 
 def is_mirror_extended(lqs):
-    """True if the clip is [x, reversed(x)]; its forward flows are then the backward ones reversed.
-    Decided afresh for every call (BasicSR's flag never resets). False while torch.export (ONNX export)
-    traces: an exported network computes both flows, right for any clip."""
+    """True if the clip is [x, reversed(x)]; its forward flows are then the backward ones
+    reversed. Decided afresh for every call (BasicSR's flag never resets). False while exporting:
+    an exported network computes both flows, right for any clip."""
     t = lqs.shape[1]
-    if t % 2 or torch.compiler.is_exporting():
+    if t % 2 or exporting():
         return False
     lqs_1, lqs_2 = torch.chunk(lqs, 2, dim=1)
     return torch.equal(lqs_1, lqs_2.flip(1))
 
 
-class HostCache:
-    """Per-frame maps of a long clip kept in pinned host memory instead of on the GPU (mmagic's
-    cpu_cache, without its stalls). On CUDA every copy runs on a stream of its own, so copies overlap
-    the convolutions: `put` sends a map down once the kernels that made it are done, and `upload`
-    starts bringing maps back up a step before `wait` hands them to the compute stream.
-    Disabled (the plain path) or on CPU, every call is the identity."""
-
-    def __init__(self, device, enabled):
-        self.device, self.enabled = device, enabled
-        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
-
-    def put(self, x):
-        if self.stream is None:
-            return x
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            host.copy_(x, non_blocking=True)
-        x.record_stream(self.stream)  # x's memory is not reused before the copy has read it
-        return host
-
-    def upload(self, maps):
-        """Starts copying `maps` (a list; None entries pass through) to the GPU; give the result to wait."""
-        if self.stream is None:
-            return maps, None
-        with torch.cuda.stream(self.stream):
-            maps = [None if x is None else x.to(self.device, non_blocking=True) for x in maps]
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return maps, done
-
-    def wait(self, uploaded):
-        maps, done = uploaded
-        if done is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(done)
-            for x in maps:
-                if x is not None:
-                    x.record_stream(stream)  # allocated on the copy stream, used on this one
-        return maps
-
-    def synchronize(self):
-        """Before the CPU reads what `put` returned."""
-        if self.stream is not None:
-            self.stream.synchronize()
-
-
-def compute_flow(spynet, lqs, mirror, cache=None, chunk=None):
+def compute_flow(spynet, lqs, mirror, frames=list, chunk=None):
     """lqs (n, t, 3, h, w) -> (flows_forward, flows_backward), lists of t-1 flows (n, 2, h, w):
     flows_backward[k] goes from frame k to k+1, flows_forward[k] from frame k+1 to k.
-    chunk: at most this many frame pairs per SPyNet call (bounds its activations); cache: a HostCache
-    that keeps the flows."""
+    mirror: the clip is mirrored (is_mirror_extended), so one SPyNet pass gives both directions;
+    frames: the constructor of the lists (list, or host_frames' for BasicVSR++ on long clips);
+    chunk: at most this many frame pairs per SPyNet call (bounds its activations)."""
     n, t, c, h, w = lqs.shape
     if t == 1:
-        return [], []
+        return frames(), frames()
     chunk = chunk or t - 1
 
     def flows(ref, supp):  # (n, t-1, 3, h, w) each -> t-1 flows
-        out = []
+        out = frames()
         for s in range(0, t - 1, chunk):
-            r, p = ref[:, s : s + chunk], supp[:, s : s + chunk]
-            f = spynet(
-                rearrange(r, "n t c h w -> (n t) c h w"), rearrange(p, "n t c h w -> (n t) c h w")
-            )
-            f = rearrange(f, "(n t) c h w -> n t c h w", n=n)
-            out += [f[:, i] if cache is None else cache.put(f[:, i]) for i in range(r.shape[1])]
+            r = rearrange(ref[:, s : s + chunk], "n t c h w -> (n t) c h w")
+            p = rearrange(supp[:, s : s + chunk], "n t c h w -> (n t) c h w")
+            f = rearrange(spynet(r, p), "(n t) c h w -> n t c h w", n=n)
+            for flow in f.unbind(1):
+                out.append(flow)
         return out
 
     flows_backward = flows(lqs[:, :-1], lqs[:, 1:])
@@ -325,14 +293,13 @@ def compute_flow(spynet, lqs, mirror, cache=None, chunk=None):
 
 
 class BasicVSR(nn.Module):
-    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w), s = scale (4, or 2). Any h, w >= 1 works:
-    SPyNet pads to 32."""
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w), s = scale (4, or 2). Any h, w >= 1
+    works: SPyNet pads to 32."""
 
     def __init__(self, mid_channels=64, num_blocks=30, scale=4):
         super().__init__()
-        self.config = dict(
-            mid_channels=mid_channels, num_blocks=num_blocks, scale=scale
-        )  # saved with the weights
+        # the constructor arguments, saved with the weights
+        self.config = dict(mid_channels=mid_channels, num_blocks=num_blocks, scale=scale)
         self.scale = scale
         self.mid_channels = mid_channels
         self.spynet = SPyNet()
@@ -374,9 +341,13 @@ class BasicVSR(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# BasicVSR++: flow-guided deformable alignment. The offsets are residuals around the flow,
-# bounded by max_residue_magnitude * tanh, predicted from the flow-warped features; the DCN
-# then samples the *unwarped* features of frames n-1 and n-2 (deform groups 0-7 and 8-15).
+# BasicVSR++ (Chan et al., "BasicVSR++: Improving Video Super-Resolution with Enhanced
+# Propagation and Alignment", CVPR 2022). Second-order grid propagation (Sec. 3.1): four
+# branches, backward and forward twice, each aggregating the spatial features and every earlier
+# branch, each step taking the state of frame n-1 and the output of frame n-2. Flow-guided
+# deformable alignment (Sec. 3.2): the offsets are residuals around the flow, bounded by
+# max_residue_magnitude * tanh, predicted from the flow-warped features; the DCN then samples the
+# *unwarped* features of frames n-1 and n-2 (deform groups 0-7 and 8-15).
 
 
 class SecondOrderDeformableAlignment(nn.Module):
@@ -407,9 +378,8 @@ class SecondOrderDeformableAlignment(nn.Module):
             nn.LeakyReLU(negative_slope=0.1, inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, 1, 1),
             nn.LeakyReLU(negative_slope=0.1, inplace=True),
-            nn.Conv2d(
-                out_channels, 27 * deform_groups, 3, 1, 1
-            ),  # 9 taps x (dy, dx, mask) per group
+            # 9 taps x (dy, dx, mask) per group
+            nn.Conv2d(out_channels, 27 * deform_groups, 3, 1, 1),
         )
         # mmcv's DCN init; a zero last layer makes the initial offsets the flow and the mask 0.5.
         stdv = 1.0 / (in_channels * kernel_size * kernel_size) ** 0.5
@@ -420,9 +390,10 @@ class SecondOrderDeformableAlignment(nn.Module):
 
     def forward(self, x, extra_feat, flow_1, flow_2):
         out = self.conv_offset(torch.cat([extra_feat, flow_1, flow_2], dim=1))
-        # out holds, per group and tap, the (dy, dx) offset residues (groups 0-7 around flow_1, 8-15
-        # around flow_2), bounded by max_residue_magnitude * tanh, then the mask logits (sigmoid).
-        # The kernel builds offsets and mask on the fly (kernels.flow_guided_offsets is the reference).
+        # out holds, per group and tap, the (dy, dx) offset residues (groups 0-7 around flow_1,
+        # 8-15 around flow_2), bounded by max_residue_magnitude * tanh, then the mask logits
+        # (sigmoid). The kernel builds offsets and mask on the fly (kernels.flow_guided_offsets is
+        # the reference).
         return kernels.flow_guided_deform_conv2d(
             x,
             out,
@@ -438,15 +409,15 @@ class SecondOrderDeformableAlignment(nn.Module):
 
 
 class BasicVSRPlusPlus(nn.Module):
-    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w), s = scale (4, or 2), or (n, t, 3, h, w) when
-    is_low_res_input=False (then h, w are multiples of 4 and the network works at h/4 x w/4). The LR
-    size must be >= 64x64.
+    """forward(lqs (n, t, 3, h, w)) -> (n, t, 3, s*h, s*w), s = scale (4, or 2), or
+    (n, t, 3, h, w) when is_low_res_input=False (then h, w are multiples of 4 and the network
+    works at h/4 x w/4). The LR size must be >= 64x64.
 
-    Long clips: when t > cpu_cache_length, features and flows are computed cpu_cache_chunk frames at
-    a time, and on a GPU the per-frame maps live in pinned CPU memory (HostCache): only the maps a
-    step needs are on the GPU, so GPU memory stays a few frames' worth, and the output is returned on
-    the CPU. The copies run on their own stream, one step ahead. cpu_cache_length = 0 takes this path
-    for any clip (upscale.py --host-cache); on CPU its copies are no-ops.
+    Long clips (mmagic's cpu_cache): when t > cpu_cache_length, features and flows are computed
+    cpu_cache_chunk frames at a time, and the per-frame lists are HostFrames: on a GPU the maps
+    live in pinned host memory and only those a step reads are on the GPU, so GPU memory stays a
+    few frames' worth; the output is returned on the CPU. cpu_cache_length = 0 takes this path
+    for any clip (upscale.py --host-cache); on CPU its copies are the identity.
     """
 
     def __init__(
@@ -459,9 +430,10 @@ class BasicVSRPlusPlus(nn.Module):
         scale=4,
     ):
         super().__init__()
+        # the constructor arguments the weights need, saved with them
         self.config = dict(
             mid_channels=mid_channels,
-            num_blocks=num_blocks,  # saved with the weights
+            num_blocks=num_blocks,
             max_residue_magnitude=max_residue_magnitude,
             is_low_res_input=is_low_res_input,
             scale=scale,
@@ -475,7 +447,7 @@ class BasicVSRPlusPlus(nn.Module):
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input
         self.cpu_cache_length = cpu_cache_length
-        self.cpu_cache_chunk = 8  # frames per feature-extraction / SPyNet call when caching
+        self.cpu_cache_chunk = 8  # frames per feature-extraction and SPyNet call, long clips
 
         self.spynet = SPyNet()
 
@@ -491,7 +463,8 @@ class BasicVSRPlusPlus(nn.Module):
                 ResidualBlocksWithInputConv(mid_channels, mid_channels, 5),
             )
 
-        # four propagation branches; branch k aggregates the spatial features and all earlier branches
+        # four propagation branches; branch k aggregates the spatial features and all earlier
+        # branches
         self.deform_align = nn.ModuleDict()
         self.backbone = nn.ModuleDict()
         for i, module in enumerate(["backward_1", "forward_1", "backward_2", "forward_2"]):
@@ -511,12 +484,13 @@ class BasicVSRPlusPlus(nn.Module):
         self.reconstruction = ResidualBlocksWithInputConv(5 * mid_channels, mid_channels, 5)
         add_head(self, mid_channels, scale)
 
-    def propagate(self, feats, flows, module_name, cache):
-        """Second-order grid propagation of one branch; appends its per-frame output to feats[module_name].
+    def propagate(self, feats, flows, module_name):
+        """Second-order grid propagation (Sec. 3.1) of one branch: appends its output at every
+        frame to feats[module_name], in temporal order.
 
-        feats: dict of per-frame feature lists (n, C, h, w), in temporal order;
-        flows: t-1 flows; entry flow_idx[i] aligns the state of step i-1 to the frame of step i;
-        cache: the HostCache that holds feats and flows.
+        feats: dict of per-frame feature lists (n, C, h, w) in temporal order, one per branch so
+        far and "spatial"; flows: the t-1 flows of this direction; flows[flow_idx[i]] aligns the
+        state of step i-1 to the frame of step i.
         """
         t = len(feats["spatial"])
         frame_idx = list(range(t))
@@ -524,72 +498,53 @@ class BasicVSRPlusPlus(nn.Module):
         if module_name.startswith("backward"):
             frame_idx = frame_idx[::-1]
             flow_idx = frame_idx
+        # the grid: every earlier branch's output at this frame is aggregated too
         earlier = [k for k in feats if k not in ("spatial", module_name)]
 
-        def fetch(
-            i,
-        ):  # what step i reads: its frame's spatial and earlier-branch features, its two flows
-            idx = frame_idx[i]
-            return cache.upload(
-                [feats["spatial"][idx]]
-                + [feats[k][idx] for k in earlier]
-                + [flows[flow_idx[i]] if i > 0 else None, flows[flow_idx[i - 1]] if i > 1 else None]
-            )
-
-        pending = fetch(0)
-        recent = []  # the outputs of the last two steps, kept on the device for the n-2 connection
-        for i in range(t):
-            feat_current, *feat_earlier, flow_n1, flow_prev = cache.wait(pending)
-            if i + 1 < t:
-                pending = fetch(i + 1)  # its copies overlap this step's convolutions
+        for i, idx in enumerate(frame_idx):
+            feat_current = feats["spatial"][idx]
             if i == 0:
                 feat_prop = torch.zeros_like(feat_current)
             else:  # align the state (n-1) and the output of two steps ago (n-2) to this frame
+                flow_n1 = flows[flow_idx[i]]
                 cond_n1 = kernels.flow_warp(feat_prop, flow_n1)
                 feat_n2 = torch.zeros_like(feat_prop)
                 flow_n2 = torch.zeros_like(flow_n1)
                 cond_n2 = torch.zeros_like(cond_n1)
                 if i > 1:
-                    feat_n2 = recent[0]
-                    # compose n-2 -> n-1 -> n: flow_n2 = flow_n1 + flow(n-1 -> n-2) sampled at p + flow_n1
-                    flow_n2 = flow_n1 + kernels.flow_warp(flow_prev, flow_n1)
+                    feat_n2 = feats[module_name][-2]
+                    # n-2 -> n: flow_n1, plus the flow n-1 -> n-2 sampled where flow_n1 points
+                    flow_n2 = flow_n1 + kernels.flow_warp(flows[flow_idx[i - 1]], flow_n1)
                     cond_n2 = kernels.flow_warp(feat_n2, flow_n2)
+                # flow-guided deformable alignment (Sec. 3.2): the warped features condition the
+                # offsets and masks, the DCN samples the unwarped ones
                 cond = torch.cat([cond_n1, feat_current, cond_n2], dim=1)
-                feat_prop = self.deform_align[module_name](
-                    torch.cat([feat_prop, feat_n2], dim=1), cond, flow_n1, flow_n2
-                )
+                feat_prop = torch.cat([feat_prop, feat_n2], dim=1)
+                feat_prop = self.deform_align[module_name](feat_prop, cond, flow_n1, flow_n2)
 
-            # aggregate: this frame's spatial features, every earlier branch at this frame, the state
-            feat = torch.cat([feat_current] + feat_earlier + [feat_prop], dim=1)
-            feat_prop = feat_prop + self.backbone[module_name](feat)
-            recent = recent[-1:] + [feat_prop]
-            feats[module_name].append(cache.put(feat_prop))
+            # aggregate this frame's spatial features, every earlier branch and the state
+            feat = [feat_current] + [feats[k][idx] for k in earlier] + [feat_prop]
+            feat_prop = feat_prop + self.backbone[module_name](torch.cat(feat, dim=1))
+            feats[module_name].append(feat_prop)
 
         if module_name.startswith("backward"):
             feats[module_name] = feats[module_name][::-1]
 
-    def upsample(self, lqs, feats, cache):
-        """Reconstruct each frame from all branches, x4 by pixel shuffle, plus the upsampled input."""
-        t = lqs.shape[1]
-
-        def fetch(i):
-            maps = cache.upload([feats[k][i] for k in feats])
-            for k in feats:  # frame i's features are no longer needed once on their way
-                feats[k][i] = None
-            return maps
-
-        pending = fetch(0)
-        outputs = []
-        for i in range(t):
-            hr = torch.cat(cache.wait(pending), dim=1)  # (n, 5C, h, w)
-            if i + 1 < t:
-                pending = fetch(i + 1)
+    def upsample(self, lqs, feats, frames=list):
+        """Reconstruct each frame from all branches, upsample it by pixel shuffle and add the
+        upsampled input. frames: the constructor of the output list (forward)."""
+        outputs = frames()
+        for i in range(lqs.shape[1]):
+            # frame i's features leave the lists once used, as in mmagic
+            hr = torch.cat([feats[k].pop(0) for k in feats], dim=1)  # (n, 5C, h, w)
             hr = self.reconstruction(hr)
             hr = head(self, hr)
             # the skip is bilinear (not bicubic), as in the reference
             hr = hr + (self.img_upsample(lqs[:, i]) if self.is_low_res_input else lqs[:, i])
-            outputs.append(cache.put(hr))
-        cache.synchronize()  # the copies must land before the CPU reads them
+            outputs.append(hr)
+        # a long clip is returned from host memory: the GPU never holds all of it
+        if isinstance(outputs, HostFrames):
+            outputs = outputs.on_host()
         return torch.stack(outputs, dim=1)
 
     def forward(self, lqs):
@@ -597,9 +552,14 @@ class BasicVSRPlusPlus(nn.Module):
         n, t, c, h, w = check_video(
             lqs, "BasicVSRPlusPlus", min_size=64 if self.is_low_res_input else 256
         )
-        cache = HostCache(lqs.device, t > self.cpu_cache_length)
-        # all frames in one batch, as mmagic does, unless caching: then chunks bound the activations
-        chunk = self.cpu_cache_chunk if cache.enabled else t
+        # The per-frame lists: Python lists, or for a long clip lists in host memory, filled
+        # cpu_cache_chunk frames per feature-extraction and SPyNet call to bound their
+        # activations (otherwise all frames in one call, as in mmagic).
+        frames = list
+        chunk = t
+        if t > self.cpu_cache_length:
+            frames = host_frames(lqs.device)
+            chunk = self.cpu_cache_chunk
 
         if self.is_low_res_input:
             lqs_downsample = lqs
@@ -615,29 +575,24 @@ class BasicVSRPlusPlus(nn.Module):
             lqs_downsample = rearrange(lqs_downsample, "(n t) c h w -> n t c h w", n=n)
 
         # spatial features, one list entry per frame (n, C, h', w')
-        feats = {"spatial": []}
+        feats = {"spatial": frames()}
         for s in range(0, t, chunk):
             feat = self.feat_extract(rearrange(lqs[:, s : s + chunk], "n t c h w -> (n t) c h w"))
-            feats["spatial"] += [
-                cache.put(f) for f in rearrange(feat, "(n t) c h w -> n t c h w", n=n).unbind(1)
-            ]
+            for f in rearrange(feat, "(n t) c h w -> n t c h w", n=n).unbind(1):
+                feats["spatial"].append(f)
 
         flows_forward, flows_backward = compute_flow(
-            self.spynet,
-            lqs_downsample,
-            is_mirror_extended(lqs),
-            cache if cache.enabled else None,
-            chunk,
+            self.spynet, lqs_downsample, is_mirror_extended(lqs), frames, chunk
         )
 
         for iter_ in [1, 2]:
             for direction in ["backward", "forward"]:
                 module_name = f"{direction}_{iter_}"
-                feats[module_name] = []
+                feats[module_name] = frames()
                 flows = flows_backward if direction == "backward" else flows_forward
-                self.propagate(feats, flows, module_name, cache)
+                self.propagate(feats, flows, module_name)
 
-        return self.upsample(lqs, feats, cache)
+        return self.upsample(lqs, feats, frames)
 
 
 # ----------------------------------------------------------------------------------------
@@ -669,3 +624,121 @@ def compile_network(model, mode=None):
         if isinstance(m, COMPILED_MODULES):
             m.compile(mode=mode)
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# Host memory for long clips (mmagic's cpu_cache, without its stalls). BasicVSR++ keeps four
+# feature maps per frame and branch until the clip is reconstructed, which a long clip cannot
+# fit on a GPU. Its lists then hold the maps in pinned host memory, and the propagation and
+# reconstruction read them back one frame at a time, in an order these lists can follow: frame
+# by frame, forward or backward, with a look back at the frame before (the flow of step n-1, the
+# output of two steps ago).
+
+
+def host_frames(device):
+    """The constructor of BasicVSRPlusPlus.forward's lists for a long clip: HostFrames on
+    `device` that share one copy stream."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    return lambda: HostFrames(device, stream)
+
+
+class HostFrames:
+    """A list of per-frame maps (n, C, h, w) held in pinned host memory, read back to `device`.
+
+    append copies a map down; reading one (frames[i], frames.pop(0)) hands back a device copy.
+    The copies run on `stream`, so they overlap the convolutions: a read that moves on to another
+    frame starts uploading the next one in the direction the reads go (both neighbours while that
+    is not known yet). The device keeps the maps next to the last read (a step looks back at the
+    frame before), or the last two appended (the propagation reads back the output of two steps
+    ago): a few maps, however long the list. On CPU (stream None) the copies are the identity.
+    """
+
+    def __init__(self, device, stream):
+        self.device = device
+        self.stream = stream
+        self.host = []  # the maps in host memory, in list order
+        self.resident = {}  # index -> [device map, event marking the end of its upload or None]
+        self.position = None  # the index of the last read that moved on
+        self.step = None  # +1 or -1, the direction of the reads, once known
+
+    def __len__(self):
+        return len(self.host)
+
+    def append(self, x):
+        if self.stream is None:
+            host = x
+        else:
+            # the copy starts after the kernels that made x
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                host.copy_(x, non_blocking=True)
+            x.record_stream(self.stream)  # x's memory is not reused before the copy has read it
+        self.host.append(host)
+        last = len(self.host) - 1
+        self.resident = {i: entry for i, entry in self.resident.items() if i >= last - 1}
+        self.resident[last] = [x, None]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # the same maps in another order (a backward branch's list)
+            kept = range(len(self.host))[index]
+            out = HostFrames(self.device, self.stream)
+            out.host = [self.host[i] for i in kept]
+            out.resident = {j: self.resident[i] for j, i in enumerate(kept) if i in self.resident}
+            return out
+        index = range(len(self.host))[index]  # resolves negative indices, raises IndexError
+        looks_back = self.step is not None and index == self.position - self.step
+        if index != self.position and not looks_back:
+            self.move_to(index)
+        elif index not in self.resident:
+            self.resident[index] = self.upload(index)
+        return self.handed_over(self.resident[index])
+
+    def move_to(self, index):
+        """The reads move on to `index`: its map and its neighbours stay or come to the device,
+        the next one in the direction of the reads on its way, the others go."""
+        near = self.position is not None and abs(index - self.position) == 1
+        self.step = index - self.position if near else None
+        self.position = index
+        self.resident = {i: e for i, e in self.resident.items() if abs(i - index) <= 1}
+        if index not in self.resident:  # first, as it is needed first
+            self.resident[index] = self.upload(index)
+        for i in [index + self.step] if self.step else [index - 1, index + 1]:
+            if 0 <= i < len(self.host) and i not in self.resident:
+                self.resident[i] = self.upload(i)
+
+    def pop(self, index):
+        """Reads map `index` and removes it; the maps after it move up (upsample pops the front,
+        and the next map is then on its way)."""
+        x = self[index]
+        index = range(len(self.host))[index]
+        del self.host[index]
+        self.resident = {i - (i > index): e for i, e in self.resident.items() if i != index}
+        self.position = index - 1  # the map now at `index` is the next one on
+        return x
+
+    def upload(self, index):
+        """Starts copying map `index` to the device: [device map, event marking the end]."""
+        if self.stream is None:
+            return [self.host[index], None]
+        with torch.cuda.stream(self.stream):
+            x = self.host[index].to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return [x, done]
+
+    def handed_over(self, entry):
+        """The device map of `entry`, safe to use on the current stream."""
+        x, done = entry
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            x.record_stream(stream)  # allocated on the copy stream, used on this one
+            entry[1] = None
+        return x
+
+    def on_host(self):
+        """The maps in host memory, once every copy has landed."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        return list(self.host)

@@ -1,12 +1,18 @@
-"""Weights: one reader for every published layout, strict loading, safetensors that name their
-network, and which network a file holds.
+"""Weights files: one reader for every published layout, strict loading, our safetensors that
+name their network, and which network a file holds.
 
   safetensors (ours)        flat {key: tensor}; metadata "network" and "config" name the network
-  mmagic / mmediting .pth   {"meta": ..., "state_dict": {"generator.<key>": ...}} (also generator_ema.)
-  BasicSR .pth              {"params_ema" or "params": {...}}, SPyNet convs at basic_module.{0,2,4,6,8}
-                            and upsamplers upconv1/upconv2 (renamed here)
+  mmagic / mmediting .pth   {"meta": ..., "state_dict": {"generator.<key>": ...}} (also
+                            generator_ema., discriminator.)
+  BasicSR .pth              {"params_ema" or "params": {...}}, SPyNet convs at
+                            basic_module.{0,2,4,6,8} and upsamplers upconv1/upconv2 (renamed here)
   plain .pth                {key: tensor}
   standalone SPyNet files   no mean/std buffers: these constants are taken from the model
+
+read_state_dict reads any of them as {mmagic key: tensor}; load_weights puts that into a network,
+strictly; save_weights writes our safetensors (convert: any file to ours); network_of says which
+network and size a file holds, and load_network builds it with its weights. scale_of and
+min_input_size answer what upscale.py and export.py ask of a network, built or exported.
 """
 
 import contextlib
@@ -22,6 +28,9 @@ from basicvsr import BasicVSR, BasicVSRPlusPlus, SPyNet
 from files import atomic_path
 from realbasicvsr import RealBasicVSR
 
+# ----------------------------------------------------------------------------------------
+# Reading: every layout -> {mmagic key: tensor}
+
 
 def _is_safetensors(path):
     # 8-byte little-endian header length, then the JSON header
@@ -35,7 +44,8 @@ def _is_safetensors(path):
 
 
 class _Opaque:
-    """Stand-in for any non-tensor object in a checkpoint's metadata (mmengine's message hub, numpy, ...)."""
+    """Stand-in for any non-tensor object in a checkpoint's metadata (mmengine's message hub,
+    numpy, ...)."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -60,6 +70,8 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
 
 
 class _TensorsOnlyPickle:
+    """The pickle module torch.load is given for files weights_only refuses."""
+
     Unpickler = _TensorsOnlyUnpickler
     load = staticmethod(lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load())
 
@@ -75,12 +87,15 @@ def _torch_load(path):
         )
 
 
+# BasicSR names SPyNet's convolutions by their place in a Sequential with ReLU modules
+# (basic_module.{0,2,4,6,8}) and its upsamplers upconv1/upconv2 (XPixelGroup/BasicSR:
+# basicsr/archs/basicvsrpp_arch.py, spynet_arch.py).
 _BASICSR_SPYNET = re.compile(r"^(.*\bbasic_module\.\d+\.basic_module\.)(\d+)\.(weight|bias)$")
 _BASICSR_UPCONV = re.compile(r"^(.*?)\bupconv([12])\.")
 
 
 def _from_basicsr_names(state):
-    """BasicSR's SPyNet (Sequential with ReLU modules: convs at 0,2,..,8) and upsampler names -> mmagic's."""
+    """BasicSR's SPyNet and upsampler names -> mmagic's (other keys unchanged)."""
     out = {}
     for k, v in state.items():
         m = _BASICSR_SPYNET.match(k)
@@ -103,9 +118,10 @@ def _strip_prefix(state, prefix, path):
 def read_state_dict(path, prefix=None):
     """Any supported checkpoint file -> {mmagic key: tensor} for one network.
 
-    prefix picks the network inside the file (with or without the trailing dot): for mmagic files it
-    defaults to "generator_ema." when present, else "generator."; "discriminator" etc. pick another part.
-    For BasicSR files "params" or "params_ema" picks the part (default params_ema when present)."""
+    prefix picks the network inside the file (with or without the trailing dot): for mmagic files
+    it defaults to "generator_ema." when present, else "generator."; "discriminator" etc. pick
+    another part. For BasicSR files "params" or "params_ema" picks the part (default params_ema
+    when present)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -129,21 +145,16 @@ def read_state_dict(path, prefix=None):
             )
         if isinstance(obj.get("state_dict"), dict):  # mmagic / mmediting
             state = obj["state_dict"]
-            if prefix is None:
-                prefix = next(
-                    (
-                        p
-                        for p in ("generator_ema.", "generator.")
-                        if any(k.startswith(p) for k in state)
-                    ),
-                    None,
-                )
-        elif isinstance(obj.get("params_ema"), dict) or isinstance(
-            obj.get("params"), dict
-        ):  # BasicSR
+            if prefix is None:  # the EMA generator when the file has one
+                for p in ("generator_ema.", "generator."):
+                    if any(k.startswith(p) for k in state):
+                        prefix = p
+                        break
+        elif any(isinstance(obj.get(p), dict) for p in ("params_ema", "params")):  # BasicSR
             part = "params_ema" if isinstance(obj.get("params_ema"), dict) else "params"
             if prefix is not None and prefix.rstrip(".") in ("params", "params_ema"):
-                part, prefix = prefix.rstrip("."), None
+                part = prefix.rstrip(".")
+                prefix = None
                 if not isinstance(obj.get(part), dict):
                     raise ValueError(f"{path}: BasicSR checkpoint has no {part!r}")
             state = obj[part]
@@ -160,7 +171,12 @@ def read_state_dict(path, prefix=None):
     return _from_basicsr_names(state)
 
 
+# ----------------------------------------------------------------------------------------
+# Strict loading: every key the network has, no other, each in its shape
+
+
 def _few(keys, n=5):
+    """The first n of `keys`, sorted, and how many there are."""
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (
         f" ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})"
@@ -194,7 +210,8 @@ def load_strict(model, state, path, optional=()):
 
 
 def load_state(model, state, path):
-    """load_strict, where SPyNet's mean/std may be absent (they are constants). Returns the model."""
+    """load_strict, where SPyNet's mean/std may be absent (they are constants). Returns the
+    model."""
     constants = {
         f"{name}.{b}".lstrip(".")
         for name, m in model.named_modules()
@@ -209,21 +226,39 @@ def load_weights(model, path, prefix=None):
     return load_state(model, read_state_dict(path, prefix), path)
 
 
+def load_vgg19_features(vgg, path):
+    """Load torchvision's vgg19-dcbb9e9d.pth (or a .safetensors copy) into VGG19Features, strictly.
+
+    The classifier.* entries of the torchvision file are not needed and are skipped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VGG19 weights not found: {path} (torchvision's vgg19-dcbb9e9d.pth)"
+        )
+    state = read_state_dict(path)
+    load_strict(vgg, {k: v for k, v in state.items() if not k.startswith("classifier.")}, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Saving: our safetensors, which name their network
+
+
 def save_weights(model_or_state_dict, path):
-    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically. The
-    file describes itself: its metadata names the network and its constructor arguments (a module's
-    `config`, else what the keys say), so upscale.py needs no architecture flags."""
+    """Write a module's state dict (or a dict of tensors) to `path` as safetensors, atomically.
+    The file describes itself: its metadata names the network and its constructor arguments (a
+    module's `config`, else what the keys say), so upscale.py needs no architecture flags."""
     import safetensors.torch
 
     if isinstance(model_or_state_dict, nn.Module):
-        state, config = (
-            model_or_state_dict.state_dict(),
-            getattr(model_or_state_dict, "config", None),
-        )
+        state = model_or_state_dict.state_dict()
+        config = getattr(model_or_state_dict, "config", None)
         network = type(model_or_state_dict).__name__ if config is not None else None
     else:
-        state, network, config = model_or_state_dict, None, None
-        with contextlib.suppress(ValueError):  # a part that is no upscaling network: no description
+        state = model_or_state_dict
+        network = None
+        config = None
+        # a part that is no upscaling network (a discriminator) is saved without a description
+        with contextlib.suppress(ValueError):
             network, config = network_from_keys(state, path)
     metadata = {"format": "pt"}
     if network is not None:
@@ -234,6 +269,16 @@ def save_weights(model_or_state_dict, path):
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
 
 
+def convert(src, dst, prefix):
+    """upscale.py --convert: any supported checkpoint (its part `prefix`) -> our safetensors."""
+    state = read_state_dict(src, prefix)
+    save_weights(state, dst)
+    print(
+        f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values"
+    )
+
+
+# ----------------------------------------------------------------------------------------
 # Which network a file holds. Our safetensors say it in their metadata; the published .pth files
 # (mmagic, mmediting, BasicSR) are recognised by their key names, and sizes are read off the
 # shapes: the channels from a convolution, the blocks by counting them.
@@ -266,8 +311,8 @@ def network_from_keys(state, path):
             mid_channels=state["backbone.backward_1.main.0.weight"].shape[0],
             num_blocks=_count(state, "backbone.backward_1.main.2."),
             max_residue_magnitude=10,  # a constant of the published models, not in the file
-            is_low_res_input="feat_extract.main.0.weight"
-            in state,  # HR input: two stride-2 convs first
+            # an HR input starts with two stride-2 convolutions instead
+            is_low_res_input="feat_extract.main.0.weight" in state,
             scale=_scale(state, ""),
         )
     if (
@@ -313,6 +358,10 @@ def network_of(path, state):
     return network_from_keys(state, path)
 
 
+# ----------------------------------------------------------------------------------------
+# Loading the network a file holds; what callers ask of a network
+
+
 NETWORKS = {
     "BasicVSRPlusPlus": BasicVSRPlusPlus,
     "BasicVSR": BasicVSR,
@@ -321,8 +370,8 @@ NETWORKS = {
 
 
 def load_network(path, refine_thres=255):
-    """The network a weights file holds (weights.network_of: our safetensors' metadata, or the
-    key names and shapes of a published .pth), with its weights. RealBasicVSR is built as the
+    """The network a weights file holds (network_of: our safetensors' metadata, or the key
+    names and shapes of a published .pth), with its weights. RealBasicVSR is built as the
     official inference runs it: sequential cleaning, `refine_thres` (0-255) for more passes."""
     state = read_state_dict(path)
     name, config = network_of(path, state)
@@ -334,34 +383,16 @@ def load_network(path, refine_thres=255):
 def scale_of(model):
     """Output size / input size: 4 or 2, or 1 for BasicVSR++ restoring at the input size (deblur,
     denoise, decompression: is_low_res_input=False)."""
-    return getattr(model, "scale", 4)  # a plain function (the tests) is x4
-
-
-def convert(src, dst, prefix):
-    state = read_state_dict(src, prefix)
-    save_weights(state, dst)
-    print(
-        f"{src} -> {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values"
-    )
-
-
-def load_vgg19_features(vgg, path):
-    """Load torchvision's vgg19-dcbb9e9d.pth (or a .safetensors copy) into VGG19Features, strictly.
-
-    The classifier.* entries of the torchvision file are not needed and are skipped.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"VGG19 weights not found: {path} (torchvision's vgg19-dcbb9e9d.pth)"
-        )
-    state = read_state_dict(path)
-    load_strict(vgg, {k: v for k, v in state.items() if not k.startswith("classifier.")}, path)
+    return model.scale
 
 
 def min_input_size(model):
-    """Smallest frame the network is run on: 64 LR pixels for SPyNet's coarsest level in BasicVSR++
-    and RealBasicVSR; x1 models pad smaller frames (_forward), so any size."""
-    if hasattr(model, "min_size"):  # an exported file (export.OnnxNetwork) records it
+    """Smallest frame the network is run on: 64 LR pixels for SPyNet's coarsest level in
+    BasicVSR++ and RealBasicVSR; BasicVSR pads to SPyNet's multiple of 32, and upscale.py pads
+    the frames of x1 models, so any size. An exported network (export.OnnxNetwork: an
+    onnxruntime session, no module tree to inspect) answers itself: its `min_size` is the value
+    the file recorded at export, from this function."""
+    if hasattr(model, "min_size"):
         return model.min_size
     if scale_of(model) == 1 or isinstance(model, BasicVSR):
         return 1

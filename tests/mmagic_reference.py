@@ -1,5 +1,7 @@
 """Test oracle: SPyNet, BasicVSRNet and BasicVSRPlusPlusNet in the reference implementation's own
-structure (spec §1-§3), written from the spec and independent of basicvsr.py.
+structure (open-mmlab/mmagic: mmagic/models/editors/basicvsr/basicvsr_net.py,
+basicvsr_plusplus_net/basicvsr_plusplus_net.py, mmagic/models/utils/flow_warp.py), written
+independently of basicvsr.py.
 
 It keeps the reference's shapes of computation: flows as (n, t-1, 2, h, w) tensors, the `feats`
 dict with `mapping_idx` / `flow_idx`, flow_warp from a meshgrid + F.grid_sample on (n, h, w, 2)
@@ -39,12 +41,14 @@ def modulated_deform_conv2d(
 ):
     """DCNv2 with mmcv's layouts (offset channel g*2K + 2k + {0: dy, 1: dx}, mask g*K + k), by
     bilinear sampling each deform group's channels at all K taps with grid_sample (zero padding
-    gives mmcv's "0 outside (-1, h) x (-1, w)"), masking, and a matmul. Stride/dilation 1, groups 1 only."""
+    gives mmcv's "0 outside (-1, h) x (-1, w)"), masking, and a matmul. Stride/dilation 1,
+    groups 1 only."""
     if stride != 1 or dilation != 1 or groups != 1:
         raise NotImplementedError("oracle DCN: stride 1, dilation 1, groups 1 only")
     n, c, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    G, K = deform_groups, kh * kw
+    G = deform_groups
+    K = kh * kw
     ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
     ky, kx = torch.meshgrid(
         torch.arange(kh, dtype=x.dtype), torch.arange(kw, dtype=x.dtype), indexing="ij"
@@ -217,7 +221,8 @@ class SPyNet(nn.Module):
 
 
 class BasicVSRNet(nn.Module):
-    # scale=2 (the x2 models, not in mmagic): one pixel-shuffle stage to 64 channels, bilinear x2 skip
+    # scale=2 (the x2 models, not in mmagic): one pixel-shuffle stage to 64 channels, bilinear x2
+    # skip
     def __init__(self, mid_channels=64, num_blocks=30, scale=4):
         super().__init__()
         self.mid_channels = mid_channels
