@@ -75,15 +75,10 @@ MODEL_PATHS = (
     "torchvision",
 )
 # Variants of the Triton path that only inference runs: BasicVSR++ with its features in pinned host
-# memory (HostCache, cpu_cache_length = 0), the network after basicvsr.compile_network, and the
+# memory (HostFrames, cpu_cache_length = 0), the network after basicvsr.compile_network, and the
 # network in channels-last memory format (NHWC convolutions; the clip stays as it is).
 INFERENCE_ONLY_PATHS = ("triton + host cache", "triton + compile", "triton + channels_last")
 MODEL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-# Random weights, scaled where the timing depends on them (see realistic_init). Calibrated on
-# a 64x96 clip panning 2 px per frame: mean |flow| ~1 px, mean |offset residue| ~0.5 px.
-SPYNET_FLOW_SCALE = 0.1
-OFFSET_RESIDUE_STD = 0.1
 
 
 def model_workloads(frames, frames_480p):
@@ -176,24 +171,6 @@ def training_batch(frames, h, w, mirrored):
 
 
 @torch.no_grad()
-def realistic_init(net):
-    """Random weights, but flows and offsets of the size trained networks produce, since the
-    sampling kernels' memory traffic depends on where they read:
-    - SPyNet: each level's flow residual is scaled down (random SPyNet flows are tens of pixels);
-    - deformable alignment: the last conv_offset layer, zero at init (offsets = flow, mask 0.5),
-      gets small random weights, so offsets leave the flow by about a pixel and masks vary."""
-    gen = torch.Generator().manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, basicvsr.SPyNetBasicModule):
-            last = m.basic_module[-1].conv
-            last.weight.mul_(SPYNET_FLOW_SCALE)
-            last.bias.mul_(SPYNET_FLOW_SCALE)
-        elif isinstance(m, basicvsr.SecondOrderDeformableAlignment):
-            last = m.conv_offset[-1]
-            last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * OFFSET_RESIDUE_STD)
-    return net
-
-
 def build_network(arch, net_kwargs, weights_path=None):
     """BasicVSR++ or RealBasicVSR with a published checkpoint, or realistic random weights."""
     torch.manual_seed(0)
@@ -202,7 +179,7 @@ def build_network(arch, net_kwargs, weights_path=None):
         if arch == "basicvsrpp"
         else realbasicvsr.RealBasicVSR(**net_kwargs)
     )
-    return weights.load_weights(net, weights_path) if weights_path else realistic_init(net)
+    return weights.load_weights(net, weights_path) if weights_path else weights.realistic_init(net)
 
 
 def build_trainer(recipe, cfg_overrides, amp, device):
@@ -211,7 +188,7 @@ def build_trainer(recipe, cfg_overrides, amp, device):
     cfg = dict(train.RECIPES[recipe], **cfg_overrides)
     cfg["lr_period"] = cfg["max_iters"]  # train.resolve_config's default
     torch.manual_seed(0)
-    g = realistic_init(train.build_generator(cfg)).to(device).train()
+    g = weights.realistic_init(train.build_generator(cfg)).to(device).train()
     ema = copy.deepcopy(g).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     d = (
         realbasicvsr.UNetDiscriminatorSN(3, cfg["d_mid_channels"]).to(device).train()

@@ -24,7 +24,13 @@ import re
 import torch
 import torch.nn as nn
 
-from basicvsr import BasicVSR, BasicVSRPlusPlus, SPyNet
+from basicvsr import (
+    BasicVSR,
+    BasicVSRPlusPlus,
+    SecondOrderDeformableAlignment,
+    SPyNet,
+    SPyNetBasicModule,
+)
 from files import atomic_path
 from realbasicvsr import RealBasicVSR
 
@@ -397,3 +403,29 @@ def min_input_size(model):
     if scale_of(model) == 1 or isinstance(model, BasicVSR):
         return 1
     return 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights of trained networks' scale, for benchmarks and kernel tests: where the sampling
+# kernels read, and so their speed, depends on the flows and offsets. Calibrated on a 64x96 clip
+# panning 2 px per frame: mean |flow| ~1 px, mean |offset residue| ~0.5 px.
+SPYNET_FLOW_SCALE = 0.1
+OFFSET_RESIDUE_STD = 0.1
+
+
+def realistic_init(net):
+    """Random weights, but flows and offsets of the size trained networks produce, since the
+    sampling kernels' memory traffic depends on where they read:
+    - SPyNet: each level's flow residual is scaled down (random SPyNet flows are tens of pixels);
+    - deformable alignment: the last conv_offset layer, zero at init (offsets = flow, mask 0.5),
+      gets small random weights, so offsets leave the flow by about a pixel and masks vary."""
+    gen = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, SPyNetBasicModule):
+            last = m.basic_module[-1].conv
+            last.weight.mul_(SPYNET_FLOW_SCALE)
+            last.bias.mul_(SPYNET_FLOW_SCALE)
+        elif isinstance(m, SecondOrderDeformableAlignment):
+            last = m.conv_offset[-1]
+            last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * OFFSET_RESIDUE_STD)
+    return net

@@ -24,33 +24,17 @@ def is_cl(t):
 
 
 @torch.no_grad()
-def realistic_init(net):
-    """Random weights with flows and offsets of the size trained networks produce (as bench.py's
-    realistic_init): each SPyNet level's flow residual scaled by 0.1 (random SPyNet flows are tens
-    of pixels), and small random weights in the alignment's last conv_offset layer (zero at init),
-    so that offsets leave the flow by about a pixel and masks vary."""
-    import basicvsr  # here, not at the top: the kernel tests need nothing outside kernels/
-
-    gen = torch.Generator().manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, basicvsr.SPyNetBasicModule):
-            last = m.basic_module[-1].conv
-            last.weight.mul_(0.1)
-            last.bias.mul_(0.1)
-        elif isinstance(m, basicvsr.SecondOrderDeformableAlignment):
-            last = m.conv_offset[-1]
-            last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * 0.1)
-    return net
-
-
 def tiny_alignment():
     """BasicVSR++'s op call sites in miniature, through basicvsr.py's own modules: SPyNet (warps
     inside), a feature warp, and the second-order deformable alignment (the DCN)."""
     import basicvsr
+    import weights
 
     torch.manual_seed(0)
-    spynet = realistic_init(basicvsr.SPyNet())
-    align = realistic_init(basicvsr.SecondOrderDeformableAlignment(32, 16, deform_groups=16))
+    spynet = weights.realistic_init(basicvsr.SPyNet())
+    align = weights.realistic_init(
+        basicvsr.SecondOrderDeformableAlignment(32, 16, deform_groups=16)
+    )
     clip = moving_clip(2, 32, 32)[0]
     feat = torch.randn(1, 16, 32, 32)
 

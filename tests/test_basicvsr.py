@@ -19,6 +19,7 @@ import kernels
 import realbasicvsr
 import weights
 from basicvsr import BasicVSR, BasicVSRPlusPlus, SPyNet
+from kernels.bench import moving_clip
 from weights import load_weights, read_state_dict, save_weights
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -883,51 +884,16 @@ def test_files_that_are_no_upscaling_network(tmp_path):
 
 @torch.no_grad()
 def build_model(arch):
-    """A default-size network with random weights, but flows and offsets of the size trained
-    networks produce, since where the sampling kernels read depends on them: SPyNet's flow
-    residuals scaled by 0.1 (random SPyNet flows are tens of pixels), and the alignments' last
-    offset layer (zero at init) random, so offsets leave the flow by about a pixel."""
+    """A default-size network with random weights of trained networks' scale (flows, offsets)."""
     torch.manual_seed(0)
     net = {
         "basicvsrpp": BasicVSRPlusPlus,
         "basicvsr": BasicVSR,
         "realbasicvsr": realbasicvsr.RealBasicVSR,
     }[arch]()
-    g = torch.Generator().manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, basicvsr.SPyNetBasicModule):
-            m.basic_module[-1].conv.weight.mul_(0.1)
-            m.basic_module[-1].conv.bias.mul_(0.1)
-        elif isinstance(m, basicvsr.SecondOrderDeformableAlignment):
-            last = m.conv_offset[-1]
-            last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.1)
-    return net
+    return weights.realistic_init(net)
 
 
-def moving_clip(frames, h, w, seed=0):
-    """(1, frames, 3, h, w) in [0, 1], CPU: a smooth random texture (three octaves of bicubically
-    upsampled noise) seen through a window that pans about 1 px down and 2 px right per frame,
-    with jitter, so the flows between frames are not zero."""
-    g = torch.Generator().manual_seed(seed)
-    path = (torch.randn(frames, 2, generator=g) * 0.5 + torch.tensor([1.0, 2.0])).cumsum(0)
-    path = (path - path.min(0).values).round().long()
-    hh = h + int(path[:, 0].max())
-    ww = w + int(path[:, 1].max())
-    octaves = [
-        F.interpolate(
-            torch.rand(1, 3, hh // s + 3, ww // s + 3, generator=g),
-            size=(hh, ww),
-            mode="bicubic",
-            align_corners=False,
-        )
-        for s in (2, 8, 32)
-    ]
-    texture = sum(octaves) / 3
-    clip = torch.stack([texture[0, :, y : y + h, x : x + w] for y, x in path.tolist()])
-    return clip[None].clamp(0, 1)
-
-
-@pytest.fixture
 def no_tf32():
     # TF32 convolutions would round the two paths' slightly different features differently.
     saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
