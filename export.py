@@ -16,11 +16,8 @@ from realbasicvsr import RealBasicVSR
 from weights import min_input_size, scale_of
 
 ONNX_FRAMES = 15  # the window of an exported file, unless --frames
-
-
 ONNX_OPSET = 20  # DeformConv exists from opset 19
-
-
+# onnxruntime's execution providers by --provider; each falls back to those listed before it
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -29,8 +26,9 @@ PROVIDERS = {
 
 
 class _CleanedOnce(torch.nn.Module):
-    """RealBasicVSR without its data-dependent branch: extra cleaning passes (refine_thres < 255) as
-    torch.where over three; else one, as the official inference (mean |residue| >= 1 means nonsense)."""
+    """RealBasicVSR without its data-dependent branch: extra cleaning passes (refine_thres < 255)
+    as torch.where over three; else one pass, as the default threshold 255 (1.0) gives in training
+    and the official inference (ckkelvinchan/RealBasicVSR): a mean |residue| >= 1 is nonsense."""
 
     def __init__(self, net):
         super().__init__()
@@ -48,19 +46,19 @@ class _CleanedOnce(torch.nn.Module):
 
 
 def export_onnx(model, path, frames=ONNX_FRAMES, opset=ONNX_OPSET, size=None):
-    """Write `model` to `path` as ONNX, atomically: lqs (1, frames, 3, h, w) -> (1, frames, 3, s*h, s*w),
-    h, w dynamic (x1 models: multiples of 4, >= 256), or fixed at size=(h, w) (a file for that frame size
-    only; exports ~3x faster), fp32; both flows computed (no mirror detection).
-    metadata_props: network, scale, min_size, mid_channels."""
+    """Write `model` to `path` as ONNX, atomically: lqs (1, frames, 3, h, w) -> (1, frames, 3,
+    s*h, s*w), fp32, h and w dynamic (x1 models: multiples of 4, >= 256) or fixed at size=(h, w)
+    (a file for that frame size only; it exports ~3x faster). Both flows are computed (no mirror
+    detection). metadata_props: network, scale, min_size, mid_channels, read by OnnxNetwork."""
     import kernels
 
     if not isinstance(frames, int) or frames < 2:
         raise ValueError(f"--frames must be an integer >= 2, got {frames!r}")
-    model, s = model.cpu().float().eval(), scale_of(model)
+    model = model.cpu().float().eval()
+    s = scale_of(model)
     dims = [
-        4 * torch.export.Dim(n, min=64, max=4096)
+        4 * torch.export.Dim(n, min=64, max=4096)  # x1: multiples of 4, >= 256
         if s == 1
-        # x1: multiples of 4, >= 256
         else torch.export.Dim(n, min=max(2, min_input_size(model)), max=4096)
         for n in ("h", "w")
     ]
@@ -89,10 +87,11 @@ def export_onnx(model, path, frames=ONNX_FRAMES, opset=ONNX_OPSET, size=None):
 
 
 class OnnxNetwork(torch.nn.Module):
-    """A file of export_onnx run by onnxruntime: forward(lqs (1, t, 3, h, w)), t up to the exported window.
-    A shorter window (a scene's last) is padded in time by mirroring (frames t-2, t-3, ...; outputs
-    dropped): no frame is neutral to a recurrent network, and mirrored clips are what it saw in training.
-    Only kept frames near the padding differ from the PyTorch run, as extra context frames would."""
+    """A file of export_onnx run by onnxruntime: forward(lqs (1, t, 3, h, w)), t up to the
+    exported window. A shorter window (a scene's last) is padded in time by mirroring (frames
+    t-2, t-3, ...; their outputs dropped): no frame is neutral to a recurrent network, and
+    mirrored clips are what it saw in training. Only kept frames near the padding differ from the
+    PyTorch run, as extra context frames would."""
 
     def __init__(self, path, provider="cpu"):
         super().__init__()
@@ -106,21 +105,16 @@ class OnnxNetwork(torch.nn.Module):
                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu in place of "
                 f"onnxruntime{' and TensorRT' if provider == 'tensorrt' else ''}"
             )
+        # the provider, then those before it in PROVIDERS: TensorRT falls back to CUDA, then CPU
+        providers = list(PROVIDERS.values())[list(PROVIDERS).index(provider) :: -1]
         try:
-            providers = list(PROVIDERS.values())[
-                list(PROVIDERS).index(provider) :: -1
-            ]  # falls back to CUDA, CPU
             self.session = ort.InferenceSession(path, providers=providers)
             meta = self.session.get_modelmeta().custom_metadata_map
-            self.network, self.scale, self.min_size = (
-                meta["network"],
-                int(meta["scale"]),
-                int(meta["min_size"]),
-            )
-            self.mid_channels, self.frames = (
-                int(meta["mid_channels"]),
-                self.session.get_inputs()[0].shape[1],
-            )
+            self.network = meta["network"]
+            self.scale = int(meta["scale"])
+            self.min_size = int(meta["min_size"])
+            self.mid_channels = int(meta["mid_channels"])
+            self.frames = self.session.get_inputs()[0].shape[1]
         except Exception as e:  # not ONNX, or not written by export_onnx
             raise ValueError(
                 f"--onnx {path}: not a network exported by upscale.py --export "
@@ -128,12 +122,8 @@ class OnnxNetwork(torch.nn.Module):
             ) from None
 
     def forward(self, lqs):
-        period = max(
-            1, 2 * (lqs.shape[1] - 1)
-        )  # frame i >= t is frame period - i (mirrored, periodic)
+        t = lqs.shape[1]
+        period = max(1, 2 * (t - 1))  # frame i >= t is frame period - i (mirrored, periodic)
         index = [min(i % period, period - i % period) for i in range(self.frames)]
-        return torch.from_numpy(
-            self.session.run(None, {"lqs": lqs[:, index].float().cpu().numpy()})[0][
-                :, : len(lqs[0])
-            ]
-        )
+        (out,) = self.session.run(None, {"lqs": lqs[:, index].float().cpu().numpy()})
+        return torch.from_numpy(out[:, :t])

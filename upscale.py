@@ -1,14 +1,16 @@
-"""Upscale videos (x4, x2, or x1 restoration) with BasicVSR++, BasicVSR or RealBasicVSR: the whole
-inference path.
+"""Upscale videos (x4, x2, or x1 restoration) with BasicVSR++, BasicVSR or RealBasicVSR: the
+whole inference path.
 
-    python upscale.py INPUT OUTPUT --weights FILE   (or --onnx MODEL.onnx [--provider cpu|cuda|tensorrt])
-    python upscale.py --convert SRC.pth DST.safetensors; --export MODEL.onnx --weights FILE [--frames T]
+    python upscale.py INPUT OUTPUT --weights FILE
+    python upscale.py INPUT OUTPUT --onnx MODEL.onnx [--provider cpu|cuda|tensorrt]
+    python upscale.py --convert SRC.pth DST.safetensors
+    python upscale.py --export MODEL.onnx --weights FILE [--frames T]
 
 INPUT is a video file or a folder of frames, OUTPUT a video file (H.264, with the input's audio)
-or a folder of PNG frames. The frames stream through: read one at a time (video.VideoReader), grouped
-into windows with context frames that never cross a scene cut (plan_windows), each window run
-whole or in blended tiles (upscale_window), written as they come out (video.VideoWriter). Memory
-depends on the window and tile sizes, never on the video's length.
+or a folder of PNG frames. The frames stream through: read one at a time (video.VideoReader),
+grouped into windows with context frames that never cross a scene cut (plan_windows), each window
+run whole or in blended tiles (upscale_window), written as they come out (video.VideoWriter).
+Memory depends on the window and tile sizes, never on the video's length.
 
 From Python: `upscale(model, frames_or_path, ...)` yields RGB uint8 frames.
 """
@@ -43,15 +45,15 @@ from weights import convert, load_network, min_input_size, scale_of
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 64  # smaller tiles starve SPyNet's coarsest level (and BasicVSR++ refuses them)
-MIN_CHUNK, MAX_CHUNK = (
-    15,
-    60,
-)  # automatic chunk lengths: RealBasicVSR's training length .. diminishing returns
+# automatic chunk lengths: with tiles at least RealBasicVSR's training length; at most where
+# longer windows bring diminishing returns
+MIN_CHUNK = 15
+MAX_CHUNK = 60
 CPU_BUDGET = 4 << 30  # bytes the automatic settings aim for on CPU
 
 
 def min_tile(model):
-    """Smallest tile: MIN_TILE LR pixels; x1 models work at a quarter of the size, so 4 x MIN_TILE."""
+    """Smallest tile: MIN_TILE LR pixels; x1 models work at a quarter of the size: 4 x MIN_TILE."""
     return MIN_TILE * (4 if scale_of(model) == 1 else 1)
 
 
@@ -74,18 +76,22 @@ def _precision_dtype(precision, device):
 # (4 for fp32, 2 under autocast; 4 for BasicVSR++ on CPU, whose reference DCN samples in fp32);
 # 60: flows, input and output frames. K: what one step needs on top, mostly the 64-channel
 # upsampling of one frame (K = 3300 at x4), and on CPU for BasicVSR++ the sampling buffers of the
-# reference DCN (K = 8300).
+# reference DCN, which grow with its input's 2C channels (K = 3300 + 78 C, 8292 for C = 64).
 # On CPU the figure is the process's peak RSS: its resident memory now (the interpreter, torch,
 # the weights) + 1.25 A, the factor measured. Against the peak RSS of upscale() on random frames,
-# one window, chunk t, whole frames (2 threads, this 2-core machine):
+# one window, chunk t, whole frames (2 threads):
 #   network                 frames       precision  estimate  measured
 #   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        598 MB    601 MB
 #   RealBasicVSR(64, 20)    10 x 180x320  fp32       1536 MB   1537 MB
 #   RealBasicVSR(64, 20)    10 x 180x320  bf16        969 MB   1016 MB
 #   BasicVSR++(64, 7)       10 x 64x64    fp32        600 MB    711 MB  (-16%)
-#   BasicVSR++(64, 7)        6 x 128x128  fp32       1206 MB   1205 MB
-#   BasicVSR++(64, 7)        6 x 128x128  bf16       1206 MB   1155 MB
-#   BasicVSR++(32, 3)       20 x 96x160   fp32       1250 MB   1142 MB  (+9%)
+#   BasicVSR++(64, 7)        6 x 128x128  fp32       1205 MB   1205 MB
+#   BasicVSR++(64, 7)        6 x 128x128  bf16       1205 MB   1155 MB
+#   BasicVSR++(64, 7)        2 x 180x320  fp32       2810 MB   2441 MB  (+15%)
+#   BasicVSR++(32, 3)       20 x 96x160   fp32       1067 MB   1142 MB  (-7%)
+#   BasicVSR++(16, 2)        2 x 180x320  fp32       1629 MB   1750 MB  (-7%)
+#   BasicVSR++(16, 2)        6 x 180x320  fp32       1735 MB   1614 MB  (+7%)
+#   BasicVSR++(16, 2)        2 x 360x640  fp32       5533 MB   5622 MB  (-2%)
 #   BasicVSR(64, 30)        10 x 128x128  fp32        692 MB    720 MB
 # On CUDA it is A + the parameters, not measured yet: it assumes the Triton DCN needs no sampling
 # buffers; the automatic settings keep 25% of the free GPU memory in reserve, and an out-of-memory
@@ -117,7 +123,7 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     )
     cpu = torch.device(device).type == "cpu"
     b = 4 if PRECISIONS[precision] is None or (maps == 5 and cpu) else 2
-    k = 8300 if maps == 5 and cpu else 3300
+    k = 3300 + 78 * net.mid_channels if maps == 5 and cpu else 3300
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
         run = t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16
     else:  # K's upsampling scales with the output's area
@@ -132,9 +138,10 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
 
 def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4, tile=None):
     """Fill in chunk and tile for h x w frames; chunk None and tile None mean automatic, tile 0
-    whole frames. Automatic: the longest chunk, up to MAX_CHUNK, that fits the memory budget with
-    whole frames; if fewer than MIN_CHUNK (or the given chunk) fit, the largest tile, a multiple
-    of 32, with which they do. Budget: 75% of the free GPU memory on CUDA, CPU_BUDGET elsewhere.
+    whole frames. Automatic: whole frames whenever one frame (or the given chunk) with its
+    2 x overlap context frames fits the memory budget, with the longest chunk up to MAX_CHUNK that
+    fits; else the largest tile, a multiple of 32, with which MIN_CHUNK frames (or the given
+    chunk) fit. Budget: 75% of the free GPU memory on CUDA, CPU_BUDGET elsewhere.
     Returns (chunk, tile or None, estimated peak bytes, budget bytes)."""
     if device.type == "cuda":
         budget = int(0.75 * torch.cuda.mem_get_info(device)[0])
@@ -151,13 +158,15 @@ def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4
         th, tw = (h, w) if size is None else (min(h, size), min(w, size))
         return estimate_memory(model, t, th, tw, precision, device)
 
+    def longest_chunk(size):
+        fixed = cost(0, size)
+        per_frame = cost(1, size) - fixed  # the estimate is linear in the window length
+        return min(MAX_CHUNK, int((budget - fixed) // per_frame) - 2 * overlap)
+
     for size in sizes:
-        fixed, per_frame = (
-            cost(0, size),
-            cost(1, size) - cost(0, size),
-        )  # linear in the window length
-        fit = min(MAX_CHUNK, (budget - fixed) // per_frame - 2 * overlap)
-        if fit >= (chunk or MIN_CHUNK):
+        fit = longest_chunk(size)
+        # whole frames with a short chunk rather than tiles, which cost time and blend seams
+        if fit >= (chunk or (1 if size is None else MIN_CHUNK)):
             break
     # if nothing fits, the smallest tile and whatever chunk fits: the estimate may be pessimistic
     chunk = chunk or max(1, fit)
@@ -176,7 +185,8 @@ class SceneCuts:
     A threshold of None or 0 never cuts."""
 
     def __init__(self, threshold):
-        self.threshold, self.previous = threshold, None
+        self.threshold = threshold
+        self.previous = None  # the previous frame's thumbnail
 
     def __call__(self, frame):
         if not self.threshold:
@@ -197,7 +207,9 @@ def plan_windows(frames, chunk, overlap, is_cut):
     Within a scene, chunk [a, a+chunk) runs on [a-overlap, a+chunk+overlap) as soon as that
     many frames have arrived. The last chunk of a scene, of any length, reaches back so that its
     run still sees chunk + overlap frames where the scene has them. Windows never cross a cut."""
-    buf, base, done = [], 0, 0  # frames still needed, scene index of buf[0], frames emitted
+    buf = []  # the scene's frames still needed
+    base = 0  # the scene index of buf[0]
+    done = 0  # the scene's frames emitted
 
     def tail():
         end = base + len(buf)
@@ -208,7 +220,9 @@ def plan_windows(frames, chunk, overlap, is_cut):
     for frame in frames:
         if is_cut(frame):
             yield from tail()
-            buf, base, done = [], 0, 0
+            buf = []
+            base = 0
+            done = 0
         buf.append(frame)
         if base + len(buf) - done >= chunk + overlap:
             start = max(0, done - overlap)
@@ -218,7 +232,8 @@ def plan_windows(frames, chunk, overlap, is_cut):
                 done + chunk - start,
             )
             done += chunk
-            # the longest look-back is the last chunk's: chunk + overlap frames before the scene's end
+            # the longest look-back is the last chunk's: chunk + overlap frames before the
+            # scene's end
             drop = max(0, done + 1 - chunk - overlap) - base
             if drop > 0:
                 del buf[:drop]
@@ -300,72 +315,48 @@ def upscale_window(
     tiled if tile < h or w. Out of memory, it runs the kept frames in two halves (each with the
     window's context frames), one frame with half its context, then in tiles of half the size, with
     a note each time."""
+    h, w = window[0].shape[:2]
+    half = (min(tile, max(h, w)) if tile else max(h, w)) // 2  # the last resort's tile
     try:
         return _upscale_window(
             model, window, first, last, device, dtype, tile, tile_overlap, ensemble
         )
     except torch.OutOfMemoryError:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        after, h, w = len(window) - last, *window[0].shape[:2]
-        if last - first > 1:
-            mid = (first + last) // 2
-            print(
-                f"note: out of memory on {device} for {last - first} frames: running {mid - first} and "
-                f"{last - mid}",
-                file=sys.stderr,
-            )
-            return torch.cat(
-                [
-                    upscale_window(
-                        model,
-                        window[: mid + after],
-                        first,
-                        mid,
-                        device,
-                        dtype,
-                        tile,
-                        tile_overlap,
-                        ensemble,
-                    ),
-                    upscale_window(
-                        model,
-                        window[mid - first :],
-                        first,
-                        first + last - mid,
-                        device,
-                        dtype,
-                        tile,
-                        tile_overlap,
-                        ensemble,
-                    ),
-                ]
-            )
-        if len(window) > 1:  # one frame kept: half the context frames on each side
-            before, after = first // 2, after // 2
-            print(
-                f"note: out of memory on {device} for one frame and {len(window) - 1} context frames: "
-                f"running it with {before + after}",
-                file=sys.stderr,
-            )
-            return upscale_window(
-                model,
-                window[first - before : last + after],
-                before,
-                before + 1,
-                device,
-                dtype,
-                tile,
-                tile_overlap,
-                ensemble,
-            )
-        half = (min(tile, max(h, w)) if tile else max(h, w)) // 2
-        if half < min_tile(model):
-            raise
-        print(f"note: out of memory on {device} for one frame: tiles of {half} px", file=sys.stderr)
+        if len(window) == 1 and half < min_tile(model):
+            raise  # one frame, no context, and no smaller tile to try
+    # retried once the failed run's tensors are freed
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def retry(window, first, last, tile=tile, tile_overlap=tile_overlap):
         return upscale_window(
-            model, window, first, last, device, dtype, half, min(tile_overlap, half // 2), ensemble
+            model, window, first, last, device, dtype, tile, tile_overlap, ensemble
         )
+
+    after = len(window) - last  # context frames after the kept ones
+    if last - first > 1:
+        mid = (first + last) // 2
+        print(
+            f"note: out of memory on {device} for {last - first} frames: running "
+            f"{mid - first} and {last - mid}",
+            file=sys.stderr,
+        )
+        return torch.cat(
+            [
+                retry(window[: mid + after], first, mid),
+                retry(window[mid - first :], first, first + last - mid),
+            ]
+        )
+    if len(window) > 1:  # one frame kept: half the context frames on each side
+        before, after = first // 2, after // 2
+        print(
+            f"note: out of memory on {device} for one frame and {len(window) - 1} context "
+            f"frames: running it with {before + after}",
+            file=sys.stderr,
+        )
+        return retry(window[first - before : last + after], before, before + 1)
+    print(f"note: out of memory on {device} for one frame: tiles of {half} px", file=sys.stderr)
+    return retry(window, first, last, half, min(tile_overlap, half // 2))
 
 
 @torch.inference_mode()
@@ -418,7 +409,8 @@ def upscale(
     skip=None,
     distributed=False,
 ):
-    """Upscale a video, streaming: yields RGB uint8 (s*h, s*w, 3) frames in order, s = scale_of(model).
+    """Upscale a video, streaming: yields RGB uint8 (s*h, s*w, 3) frames in order,
+    s = scale_of(model).
 
     model: BasicVSRPlusPlus, BasicVSR or RealBasicVSR (moved to `device`, set to eval).
     frames: an iterable of RGB uint8 (h, w, 3) frames, or a path (video file or frame folder,
@@ -443,18 +435,63 @@ def upscale(
         outputs to rank 0, which alone yields frames (the other ranks yield none). A failure on one
         rank stops all (PeerFailed on the others).
     """
-    import tqdm
-
     if isinstance(frames, (str, os.PathLike)):
         frames = read_video(frames)
     source = getattr(frames, "path", "frames")  # for messages
+    device = _parse_device(device)
+    dtype = _precision_dtype(precision, device)
+    _check_arguments(model, chunk, overlap, tile, tile_overlap, max_frames, ensemble)
+    total = getattr(frames, "num_frames", None)
+    if total is not None and max_frames is not None:
+        total = min(total, max_frames)
+    stream = iter(frames) if max_frames is None else itertools.islice(frames, max_frames)
+    first_frame, h, w = _first_frame(stream, model, source)
+    model = model.to(device).eval()
+    chunk, tile, estimate, budget = _settings(
+        model, h, w, device, precision, chunk, overlap, tile, tile_overlap, distributed
+    )
+    if progress:
+        settings = (chunk, overlap, tile, tile_overlap, estimate, budget)
+        _print_settings(model, h, w, device, precision, settings, scene_threshold, ensemble)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+    frames = itertools.chain([first_frame], _checked(stream, (h, w), source))
+    plan = plan_windows(frames, chunk, overlap, SceneCuts(scene_threshold))
+
+    def run_window(window, first, last):
+        return upscale_window(
+            model, window, first, last, device, dtype, tile, tile_overlap, ensemble
+        )
+
+    passes = ENSEMBLES[ensemble]  # runs of the network per window
+    if tile:
+        passes *= len(tile_starts(h, tile, tile_overlap)) * len(tile_starts(w, tile, tile_overlap))
+    size = (scale_of(model) * h, scale_of(model) * w)
+    with _Progress(model, total, progress, passes) as bar:
+        yield from _run_windows(plan, run_window, bar, skip or (), distributed, size)
+    if progress and device.type == "cuda":
+        print(
+            f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+            f"(estimated {estimate / 2**30:.2f} GiB)",
+            file=sys.stderr,
+        )
+
+
+# The parts of upscale(): its checks, settings and progress bar, then the rounds of windows.
+
+
+def _parse_device(device):
+    """`device` (a name or a torch.device) or, if None, CUDA where available, else the CPU."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise ValueError(f"not a device: {device!r} (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available")
-    dtype = _precision_dtype(precision, device)
+    return device
+
+
+def _check_arguments(model, chunk, overlap, tile, tile_overlap, max_frames, ensemble):
     for name, value, lo in [
         ("chunk", chunk, 1),
         ("overlap", overlap, 0),
@@ -472,210 +509,9 @@ def upscale(
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be None, 'spatial' or 'temporal', got {ensemble!r}")
 
-    total = getattr(frames, "num_frames", None)
-    stream = iter(frames) if max_frames is None else itertools.islice(frames, max_frames)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError(f"{source}: no frames to upscale")
-    h, w = _check_frame(first, None, 0, source)
-    min_size = min_input_size(model)
-    if h < min_size or w < min_size:
-        raise ValueError(
-            f"{source}: frames of {w}x{h} are too small for {type(model).__name__}, which needs "
-            f"at least {min_size}x{min_size}"
-        )
-
-    model = model.to(device).eval()
-    s = scale_of(model)
-    if isinstance(
-        model, OnnxNetwork
-    ):  # every window must fit the exported one (shorter ones are padded)
-        chunk = chunk or model.frames - 2 * overlap
-        if chunk < 1 or chunk + 2 * overlap > model.frames or dtype is not None:
-            raise ValueError(
-                f"the ONNX model runs fp32 windows of {model.frames} frames: --chunk + 2 x --overlap "
-                f"must be at most {model.frames}, got {chunk} + 2 x {overlap}, precision {precision}"
-            )
-    chunk, tile, estimate, budget = choose_settings(
-        model, h, w, device, precision, chunk, overlap, tile
-    )
-    if (
-        distributed
-    ):  # the ranks' free memory differs, their window plan must not: the smallest settings
-        chunk, tile = _agree(None, True, (chunk, tile or max(h, w)))
-        tile = tile if tile < max(h, w) else None
-    if tile and 2 * tile_overlap > tile:
-        raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
-    passes = ENSEMBLES[ensemble] * (
-        len(tile_starts(h, tile, tile_overlap)) * len(tile_starts(w, tile, tile_overlap))
-        if tile
-        else 1
-    )
-    if progress:
-        where = "free on " + str(device) if device.type == "cuda" else "CPU budget"
-        print(
-            f"upscale: {w}x{h} -> {s * w}x{s * h}, {type(model).__name__} on {device} ({precision}); "
-            f"chunk {chunk} + {overlap} context frames each side; "
-            f"{f'tiles of {tile} px, {tile_overlap} px overlap' if tile else 'whole frames'}; "
-            f"scene cuts {f'at a grey-level change > {scene_threshold:g}' if scene_threshold else 'off'}; "
-            + (
-                f"{ensemble} self-ensemble: {ENSEMBLES[ensemble]} passes, {ENSEMBLES[ensemble]}x the time; "
-                if ensemble
-                else ""
-            )
-            + f"estimated peak {estimate / 2**30:.2f} GiB (budget {budget / 2**30:.1f} GiB {where})",
-            file=sys.stderr,
-        )
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def checked(stream):
-        yield first
-        for i, frame in enumerate(stream, 1):
-            _check_frame(frame, (h, w), i, source)
-            yield frame
-
-    if total is not None and max_frames is not None:
-        total = min(total, max_frames)
-    bar = tqdm.tqdm(
-        total=total, unit="frame", disable=not progress, file=sys.stderr, dynamic_ncols=True
-    )
-    # The bar moves while a window runs: each per-frame step of the network (a forward call of
-    # a ResidualBlocksWithInputConv) is worth a share of the window's kept frames.
-    window_progress = {"share": 0.0, "done": 0.0, "shown": 0}
-
-    def step(*_):
-        window_progress["done"] += window_progress["share"]
-        shown = int(window_progress["done"])
-        if shown > window_progress["shown"]:
-            bar.update(shown - window_progress["shown"])
-            window_progress["shown"] = shown
-
-    hooks = [
-        m.register_forward_hook(step)
-        for m in model.modules()
-        if progress and isinstance(m, ResidualBlocksWithInputConv)
-    ]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    skip = skip or ()
-    plan = plan_windows(checked(stream), chunk, overlap, SceneCuts(scene_threshold))
-    index, runs, sending = (
-        0,
-        0,
-        None,
-    )  # next output frame, windows run, rank > 0: its send in flight
-    try:
-        while True:
-            # A round: the next `world` windows to run, the j-th run on rank j % world, all at once.
-            # Windows whose kept frames all exist (skip) are planned, for the same windows as an
-            # uninterrupted run, but not run. An error flag is all-reduced after each round.
-            rounds, out, error = [], None, None  # (rank or None: skipped, kept frames) per window
-            try:
-                while sum(owner is not None for owner, _ in rounds) < world:
-                    window, a, b = next(plan, (None, 0, 0))
-                    if window is None:
-                        break
-                    owner = (
-                        None
-                        if all(i in skip for i in range(index, index + b - a))
-                        else runs % world
-                    )
-                    runs += owner is not None
-                    rounds.append((owner, b - a))
-                    index += b - a
-                    if owner == rank:
-                        steps = STEPS_PER_FRAME.get(type(model), 1) * len(window) * passes
-                        window_progress.update(share=(b - a) / steps, done=0.0, shown=0)
-                        out = upscale_window(
-                            model, window, a, b, device, dtype, tile, tile_overlap, ensemble
-                        )
-                        window_progress["share"] = 0.0
-                        bar.update(b - a - window_progress["shown"])
-            except BaseException as e:  # Ctrl-C too: the other ranks must not wait for this one
-                error = e
-            _agree(error, distributed)
-            if not rounds:
-                break
-            if rank > 0:
-                if (
-                    out is not None
-                ):  # one output in flight: rank 0 receives it while this rank runs the next
-                    if sending is not None:
-                        sending.wait()
-                    sending = dist.isend(out, 0)
-                continue
-            start = index - sum(n for _, n in rounds)
-            for owner, n in rounds:
-                if owner is None:
-                    frames_out = [None] * n
-                elif owner == 0:
-                    frames_out = out.numpy()
-                else:
-                    frames_out = torch.empty((n, s * h, s * w, 3), dtype=torch.uint8)
-                    dist.recv(frames_out, owner)
-                    frames_out = frames_out.numpy()
-                if owner != 0:
-                    bar.update(n)
-                for i, frame in enumerate(frames_out, start):
-                    yield None if i in skip else frame
-                start += n
-        if sending is not None:
-            sending.wait()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        bar.close()
-    if progress and device.type == "cuda":
-        print(
-            f"upscale: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
-            f"(estimated {estimate / 2**30:.2f} GiB)",
-            file=sys.stderr,
-        )
-
-
-class PeerFailed(Exception):
-    """Another rank of a torchrun run failed (and printed its error)."""
-
-    def __init__(self, rank):
-        super().__init__(f"rank {rank} of the run failed")
-        self.rank, self.agreed = rank, True
-
-
-def _agree(error, distributed, settings=()):
-    """Raise `error` (an exception or None) on every rank if any rank has one: each rank's flag and
-    its `settings` (up to 2 ints) are all-reduced, one collective of the same shape at every call,
-    so that ranks in different calls still meet. The lowest failed rank raises its error, the
-    others PeerFailed. Returns the smallest of each setting over the ranks."""
-    if distributed:
-        world, n = dist.get_world_size(), len(settings)
-        flags = torch.zeros(world + 2, dtype=torch.float64)
-        flags[dist.get_rank()] = error is not None
-        flags[world : world + n] = -torch.tensor(
-            settings, dtype=torch.float64
-        )  # MAX of -x: MIN of x
-        dist.all_reduce(flags, dist.ReduceOp.MAX)
-        failed = flags[:world].nonzero().flatten().tolist()
-        if error is not None:
-            error.agreed = True  # run_upscale must not agree on it again
-        if failed and (error is None or failed[0] != dist.get_rank()):
-            raise PeerFailed(failed[0]) from None
-        settings = [int(-x) for x in flags[world : world + n].tolist()]
-    if error is not None:
-        raise error
-    return settings
-
-
-# ----------------------------------------------------------------------------------------
-# ONNX: export_onnx unrolls the recurrences over a fixed window, h and w dynamic (kernels.onnx_translations:
-# DeformConv, GridSample); OnnxNetwork runs the file with onnxruntime through the same upscale().
-
-
-# forward calls of ResidualBlocksWithInputConv per frame: four propagation branches and the
-# reconstruction; two directions; the same and the sequential cleaning
-STEPS_PER_FRAME = {BasicVSRPlusPlus: 5, BasicVSR: 2, RealBasicVSR: 3}
-
 
 def _check_frame(frame, size, index, source):
+    """The (h, w) of an RGB uint8 frame; size: the size it must have (None: any)."""
     if (
         not hasattr(frame, "dtype")
         or frame.dtype != np.uint8
@@ -692,6 +528,226 @@ def _check_frame(frame, size, index, source):
             f"{size[1]}x{size[0]}; all frames must have the same size"
         )
     return frame.shape[:2]
+
+
+def _first_frame(stream, model, source):
+    """The stream's first frame, h and w: checked, and large enough for the network."""
+    first = next(stream, None)
+    if first is None:
+        raise ValueError(f"{source}: no frames to upscale")
+    h, w = _check_frame(first, None, 0, source)
+    min_size = min_input_size(model)
+    if h < min_size or w < min_size:
+        raise ValueError(
+            f"{source}: frames of {w}x{h} are too small for {type(model).__name__}, which needs "
+            f"at least {min_size}x{min_size}"
+        )
+    return first, h, w
+
+
+def _checked(stream, size, source):
+    """The frames after the first, each checked to be RGB uint8 of the first frame's size."""
+    for index, frame in enumerate(stream, 1):
+        _check_frame(frame, size, index, source)
+        yield frame
+
+
+def _settings(model, h, w, device, precision, chunk, overlap, tile, tile_overlap, distributed):
+    """choose_settings for upscale(): an ONNX model's windows fit its exported one (shorter ones
+    are padded); under torchrun the smallest chunk and tile of the ranks, whose free memory
+    differs while their window plan must not. Returns (chunk, tile, estimate, budget)."""
+    if isinstance(model, OnnxNetwork):
+        chunk = chunk or model.frames - 2 * overlap
+        if chunk < 1 or chunk + 2 * overlap > model.frames or PRECISIONS[precision] is not None:
+            raise ValueError(
+                f"the ONNX model runs fp32 windows of {model.frames} frames: --chunk + 2 x "
+                f"--overlap must be at most {model.frames}, got {chunk} + 2 x {overlap}, "
+                f"precision {precision}"
+            )
+    chunk, tile, estimate, budget = choose_settings(
+        model, h, w, device, precision, chunk, overlap, tile
+    )
+    if distributed:
+        _agree_on_failure(None, True)  # every rank has its settings: exchange them
+        chunk, tile = _agree_on_smallest(chunk, tile or max(h, w))
+        tile = tile if tile < max(h, w) else None
+    if tile and 2 * tile_overlap > tile:
+        raise ValueError(f"tile_overlap must be at most half the tile ({tile}), got {tile_overlap}")
+    return chunk, tile, estimate, budget
+
+
+def _print_settings(model, h, w, device, precision, settings, scene_threshold, ensemble):
+    """The settings line; settings: (chunk, overlap, tile, tile_overlap, estimate, budget)."""
+    chunk, overlap, tile, tile_overlap, estimate, budget = settings
+    s = scale_of(model)
+    tiles = f"tiles of {tile} px, {tile_overlap} px overlap" if tile else "whole frames"
+    cuts = f"at a grey-level change > {scene_threshold:g}" if scene_threshold else "off"
+    passes = ENSEMBLES[ensemble]
+    where = f"free on {device}" if device.type == "cuda" else "CPU budget"
+    print(
+        f"upscale: {w}x{h} -> {s * w}x{s * h}, {type(model).__name__} on {device} ({precision}); "
+        f"chunk {chunk} + {overlap} context frames each side; {tiles}; scene cuts {cuts}; "
+        + (f"{ensemble} self-ensemble: {passes} passes, {passes}x the time; " if ensemble else "")
+        + f"estimated peak {estimate / 2**30:.2f} GiB (budget {budget / 2**30:.1f} GiB {where})",
+        file=sys.stderr,
+    )
+
+
+# forward calls of ResidualBlocksWithInputConv per frame: four propagation branches and the
+# reconstruction; two directions; the same and the sequential cleaning
+STEPS_PER_FRAME = {BasicVSRPlusPlus: 5, BasicVSR: 2, RealBasicVSR: 3}
+
+
+class _Progress:
+    """upscale()'s bar, in frames. It moves while a window runs: each per-frame step of the
+    network (a forward call of a ResidualBlocksWithInputConv) is worth a share of the window's
+    kept frames. passes: runs of the network per window (tiles x self-ensemble)."""
+
+    def __init__(self, model, total, enabled, passes):
+        import tqdm
+
+        self.bar = tqdm.tqdm(
+            total=total, unit="frame", disable=not enabled, file=sys.stderr, dynamic_ncols=True
+        )
+        self.steps_per_frame = STEPS_PER_FRAME.get(type(model), 1) * passes
+        self.share = 0.0  # of a frame, per step of the running window
+        self.done = 0.0  # frames of the running window, by its steps so far
+        self.shown = 0  # of them, on the bar
+        self.hooks = [
+            m.register_forward_hook(self._step)
+            for m in model.modules()
+            if enabled and isinstance(m, ResidualBlocksWithInputConv)
+        ]
+
+    def _step(self, *_):
+        self.done += self.share
+        if int(self.done) > self.shown:
+            self.bar.update(int(self.done) - self.shown)
+            self.shown = int(self.done)
+
+    def run(self, run_window, window, first, last):
+        """run_window(window, first, last), the bar moving through its last - first kept frames."""
+        self.share = (last - first) / (self.steps_per_frame * len(window))
+        self.done = 0.0
+        self.shown = 0
+        out = run_window(window, first, last)
+        self.share = 0.0
+        self.bar.update(last - first - self.shown)
+        return out
+
+    def update(self, frames):
+        self.bar.update(frames)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.bar.close()
+
+
+def _run_windows(plan, run_window, bar, skip, distributed, size):
+    """Run the planned windows and yield their kept frames in order, (s*h, s*w) = size, None for
+    the indices in `skip`. A round is the next `world` windows to run, the j-th run on rank
+    j % world, all at once; windows whose kept frames all exist (skip) are planned, for the same
+    windows as an uninterrupted run, but not run. At a round's end the ranks agree on whether one
+    failed; then each rank > 0 sends its output to rank 0, which alone yields frames."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    index = 0  # the next output frame
+    runs = 0  # windows run so far, by all ranks
+    sending = None  # rank > 0: its send in flight, received by rank 0 while this rank runs on
+    while True:
+        windows = []  # per planned window: (its rank, None: skipped; its number of kept frames)
+        out = None
+        error = None
+        try:
+            while sum(owner is not None for owner, _ in windows) < world:
+                window, a, b = next(plan, (None, 0, 0))
+                if window is None:
+                    break
+                skipped = all(i in skip for i in range(index, index + b - a))
+                owner = None if skipped else runs % world
+                runs += not skipped
+                windows.append((owner, b - a))
+                index += b - a
+                if owner == rank:
+                    out = bar.run(run_window, window, a, b)
+        except BaseException as e:  # Ctrl-C too: the other ranks must not wait for this one
+            error = e
+        _agree_on_failure(error, distributed)
+        if not windows:
+            break
+        if rank == 0:
+            start = index - sum(n for _, n in windows)
+            yield from _gather(windows, out, start, skip, bar, size)
+        elif out is not None:
+            if sending is not None:
+                sending.wait()
+            sending = dist.isend(out, 0)
+    if sending is not None:
+        sending.wait()
+
+
+def _gather(windows, out, start, skip, bar, size):
+    """Rank 0: the frames of a round, from output frame `start` on: its own output `out`, the
+    other ranks' received, None for a skipped window and for every index in `skip`."""
+    for owner, n in windows:
+        if owner is None:
+            frames = [None] * n
+        elif owner == 0:
+            frames = out.numpy()
+        else:
+            frames = torch.empty((n, *size, 3), dtype=torch.uint8)
+            dist.recv(frames, owner)
+            frames = frames.numpy()
+        if owner != 0:
+            bar.update(n)
+        for i, frame in enumerate(frames, start):
+            yield None if i in skip else frame
+        start += n
+
+
+# ----------------------------------------------------------------------------------------
+# Several processes (torchrun). The ranks exchange with two agreements, each one all_reduce:
+# whether a rank failed, at the same points of every rank's run, and the smallest settings.
+
+
+class PeerFailed(Exception):
+    """Another rank of a torchrun run failed (and printed its error)."""
+
+    def __init__(self, rank):
+        super().__init__(f"rank {rank} of the run failed")
+        self.rank = rank
+        self.agreed = True
+
+
+def _agree_on_failure(error, distributed):
+    """Raise `error` (an exception or None) on every rank if any rank has one: the lowest failed
+    rank raises its own error, the others PeerFailed. The ranks call it at the same points: after
+    the setup (run_upscale), before exchanging the settings, at each round's end and on leaving;
+    a rank that fails anywhere else calls it once on its way out (run_upscale). It is always the
+    same collective, an all_reduce of one integer, so that such a rank meets the others wherever
+    they wait."""
+    if distributed:
+        world = dist.get_world_size()
+        lowest = torch.tensor([world if error is None else dist.get_rank()], dtype=torch.int64)
+        dist.all_reduce(lowest, dist.ReduceOp.MIN)
+        failed = int(lowest.item())  # the lowest failed rank; world: none failed
+        if error is not None:
+            error.agreed = True  # run_upscale must not agree on it again
+        if failed < world and failed != dist.get_rank():
+            raise PeerFailed(failed) from None
+    if error is not None:
+        raise error
+
+
+def _agree_on_smallest(*values):
+    """The smallest of each integer over the ranks. Called only right after _agree_on_failure, so
+    that every rank is here."""
+    values = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(values, dist.ReduceOp.MIN)
+    return values.tolist()
 
 
 # ----------------------------------------------------------------------------------------
@@ -711,12 +767,15 @@ class Interrupted(Exception):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Upscale a video with BasicVSR++, BasicVSR or RealBasicVSR (the network and its size are "
-        "read from the weights file), or convert a checkpoint.",
+        description="Upscale a video with BasicVSR++, BasicVSR or RealBasicVSR (the network and "
+        "its size are read from the weights file), or convert a checkpoint.",
         epilog="examples:\n"
-        "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_c64n7_8x1_600k_reds4_20210217-db622b2f.pth\n"
-        "  python upscale.py frames/ out_frames/ --weights runs/basicvsrpp/iter_0000200_ema.safetensors --tile 256\n"
-        "  python upscale.py input.mp4 output.mp4 --weights basicvsr_plusplus_deblur_dvd-ecd08b7f.pth --ensemble\n"
+        "  python upscale.py input.mp4 output.mp4 --weights "
+        "basicvsr_plusplus_c64n7_8x1_600k_reds4_20210217-db622b2f.pth\n"
+        "  python upscale.py frames/ out_frames/ --weights "
+        "runs/basicvsrpp/iter_0000200_ema.safetensors --tile 256\n"
+        "  python upscale.py input.mp4 output.mp4 --weights "
+        "basicvsr_plusplus_deblur_dvd-ecd08b7f.pth --ensemble\n"
         "  python upscale.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -730,8 +789,8 @@ def build_parser():
         "output",
         nargs="?",
         metavar="OUTPUT",
-        help=f"video file ({' '.join(WRITTEN_VIDEO_EXTS)}: H.264 crf 18, the input's fps) or a folder "
-        f"(no extension) for PNG frames",
+        help=f"video file ({' '.join(WRITTEN_VIDEO_EXTS)}: H.264 crf 18, the input's fps) or a "
+        "folder (no extension) for PNG frames",
     )
     parser.add_argument(
         "--weights",
@@ -781,7 +840,8 @@ def build_parser():
         "--tile",
         type=int,
         metavar="T",
-        help=f"tile size in input pixels, >= {MIN_TILE} (x1 models: >= {4 * MIN_TILE}); 0: whole frames",
+        help=f"tile size in input pixels, >= {MIN_TILE} (x1 models: >= {4 * MIN_TILE}); "
+        "0: whole frames",
     )
     run.add_argument(
         "--tile-overlap",
@@ -798,7 +858,8 @@ def build_parser():
     run.add_argument(
         "--channels-last",
         action="store_true",
-        help="run the network in channels-last (NHWC) memory format, native to cuDNN's bf16 convolutions",
+        help="run the network in channels-last (NHWC) memory format, native to cuDNN's bf16 "
+        "convolutions",
     )
     run.add_argument(
         "--host-cache",
@@ -825,8 +886,8 @@ def build_parser():
     video.add_argument(
         "--resume",
         action="store_true",
-        help="complete the frame folder OUTPUT of an interrupted run (the same command): its frames "
-        "are kept, the run restarts at the first missing one",
+        help="complete the frame folder OUTPUT of an interrupted run (the same command): its "
+        "frames are kept, the run restarts at the first missing one",
     )
     video.add_argument(
         "--no-audio",
@@ -882,36 +943,8 @@ def run_upscale(args):
     A failure raises: a video OUTPUT, written under a temporary name and renamed at the end, is
     removed; a frame folder keeps its complete frames for --resume. Under torchrun (WORLD_SIZE > 1)
     every rank reads the input and runs its share of the windows; rank 0 alone writes and prints."""
-    if not args.weights and not args.onnx:
-        raise ValueError(
-            "--weights FILE (or --onnx MODEL.onnx) is required (a .pth or .safetensors of BasicVSR++, BasicVSR or "
-            "RealBasicVSR)"
-        )
-    if args.temporal_ensemble and not args.ensemble:
-        raise ValueError("--temporal-ensemble adds to --ensemble: pass both")
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ValueError(f"OUTPUT is the INPUT: {args.output}")
-    if args.resume and os.path.splitext(args.output)[1].lower() in WRITTEN_VIDEO_EXTS:
-        raise ValueError(
-            f"--resume: {args.output} is a video, which cannot be resumed: an H.264 stream cannot be "
-            f"appended to cleanly (the encoder's state ends with the process); to be able to resume, "
-            f"write a frame folder (OUTPUT without an extension) and encode it when complete"
-        )
-    if args.resume and args.overwrite:
-        raise ValueError(
-            "--resume keeps OUTPUT's frames, --overwrite replaces them: pass one of them"
-        )
-    distributed, rank, device = int(os.environ.get("WORLD_SIZE", 1)) > 1, 0, args.device
-    if distributed:
-        # gloo carries everything, also on GPUs: the outputs are uint8 frames on the host already
-        # (upscale_window), written by rank 0 from the host; NCCL would add two copies. Each rank
-        # computes on its own GPU, LOCAL_RANK. A rank that dies closes its connections and the
-        # others' pending operation fails at once; the timeout only ends a hung rank.
-        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
-        rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-        if device in (None, "cuda") and torch.cuda.is_available():
-            device = f"cuda:{local}"
-            torch.cuda.set_device(local)
+    _check_command(args)
+    distributed, rank, device = _start_ranks(args.device)
     with contextlib.ExitStack() as stack:
         writer = None
         try:  # before OUTPUT exists: a bad file leaves nothing
@@ -935,12 +968,10 @@ def run_upscale(args):
                     )
                 )
         except BaseException as e:
-            _agree(e, distributed)
-        _agree(None, distributed)
+            _agree_on_failure(e, distributed)  # raises: e here, PeerFailed on the other ranks
+        _agree_on_failure(None, distributed)
         skip = writer.existing if writer is not None else None
-        if (
-            distributed and args.resume
-        ):  # rank 0's view of OUTPUT: the ranks must skip the same windows
+        if distributed and args.resume:  # rank 0's view of OUTPUT: the same windows skipped
             box = [skip]
             dist.broadcast_object_list(box, src=0)
             skip = box[0]
@@ -949,18 +980,18 @@ def run_upscale(args):
         )
         if reencoded:
             print(
-                f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} audio of the "
-                f"input as it is: re-encoding it to AAC",
+                f"note: {os.path.basename(args.output)} cannot hold the {', '.join(reencoded)} "
+                "audio of the input as it is: re-encoding it to AAC",
                 file=sys.stderr,
             )
-        if args.host_cache and isinstance(model, BasicVSRPlusPlus):
-            model.cpu_cache_length = 0
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if args.compile:
-            compile_network(model)
         ensemble = ("temporal" if args.temporal_ensemble else "spatial") if args.ensemble else None
         try:
+            if args.host_cache and isinstance(model, BasicVSRPlusPlus):
+                model.cpu_cache_length = 0
+            if args.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            if args.compile:
+                compile_network(model)
             for frame in upscale(
                 model,
                 reader,
@@ -982,11 +1013,10 @@ def run_upscale(args):
                 else:
                     writer.write(frame)
         except BaseException as e:
-            if distributed and not getattr(e, "agreed", False):  # not yet known to the other ranks
-                with contextlib.suppress(
-                    Exception
-                ):  # a rank already gone: the original error matters
-                    _agree(e, True)
+            # not yet known to the other ranks: tell them, wherever they wait for an agreement
+            if distributed and not getattr(e, "agreed", False):
+                with contextlib.suppress(Exception):  # a rank already gone: e matters
+                    _agree_on_failure(e, True)
             raise
     if writer is not None:
         audio = "".join(
@@ -999,6 +1029,49 @@ def run_upscale(args):
             f"{args.output}: {writer.count} frames{size}{kept} at {reader.fps:g} fps{audio}",
             file=sys.stderr,
         )
+
+
+def _check_command(args):
+    """Refuse, before anything is read, arguments of the upscaling command that contradict each
+    other."""
+    if not args.weights and not args.onnx:
+        raise ValueError(
+            "--weights FILE (or --onnx MODEL.onnx) is required (a .pth or .safetensors of "
+            "BasicVSR++, BasicVSR or RealBasicVSR)"
+        )
+    if args.temporal_ensemble and not args.ensemble:
+        raise ValueError("--temporal-ensemble adds to --ensemble: pass both")
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise ValueError(f"OUTPUT is the INPUT: {args.output}")
+    if args.resume and os.path.splitext(args.output)[1].lower() in WRITTEN_VIDEO_EXTS:
+        raise ValueError(
+            f"--resume: {args.output} is a video, which cannot be resumed: an H.264 stream cannot "
+            "be appended to cleanly (the encoder's state ends with the process); to be able to "
+            "resume, write a frame folder (OUTPUT without an extension) and encode it when complete"
+        )
+    if args.resume and args.overwrite:
+        raise ValueError(
+            "--resume keeps OUTPUT's frames, --overwrite replaces them: pass one of them"
+        )
+
+
+def _start_ranks(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group. Returns (distributed, this rank,
+    the device to run on)."""
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank = 0
+    if distributed:
+        # gloo carries everything, also on GPUs: the outputs are uint8 frames on the host already
+        # (upscale_window), written by rank 0 from the host; NCCL would add two copies. Each rank
+        # computes on its own GPU, LOCAL_RANK. A rank that dies closes its connections and the
+        # others' pending operation fails at once; the timeout only ends a hung rank.
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+        rank = dist.get_rank()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device in (None, "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    return distributed, rank, device
 
 
 def _left_behind(args):
@@ -1019,7 +1092,8 @@ def _left_behind(args):
 def main(argv=None):
     """The command line; returns the exit status. A user's mistake is one `error:` line and 1;
     Ctrl-C is 130, SIGTERM 143, each one line; a video OUTPUT is removed, a frame folder keeps its
-    complete frames (--resume). Under torchrun the ranks other than 0 print only their own errors."""
+    complete frames (--resume). Under torchrun the ranks other than 0 print only their own
+    errors."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.convert and not args.export and not (args.input and args.output):
@@ -1054,7 +1128,8 @@ def main(argv=None):
                 load_network(args.weights, args.refine_thres), args.export, args.frames, args.opset
             )
             print(
-                f"{args.weights} -> {args.export}: windows of {args.frames} frames, opset {args.opset}"
+                f"{args.weights} -> {args.export}: windows of {args.frames} frames, "
+                f"opset {args.opset}"
             )
         else:
             run_upscale(args)
@@ -1073,8 +1148,8 @@ def main(argv=None):
             print(f"error: {e} (its error line follows); {_left_behind(args)}", file=sys.stderr)
     except dist.DistError as e:  # another rank vanished in the middle of an exchange
         say(
-            f"error: lost contact with another process of the run ({str(e).splitlines()[0][:200]}); "
-            f"{_left_behind(args)}"
+            "error: lost contact with another process of the run "
+            f"({str(e).splitlines()[0][:200]}); {_left_behind(args)}"
         )
     except KeyboardInterrupt:
         if not quiet:
@@ -1091,11 +1166,11 @@ def main(argv=None):
             # the ranks leave together, so that torchrun, seeing one exit with an error, does not
             # stop the others (SIGTERM) before they have said their last line: rank 0's, then theirs
             with contextlib.suppress(Exception):
-                _agree(None, True)
+                _agree_on_failure(None, True)
             for line in deferred:
                 print(line, file=sys.stderr)
             with contextlib.suppress(Exception):
-                _agree(None, True)
+                _agree_on_failure(None, True)
             dist.destroy_process_group()
     return 1
 

@@ -30,7 +30,8 @@ class VideoReader:
             self.frame_paths = list_frames(self.path)
             first = read_image(self.frame_paths[0])
             self.height, self.width = first.shape[:2]
-            self.num_frames, self.fps = len(self.frame_paths), float(fps or 25.0)
+            self.num_frames = len(self.frame_paths)
+            self.fps = float(fps or 25.0)
             self.notes = _conversions(
                 cv2.imread(self.frame_paths[0], cv2.IMREAD_UNCHANGED), self.path
             )
@@ -103,7 +104,8 @@ def _conversions(first, path):
             notes.append(f"{path}: the frames' alpha channel (RGBA) is dropped")
         if first.dtype != np.uint8:
             notes.append(
-                f"{path}: {first.dtype} frames ({8 * first.itemsize}-bit) reduced to 8 bits per channel"
+                f"{path}: {first.dtype} frames ({8 * first.itemsize}-bit) reduced to 8 bits per "
+                "channel"
             )
     return notes
 
@@ -149,7 +151,8 @@ class VideoWriter:
             and not (resume and os.path.isdir(self.path))
         ):
             raise FileExistsError(
-                f"output exists (pass overwrite=True, or --overwrite on the command line, to replace it"
+                "output exists (pass overwrite=True, or --overwrite on the command line, to "
+                "replace it"
                 f"{'' if self.is_video else '; --resume completes an interrupted frame folder'}): "
                 f"{self.path}"
             )
@@ -161,7 +164,8 @@ class VideoWriter:
         if ext and not self.is_video and not os.path.isdir(self.path):
             raise ValueError(
                 f"OUTPUT {self.path}: {ext} is not a video container this writes "
-                f"({' '.join(WRITTEN_VIDEO_EXTS)}); for PNG frames name a folder without an extension"
+                f"({' '.join(WRITTEN_VIDEO_EXTS)}); for PNG frames name a folder without an "
+                "extension"
             )
         self._out = atomic_path(self.path) if self.is_video else None
         self.tmp = self._out.tmp if self.is_video else None
@@ -176,15 +180,21 @@ class VideoWriter:
                     rf"\d{{8}}{re.escape(atomic_path.TAG)}[0-9a-f]{{8}}\.png", name
                 ):  # a killed write
                     os.remove(os.path.join(self.path, name))
-        self.fps, self.crf, self.compression = fps, crf, compression
+        self.fps = fps
+        self.crf = crf
+        self.compression = compression
         self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
-        self.size, self.count, self._container = None, 0, None
-        self.audio, self._source = [], None
+        self.size = None  # (h, w) of the first frame written
+        self.count = 0  # frames written or kept
+        self._container = None  # the output video, opened at the first frame
+        self.audio = []  # (codec, "copy" or "aac") per audio stream of audio_from
+        self._source = None  # audio_from, open while it has audio to copy
         if self.is_video and audio_from is not None:
             self._plan_audio(os.fspath(audio_from))
 
     def _plan_audio(self, source):
-        """Open `source` and choose, per audio stream, a copy or (the container cannot hold the codec) AAC."""
+        """Open `source` and choose, per audio stream, a copy or (the container cannot hold the
+        codec) AAC."""
         import av
 
         try:
@@ -295,14 +305,15 @@ class VideoWriter:
         self.count += 1
 
     def _open_folder(self):
-        """Make the folder (replacing the old output with overwrite=True), or, resuming, check that the
-        kept frames have the size of this run's."""
+        """Make the folder (replacing the old output with overwrite=True), or, resuming, check that
+        the kept frames have the size of this run's."""
         if self._made and self.existing:
             kept = read_image(os.path.join(self.path, f"{min(self.existing):08d}.png")).shape[:2]
             if kept != self.size:
                 raise ValueError(
                     f"the frames in {self.path} are {kept[1]}x{kept[0]}, this run makes "
-                    f"{self.size[1]}x{self.size[0]}: another input or network? --overwrite starts again"
+                    f"{self.size[1]}x{self.size[0]}: another input or network? --overwrite "
+                    "starts again"
                 )
         if self._made:
             return
@@ -387,12 +398,14 @@ class VideoWriter:
         # samples follow each other without gaps, from the first frame's time on the output clock
         if out.index not in self._audio_pts:
             self._audio_pts[out.index] = round((frame.time - self._audio_start) * frame.sample_rate)
-        frame.pts, frame.time_base = self._audio_pts[out.index], Fraction(1, frame.sample_rate)
+        frame.pts = self._audio_pts[out.index]
+        frame.time_base = Fraction(1, frame.sample_rate)
         self._audio_pts[out.index] += frame.samples
         self._container.mux(out.encode(frame))
 
     def close(self):
-        """Finish the file and move it into place; on failure, drop it (a folder: keep its frames)."""
+        """Finish the file and move it into place; on failure, drop it (a folder: keep its
+        frames)."""
         if self.count == 0:
             self.abort()
             raise ValueError(f"no frames were written: {self.path}")
@@ -445,7 +458,8 @@ class VideoWriter:
 
 @functools.lru_cache(maxsize=None)
 def check_video_codec(name):
-    """Raise a clear error if this PyAV/FFmpeg build cannot encode with `name` (no silent fallback)."""
+    """Raise a clear error if this PyAV/FFmpeg build cannot encode with `name` (no silent
+    fallback)."""
     import av
 
     try:

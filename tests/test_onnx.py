@@ -2,10 +2,11 @@
 random-weight networks. Every exported file passes onnx.checker and runs in onnxruntime within
 max |difference| <= 1e-4 of the PyTorch network's own forward (fp32; measured below 2e-6); the
 command line's --onnx frames match the --weights run's within 1 grey level.
-Exports are slow on 2 cores (a fixed-size one ~4-8 s, one with dynamic height and width ~3x that),
-so there is one dynamic export, BasicVSR's by `upscale.py --export` (as users write them; 2 frames),
-checked at two frame sizes with that one file; BasicVSR++ x4, x1 and RealBasicVSR are exported at
-one fixed frame size (export_onnx(size=...)) and checked there. Each file is written once per module."""
+Exports are slow (on two CPU cores a fixed-size one takes ~4-8 s, one with dynamic height and width
+~3x that), so there is one dynamic export, BasicVSR's by `upscale.py --export` (as users write
+them; 2 frames), checked at two frame sizes with that one file; BasicVSR++ x4, x1 and RealBasicVSR
+are exported at one fixed frame size (export_onnx(size=...)) and checked there. Each file is
+written once per module. All of it is slow (ONNX export and onnxruntime)."""
 
 import os
 
@@ -22,6 +23,8 @@ import weights
 from basicvsr import BasicVSR, BasicVSRPlusPlus
 from export import OnnxNetwork, export_onnx
 from realbasicvsr import RealBasicVSR
+
+pytestmark = pytest.mark.slow  # every test exports or runs onnxruntime
 
 TOL = 1e-4  # max |ONNX - PyTorch|, fp32 outputs in [0, 1]-ish
 
@@ -58,8 +61,8 @@ BASICVSR_SIZES = [(40, 48), (33, 70)]  # the dynamic file: two sizes, one of the
 
 @pytest.fixture(scope="module")
 def basicvsr_files(tmp_path_factory):
-    """BasicVSR(8, 1): saved weights and the file `upscale.py --export` writes from them (h, w dynamic;
-    a 2-frame window, the least there is: BasicVSR has no second-order connection)."""
+    """BasicVSR(8, 1): saved weights and the file `upscale.py --export` writes from them (h, w
+    dynamic; a 2-frame window, the least there is: BasicVSR has no second-order connection)."""
     root = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
     weights_path = root / "basicvsr.safetensors"
@@ -73,13 +76,15 @@ def basicvsr_files(tmp_path_factory):
 def export(tmp_path_factory):
     """export(name) -> (network, its fixed-size export, size), each written once per module (static
     shapes: ~3x faster to write than dynamic ones)."""
-    root, done = tmp_path_factory.mktemp("onnx"), {}
+    root = tmp_path_factory.mktemp("onnx")
+    done = {}
 
     def get(name):
         if name not in done:
             torch.manual_seed(1)
             build, size, frames = NETWORKS[name]
-            model, path = build().eval(), root / f"{name}.onnx"
+            model = build().eval()
+            path = root / f"{name}.onnx"
             export_onnx(model, path, frames=frames, size=size)
             done[name] = model, path, size
         return done[name]
@@ -123,8 +128,8 @@ def test_basicvsr_command_line_export(basicvsr_files):
 
 
 def test_short_window_is_mirror_padded(export):
-    # BasicVSR++'s 3-frame file: a 2-frame window runs as frames (0, 1, 0): the outputs of 0 and 1 of
-    # the PyTorch network on that clip
+    # BasicVSR++'s 3-frame file: a 2-frame window runs as frames (0, 1, 0): the outputs of 0 and 1
+    # of the PyTorch network on that clip
     model, path, size = export("basicvsrpp")
     net = OnnxNetwork(str(path))
     torch.manual_seed(3)

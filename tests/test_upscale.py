@@ -130,6 +130,7 @@ def test_tiles_cover_the_frame_and_blend_to_the_whole_frame_result():
     def nearest_x4(lqs):
         return lqs.repeat_interleave(4, -1).repeat_interleave(4, -2).square()
 
+    nearest_x4.scale = 4  # what upscale_window reads (weights.scale_of)
     whole = upscale_window(nearest_x4, frames, 1, 3, torch.device("cpu"), None)
     tiled = upscale_window(
         nearest_x4, frames, 1, 3, torch.device("cpu"), None, tile=64, tile_overlap=8
@@ -221,6 +222,23 @@ def test_automatic_settings_fit_the_budget(monkeypatch):
     assert 5 * 64 * 4 * 100 * 100 < per_frame < 2 * 5 * 64 * 4 * 100 * 100
 
 
+def test_whole_frames_with_a_short_chunk_rather_than_tiles(monkeypatch):
+    """A small BasicVSR++ (16 channels, 2 blocks) on 640x360 frames on CPU: whole frames whenever
+    one frame with its context frames fits the budget, with as many frames as fit, an integer;
+    tiles only when one frame does not fit."""
+    model = BasicVSRPlusPlus(16, 2)
+    cpu = torch.device("cpu")
+    chunk, tile, estimate, budget = ups.choose_settings(model, 360, 640, cpu)
+    assert type(chunk) is int and chunk >= 1 and estimate <= budget  # the default budget
+    one = ups.estimate_memory(model, 1 + 2 * 4, 360, 640, device="cpu")
+    five = ups.estimate_memory(model, 5 + 2 * 4, 360, 640, device="cpu")
+    monkeypatch.setattr(ups, "CPU_BUDGET", int(five + (five - one) / 8))  # 5.5 frames
+    assert ups.choose_settings(model, 360, 640, cpu)[:2] == (5, None)  # fewer than MIN_CHUNK
+    monkeypatch.setattr(ups, "CPU_BUDGET", int(one * 0.99))
+    chunk, tile, estimate, budget = ups.choose_settings(model, 360, 640, cpu)
+    assert type(chunk) is int and chunk >= ups.MIN_CHUNK and tile is not None and tile < 640
+
+
 # ----------------------------------------------------------------------------------------
 # Command lines
 
@@ -290,8 +308,9 @@ def test_cli_basicvsrpp_is_the_default(tmp_path, weight_files):
 
 
 def test_cli_channels_last_and_compile_give_the_same_frames(tmp_path, weight_files, monkeypatch):
-    """--channels-last converts the network, --compile runs compile_network on it (counted here, not
-    compiled: test_basicvsr covers the compiled values); the frames equal the plain run's (to 1 level)."""
+    """--channels-last converts the network, --compile runs compile_network on it (counted here,
+    not compiled: test_basicvsr covers the compiled values); the frames equal the plain run's (to
+    1 level)."""
     frames = clip(9, 2, 64)
     src = write_frames(tmp_path / "in", frames)
     args = [
@@ -463,7 +482,8 @@ def test_cli_existing_output_needs_overwrite(tmp_path, weight_files, capsys):
 @pytest.mark.parametrize("failure", ["nan", "exception"])
 def test_failure_mid_run_leaves_nothing(tmp_path, weight_files, monkeypatch, capsys, failure):
     src = write_frames(tmp_path / "in", clip(14, 5, 32))
-    forward, calls = BasicVSR.forward, []
+    forward = BasicVSR.forward
+    calls = []
 
     def failing_forward(self, lqs):  # the second chunk goes wrong
         calls.append(lqs.shape[1])
@@ -496,7 +516,8 @@ def test_failure_mid_run_leaves_nothing(tmp_path, weight_files, monkeypatch, cap
     assert len(calls) == 2
     if failure == "nan":
         assert sorted(os.listdir(tmp_path)) == ["in"]
-    else:  # a frame folder keeps the first window's frames, for --resume (frame 0: the clip cuts after it)
+    else:  # a frame folder keeps the first window's frames, for --resume (frame 0: the clip cuts
+        # after it)
         assert sorted(os.listdir(tmp_path)) == ["in", "out_frames"]
         assert sorted(os.listdir(out)) == ["00000000.png"]
 
@@ -528,7 +549,8 @@ def write_video_with_audio(path, frames, fps, codec, sample_rate, layout, second
             af = av.AudioFrame.from_ndarray(
                 sine[:, s : s + 1024].astype(np.float32), format="fltp", layout=layout
             )
-            af.sample_rate, af.pts = sample_rate, s
+            af.sample_rate = sample_rate
+            af.pts = s
             out.mux(audio.encode(af))
         out.mux(video.encode())
         out.mux(audio.encode())
@@ -536,7 +558,8 @@ def write_video_with_audio(path, frames, fps, codec, sample_rate, layout, second
 
 
 def audio_of(path):
-    """The audio streams of a file: [{codec, rate, channels, packets: [(start s, end s, bytes)], samples}]."""
+    """The audio streams of a file:
+    [{codec, rate, channels, packets: [(start s, end s, bytes)], samples}]."""
     import av
 
     with av.open(str(path)) as c:
@@ -599,7 +622,8 @@ def test_cli_copies_the_audio(
     assert [p[0] for p in a_out["packets"]] == [p[0] for p in a_in["packets"]]
     assert np.array_equal(a_out["samples"], a_in["samples"])
     assert len(list(video.read_video(out))) == 6
-    end, longest = a_out["packets"][-1][1], max(p[1] - p[0] for p in a_out["packets"])
+    end = a_out["packets"][-1][1]
+    longest = max(p[1] - p[0] for p in a_out["packets"])
     assert abs(end - 6 / 24) <= longest  # as long as the video, within a packet
     assert sorted(os.listdir(tmp_path)) == sorted([f"in{ext}", f"out{ext}"])
 
@@ -656,7 +680,9 @@ def test_cli_no_audio(tmp_path, weight_files, capsys):
     assert upscale_cli(with_audio, tmp_path / "d.mp4", weight_files, "--fps", "30") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: fps 30 differs from the 24 fps") and "--no-audio" in err
-    assert upscale_cli(with_audio, tmp_path / "d.mp4", weight_files, "--fps", "30", "--no-audio") == 0
+    assert (
+        upscale_cli(with_audio, tmp_path / "d.mp4", weight_files, "--fps", "30", "--no-audio") == 0
+    )
     assert video.read_video(tmp_path / "d.mp4").fps == 30
 
 
@@ -742,8 +768,9 @@ def test_x1_model_pads_runs_and_crops_back(tmp_path, capsys):
 
 @pytest.mark.parametrize("ensemble", ["spatial", "temporal"])
 def test_self_ensemble_is_the_mean_of_the_dihedral_passes(bvsr, ensemble):
-    """--ensemble: the mean over the 8 rotations/reflections (written here with rot90, not with the
-    flips and transposes upscale.py uses), and the time-reversed clip too with --temporal-ensemble."""
+    """--ensemble: the mean over the 8 rotations/reflections (written here with rot90, not with
+    the flips and transposes upscale.py uses), and the time-reversed clip too with
+    --temporal-ensemble."""
     frames = clip(16, 3, 32, 40)
     got = np.stack(run(bvsr, frames, ensemble=ensemble))
     lqs = data.frames_to_tensor(frames)[None]
@@ -774,10 +801,10 @@ def test_cli_ensemble_prints_its_cost(tmp_path, weight_files, capsys):
 
 
 def test_out_of_memory_halves_the_window_then_the_tile(bvsr, monkeypatch, capsys):
-    """A window that does not fit (simulated: more than 3 frames of over 32 px, or frames over 32 px, raise
-    torch.OutOfMemoryError as CUDA would) is run in halves, each with the window's context frames,
-    then down to one frame in tiles of half the size; notes say so. The output stays within the
-    chunked and tiled bounds of the whole-clip run."""
+    """A window that does not fit (simulated: more than 3 frames of over 32 px, or frames over
+    32 px, raise torch.OutOfMemoryError as CUDA would) is run in halves, each with the window's
+    context frames, then down to one frame in tiles of half the size; notes say so. The output
+    stays within the chunked and tiled bounds of the whole-clip run."""
     frames = clip(19, 6, 48)
     whole = run(bvsr, frames)
     forward = ups._forward
@@ -807,12 +834,14 @@ def test_out_of_memory_halves_the_window_then_the_tile(bvsr, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "for one frame and 1 context frames: running it with 0" in err
     assert "note: out of memory on cpu for one frame: tiles of 24 px" in err
-    # then each frame ran alone in tiles of 24: the same computation as --chunk 1 --overlap 0 --tile 24
+    # then each frame ran alone in tiles of 24: the same computation as
+    # --chunk 1 --overlap 0 --tile 24
     assert (
         psnr(got, run(bvsr, frames[:2], chunk=1, overlap=0, tile=24, tile_overlap=12)) == math.inf
     )
 
 
+@pytest.mark.slow
 def test_cpu_memory_estimate_within_25_percent_of_the_peak_rss():
     """The printed estimate on CPU against the measured peak RSS of a fresh process upscaling one
     window (RealBasicVSR(16, 2, 2), 10 frames of 90x160: 598 MB estimated, 601 MB measured here).
@@ -820,10 +849,13 @@ def test_cpu_memory_estimate_within_25_percent_of_the_peak_rss():
     pytest process's own peak through exec."""
     code = (
         "import sys, numpy as np, torch; sys.path.insert(0, %r); import realbasicvsr, upscale\n"
-        "torch.manual_seed(0); m = realbasicvsr.RealBasicVSR(16, 2, 2, is_sequential_cleaning=True).eval()\n"
-        "frames = [np.random.default_rng(i).integers(0, 256, (90, 160, 3), dtype=np.uint8) for i in range(10)]\n"
+        "torch.manual_seed(0)\n"
+        "m = realbasicvsr.RealBasicVSR(16, 2, 2, is_sequential_cleaning=True).eval()\n"
+        "frames = [np.random.default_rng(i).integers(0, 256, (90, 160, 3), dtype=np.uint8)\n"
+        "          for i in range(10)]\n"
         "est = upscale.estimate_memory(m, 10, 90, 160, 'fp32', 'cpu')\n"
-        "list(upscale.upscale(m, frames, device='cpu', chunk=10, overlap=0, tile=0, scene_threshold=0))\n"
+        "list(upscale.upscale(m, frames, device='cpu', chunk=10, overlap=0, tile=0,\n"
+        "                     scene_threshold=0))\n"
         "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
         "print(est / (int(hwm.split()[1]) * 1024))" % ROOT
     )
@@ -840,7 +872,8 @@ def test_cpu_memory_estimate_within_25_percent_of_the_peak_rss():
 
 def test_x2_weights_need_no_flag(tmp_path, capsys):
     """A x2 network's safetensors say scale 2; upscale.py makes frames of twice the size, equal to
-    the network's own forward pass (within one grey level: see test_cli_basicvsrpp_is_the_default)."""
+    the network's own forward pass (within one grey level: see
+    test_cli_basicvsrpp_is_the_default)."""
     torch.manual_seed(6)
     net = BasicVSR(8, 1, scale=2).eval()
     weights.save_weights(net, tmp_path / "x2.safetensors")
@@ -882,7 +915,8 @@ def two_scenes():
 
 
 def torchrun(*args, script=None, timeout=120):
-    """`python -m torch.distributed.run --nproc_per_node=2 upscale.py ARGS` (or `script`), 1 thread each."""
+    """`python -m torch.distributed.run --nproc_per_node=2 upscale.py ARGS` (or `script`), one
+    thread each."""
     cmd = [
         sys.executable,
         "-m",
@@ -912,8 +946,9 @@ def assert_same_frames(got, expected):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, weights):
-    """INPUT, the flags, and the frames of the one-process run (chunk 2, 1 context frame: 5 windows)."""
+def one_process(tmp_path_factory, weight_files):
+    """INPUT, the flags, and the frames of the one-process run (chunk 2, 1 context frame:
+    5 windows)."""
     root = tmp_path_factory.mktemp("one_process")
     src = write_frames(root / "in", two_scenes())
     flags = [
@@ -932,6 +967,7 @@ def one_process(tmp_path_factory, weights):
     return src, flags, frames_of(root / "out")
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_frames(tmp_path, one_process):
     src, flags, expected = one_process
     run_ = torchrun(src, tmp_path / "out", *flags)
@@ -944,6 +980,7 @@ def test_two_processes_give_the_one_process_frames(tmp_path, one_process):
     )
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_all_and_the_folder_resumes(tmp_path, one_process):
     """Rank 1 fails in its second window (the second round of 5 windows, 2 per round): both stop,
     rank 0 prints one line, then rank 1 its error; the folder keeps the first round's 4 frames, and
@@ -951,9 +988,13 @@ def test_a_failing_rank_stops_all_and_the_folder_resumes(tmp_path, one_process):
     src, flags, expected = one_process
     script = tmp_path / "failing.py"
     script.write_text(
-        f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport upscale\nruns, window = [], upscale.upscale_window\n"
-        "def failing(*args, **kwargs):\n    runs.append(1)\n"
-        "    if os.environ['RANK'] == '1' and len(runs) == 2:\n        raise ValueError('boom on rank 1')\n"
+        f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport upscale\n"
+        "runs = []\n"
+        "window = upscale.upscale_window\n"
+        "def failing(*args, **kwargs):\n"
+        "    runs.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(runs) == 2:\n"
+        "        raise ValueError('boom on rank 1')\n"
         "    return window(*args, **kwargs)\n"
         "upscale.upscale_window = failing\nsys.exit(upscale.main())\n"
     )
@@ -982,8 +1023,9 @@ def test_a_failing_rank_stops_all_and_the_folder_resumes(tmp_path, one_process):
 
 
 def test_interrupted_folder_resumes_to_the_same_frames(tmp_path, one_process, monkeypatch, capsys):
-    """Ctrl-C after 3 frames were written leaves them; --resume skips the first window (frames 0, 1),
-    reruns the second (frame 2 is kept, 3 written) and the rest: the uninterrupted run's frames."""
+    """Ctrl-C after 3 frames were written leaves them; --resume skips the first window (frames 0,
+    1), reruns the second (frame 2 is kept, 3 written) and the rest: the uninterrupted run's
+    frames."""
     src, flags, expected = one_process
     out, write = tmp_path / "out", video.VideoWriter.write
 
