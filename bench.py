@@ -4,6 +4,7 @@
     python bench.py --workloads bvsrpp-train         # a subset
     TRITON_INTERPRET=1 python bench.py --dry-run     # CPU: the code path at tiny sizes
     python bench.py --report OUT_DIR --budget 420    # the GPU report (report.py)
+    python bench.py --cpu                            # the CPU benchmark (cpu_bench.py)
 
 The ops alone, at BasicVSR++'s shapes: python -m kernels.bench.
 
@@ -540,11 +541,17 @@ def bench_models(args, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--cpu"]:  # the CPU benchmark has flags of its own
+        import cpu_bench
+
+        return cpu_bench.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python bench.py",
         description="Whole-model benchmark of the Triton "
         "kernels (BasicVSR++, RealBasicVSR, training iterations) vs the reference ops; "
-        "--report: the GPU report (report.py). The ops alone: python -m kernels.bench.",
+        "--report: the GPU report (report.py); --cpu [FLAGS]: the CPU benchmark (cpu_bench.py, "
+        "python bench.py --cpu --help). The ops alone: python -m kernels.bench.",
     )
     parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, no usage
     group = parser.add_argument_group("what to run")
@@ -627,7 +634,7 @@ def main(argv=None):
     # report.py runs this file's workloads and imports it at its top, so it is imported here.
     import report
 
-    command = f"python bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = f"python bench.py {' '.join(argv)}".rstrip()
     torch.manual_seed(0)
     print(op_bench.environment(device))
     print(f"command: {command}")

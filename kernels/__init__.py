@@ -1,5 +1,6 @@
 """The two irregular ops of BasicVSR++ and RealBasicVSR, each a Triton kernel with its
-PyTorch reference beside it.
+PyTorch reference beside it; the deformable convolution also has a CPU path (cpu.py), the
+reference's arithmetic a tile of output rows at a time.
 
     deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1,
                   deform_groups=1, backend=None)          # mmcv modulated_deform_conv2d
@@ -12,9 +13,9 @@ kernel. conv_offset (n, 3*G*K, ho, wo) is the raw output of the offset branch: o
 in the offset layout, then mask logits in the mask layout. flows (n, 2F, ho, wo) holds F flows
 (dx, dy each); deform group g adds flow g // (G // F) (BasicVSR++: torch.cat([flow_1, flow_2], 1)).
 offset = max_residue_magnitude * tanh(offset logits) + flow as (dy, dx), mask = sigmoid(mask
-logits), both in fp32. Its reference, flow_guided_offsets(conv_offset, flows,
+logits), both in fp32. Its reference is flow_guided_offsets(conv_offset, flows,
 max_residue_magnitude, deform_groups, taps) -> (offset, mask), followed by
-deform_conv2d_reference, is the CPU path.
+deform_conv2d_reference.
 
 backend: "triton" forces the kernel (CPU tensors need TRITON_INTERPRET=1 set before triton is
 imported), "torch" forces the reference, None takes the default below.
@@ -26,10 +27,11 @@ models without touching their code:
         out = model(lqs)
 
 Outside any `use_backend` block, and inside `use_backend(None)`, None means Triton for CUDA
-tensors and the reference otherwise. An explicit `backend=` argument always wins. The default
-is process-wide (every thread sees it, autograd's included); the previous one is restored when
-the block exits, also on an exception. The choice is made in the forward call, so a backward
-pass follows its forward's backend wherever it runs.
+tensors, and for CPU tensors the CPU path (the flow-guided op: flow_guided_offsets, then the
+CPU path; flow_warp: its reference, already ATen's grid_sample). An explicit `backend=`
+argument always wins. The default is process-wide (every thread sees it, autograd's included);
+the previous one is restored when the block exits, also on an exception. The choice is made in
+the forward call, so a backward pass follows its forward's backend wherever it runs.
 """
 
 import contextlib

@@ -1,5 +1,6 @@
-"""What deform_conv.py and flow_warp.py share: the memory-format rule of their outputs, the choice
-between the Triton kernel and the PyTorch reference, and the casts under torch.autocast."""
+"""What deform_conv.py, flow_warp.py and cpu.py share: the memory-format rule of their outputs,
+the choice between the Triton kernel, the CPU path and the PyTorch reference, and the casts under
+torch.autocast."""
 
 import torch
 import triton
@@ -26,14 +27,16 @@ def memory_format(x):
 
 
 def exporting():
-    """Whether torch.export (and so torch.onnx.export(dynamo=True)) is tracing: the ops then appear
-    as their torch.library custom ops (vsr::*) whatever the device, never as the reference's loops."""
+    """Whether torch.export (and so torch.onnx.export(dynamo=True)) is tracing: the ops then
+    appear as their torch.library custom ops (vsr::*) whatever the device, never as the
+    reference's loops."""
     return torch.compiler.is_exporting()
 
 
 def use_triton(op, backend, x):
-    """Whether `backend` (an op's argument: None, "torch" or "triton") means the Triton kernel for x.
-    None is kernels.use_backend's default, which outside any block is Triton for CUDA tensors."""
+    """Whether `backend` (an op's argument: None, "torch" or "triton") means the Triton kernel for
+    x. None is kernels.use_backend's default, which outside any block is Triton for CUDA
+    tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
     if backend is None:
@@ -51,10 +54,21 @@ def use_triton(op, backend, x):
     return triton_
 
 
+def use_cpu_path(backend, x):
+    """For an op that does not run its Triton kernel (use_triton is False): whether it takes its
+    CPU path (kernels.cpu) rather than the PyTorch reference. The default does for CPU tensors
+    (backend None, and kernels.use_backend's None); "torch" forces the reference."""
+    if backend is None:
+        from . import get_backend
+
+        backend = get_backend()
+    return backend is None and x.device.type == "cpu"
+
+
 def autocast_inputs(x, low, fp32):
-    """(low, fp32) as the ops run them. Under torch.autocast on x's device: `low` (features, weights)
-    in the autocast dtype and `fp32` (offsets, flows: sampling positions) in float32. Otherwise
-    `low` in x's dtype and `fp32` unchanged. None entries stay None."""
+    """(low, fp32) as the ops run them. Under torch.autocast on x's device: `low` (features,
+    weights) in the autocast dtype and `fp32` (offsets, flows: sampling positions) in float32.
+    Otherwise `low` in x's dtype and `fp32` unchanged. None entries stay None."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

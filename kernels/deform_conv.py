@@ -31,7 +31,8 @@ import triton.language as tl
 from torch.nn.modules.utils import _pair
 
 from .common import INTERPRET as _INTERPRET
-from .common import autocast_inputs, memory_format, use_triton
+from .common import autocast_inputs, memory_format, use_cpu_path, use_triton
+from .cpu import deform_conv2d_cpu
 
 
 def _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op):
@@ -110,8 +111,8 @@ def _check_glue(conv_offset, flows, deform_groups, taps, op, size=None):
 
 
 # ----------------------------------------------------------------------------------------
-# PyTorch reference: the CPU path and the test oracle. It builds the im2col matrix, which
-# is fine on a CPU and exactly what the Triton kernel avoids.
+# PyTorch reference: the test oracle of both the Triton kernel and the CPU path (kernels.cpu),
+# and what backend="torch" runs. It builds the whole im2col matrix at once.
 
 
 def deform_conv2d_reference(
@@ -1219,9 +1220,8 @@ def deform_conv2d(
             return torch.ops.vsr.deform_conv2d(
                 x, offset, mask, weight, bias, stride, padding, dilation, deform_groups
             )
-        return deform_conv2d_reference(
-            x, offset, mask, weight, bias, stride, padding, dilation, deform_groups
-        )
+        conv = deform_conv2d_cpu if use_cpu_path(backend, x) else deform_conv2d_reference
+        return conv(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
 
 
 def flow_guided_deform_conv2d(
@@ -1261,9 +1261,8 @@ def flow_guided_deform_conv2d(
                 x, conv_offset, flows, weight, bias, mag, stride, padding, dilation, deform_groups
             )
         offset, mask = flow_guided_offsets(conv_offset, flows, mag, deform_groups, taps)
-        return deform_conv2d_reference(
-            x, offset, mask, weight, bias, stride, padding, dilation, deform_groups
-        )
+        conv = deform_conv2d_cpu if use_cpu_path(backend, x) else deform_conv2d_reference
+        return conv(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
 
 
 # ----------------------------------------------------------------------------------------

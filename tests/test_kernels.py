@@ -40,6 +40,7 @@ def calls(monkeypatch):
     # one BasicVSR++ calls).
     count(dc, "_launch_forward", "dcn triton")
     count(dc, "deform_conv2d_reference", "dcn torch")
+    count(dc, "deform_conv2d_cpu", "dcn cpu")
     count(fw, "_flow_warp_triton", "warp triton")
     count(fw, "flow_warp_reference", "warp torch")
     return counts
@@ -62,7 +63,8 @@ def both_ops(**backend):
 
 def test_use_backend_sets_the_default_of_backend_none(calls):
     reference = both_ops()
-    assert calls == {"dcn torch": 1, "warp torch": 1}  # CPU tensors, no block: the reference
+    # CPU tensors, no block: the DCN's CPU path (kernels.cpu), the warp's reference (grid_sample)
+    assert calls == {"dcn cpu": 1, "warp torch": 1}
     calls.clear()
     with kernels.use_backend("triton"):
         assert kernels.get_backend() == "triton"
