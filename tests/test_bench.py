@@ -56,8 +56,14 @@ def test_compulsory_bytes_of_basicvsrpp_layer():
         assert fwd_bwd == fwd + out.nbytes + 2 * (x.nbytes + offset.nbytes + mask.nbytes)
 
 
-@pytest.mark.parametrize("op", ["dcn + offset glue", "flow_warp"])
+@pytest.mark.parametrize(
+    "op", [pytest.param("dcn + offset glue", marks=pytest.mark.slow), "flow_warp"]
+)
 def test_op_entry_at_dry_run_size(op):
+    # At the dry-run size the flow is one random vector for the whole 8x12 map (smooth_flow's
+    # coarse grid is 1x1): about one draw in twenty moves every sample off the map, the output is
+    # all zeros and the relative error 0/0. A fixed seed keeps the test off such a draw.
+    torch.manual_seed(0)
     result = op_bench.bench_op(
         op, 1, "fp32", 1, torch.device("cpu"), op_bench.DRY_RUN_SIZE, warmup=0
     )
@@ -288,6 +294,7 @@ def test_report_files_and_targets(tmp_path, stubbed):
     assert "| dcn | 1 | fp32 | torchvision | 3.000 |" in md
 
 
+@pytest.mark.slow
 def test_report_part_out_of_time_is_skipped(tmp_path, stubbed, monkeypatch):
     def slow_workload(wl, paths, dtypes, device, weights, notes, cells=None, **kw):
         if wl["kind"] == "train":

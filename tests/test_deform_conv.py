@@ -619,7 +619,11 @@ def test_flow_guided_triton_fp32(name):
     check_fused(*make_fused_inputs(n, c_in, c_out, h, w, G, F_, s, p, d))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [pytest.param(torch.bfloat16, marks=pytest.mark.slow), torch.float16],
+    ids=["bf16", "fp16"],
+)
 def test_flow_guided_triton_low_precision(dtype):
     n, c_in, c_out, h, w, G, F_, s, p, d = FUSED_SHAPES["basicvsrpp_g16_f2"]
     check_fused(*make_fused_inputs(n, c_in, c_out, h, w, G, F_, s, p, d, seed=1), dtype)
@@ -922,6 +926,7 @@ def test_fake_strides_match_real():
                 )
 
 
+@pytest.mark.slow
 def test_basicvsrpp_channels_last_matches_nchw(monkeypatch):
     # A tiny BasicVSR++ converted with .to(memory_format=torch.channels_last) on the reference path:
     # the NCHW network's output, and the propagation runs channels-last throughout. In float64:

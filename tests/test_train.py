@@ -203,6 +203,7 @@ def test_lr_schedule_and_ema():
 # Training on tiny models
 
 
+@pytest.mark.slow
 def test_loss_decreases_checkpoints_and_validation(one_thread, tmp_path, capsys):
     out = tmp_path / "run"
     # one synthetic clip: every iteration sees the same batch
@@ -250,6 +251,7 @@ def test_loss_decreases_checkpoints_and_validation(one_thread, tmp_path, capsys)
     assert img.shape == (256, 3 * 256, 3)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(one_thread, tmp_path, monkeypatch, capsys):
     """6 iterations in one go == 3 iterations + resume for 3 (losses and final weights, EMA
     included), with a different number of DataLoader workers after the resume; and == a run
@@ -322,6 +324,7 @@ def test_resume_is_exact(one_thread, tmp_path, monkeypatch, capsys):
     )
 
 
+@pytest.mark.slow
 def test_gan_stage_all_losses_and_init_prefers_ema(one_thread, tmp_path, capsys):
     # a stage-1 checkpoint whose EMA differs from its generator
     torch.manual_seed(1)
@@ -602,6 +605,7 @@ def test_compile_flag_trains_like_eager(one_thread, tmp_path, monkeypatch):
 #   a truncated .safetensors (--init)            the file, "is the file complete"
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_line_and_leave_nothing(one_thread, tmp_path):
     torch.manual_seed(0)
     weights.save_weights(basicvsr.BasicVSR(8, 1), tmp_path / "basicvsr.safetensors")
@@ -682,6 +686,7 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     assert state["step"] == step and not any(".tmp-" in n for n in os.listdir(out))
 
 
+@pytest.mark.slow
 def test_x2_training_and_weights(one_thread, tmp_path):
     """--scale 2: the x2 networks train on x2 data (synthetic clips, bicubic x2 baseline), and their
     weights say x2, so upscale.py needs no flag."""

@@ -766,6 +766,7 @@ def test_x1_model_pads_runs_and_crops_back(tmp_path, capsys):
     assert got.shape == (3, 40, 52, 3) and np.abs(got.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ensemble", ["spatial", "temporal"])
 def test_self_ensemble_is_the_mean_of_the_dihedral_passes(bvsr, ensemble):
     """--ensemble: the mean over the 8 rotations/reflections (written here with rot90, not with
