@@ -49,7 +49,7 @@ MIN_TILE = 64  # smaller tiles starve SPyNet's coarsest level (and BasicVSR++ re
 # longer windows bring diminishing returns
 MIN_CHUNK = 15
 MAX_CHUNK = 60
-CPU_BUDGET = 4 << 30  # bytes the automatic settings aim for on CPU
+CPU_BUDGET = 4 << 30  # bytes the automatic settings aim for on CPU, at least (cpu_budget)
 
 
 def min_tile(model):
@@ -73,25 +73,26 @@ def _precision_dtype(precision, device):
 #   A = t * h * w * (maps * C * b + 60)  +  h * w * K * b
 # maps * C * b: the features each frame keeps until its reconstruction (BasicVSR++: the spatial
 # map and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
-# (4 for fp32, 2 under autocast; 4 for BasicVSR++ on CPU, whose reference DCN samples in fp32);
-# 60: flows, input and output frames. K: what one step needs on top, mostly the 64-channel
-# upsampling of one frame (K = 3300 at x4), and on CPU for BasicVSR++ the sampling buffers of the
-# reference DCN, which grow with its input's 2C channels (K = 3300 + 78 C, 8292 for C = 64).
+# (4 for fp32, 2 under autocast; 4 for BasicVSR++ on CPU, whose deformable convolution samples
+# in fp32); 60: flows, input and output frames. K: what one step needs on top, mostly the
+# 64-channel upsampling of one frame (K = 3300 at x4). For BasicVSR++ on CPU: in fp32 the
+# deformable convolution's CPU path (kernels.cpu) works a few output rows at a time, K = 2200;
+# other dtypes run the reference, whose sampling buffers grow with the input's 2C channels,
+# K = 3300 + 78 C.
 # On CPU the figure is the process's peak RSS: its resident memory now (the interpreter, torch,
-# the weights) + 1.25 A, the factor measured. Against the peak RSS of upscale() on random frames,
-# one window, chunk t, whole frames (2 threads):
+# the weights) + 1.25 A, the factor measured. Against the peak RSS (VmHWM) of a fresh process
+# running upscale() on random frames, one window, chunk t, whole frames (2 threads):
 #   network                 frames       precision  estimate  measured
 #   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        598 MB    601 MB
 #   RealBasicVSR(64, 20)    10 x 180x320  fp32       1536 MB   1537 MB
 #   RealBasicVSR(64, 20)    10 x 180x320  bf16        969 MB   1016 MB
-#   BasicVSR++(64, 7)       10 x 64x64    fp32        600 MB    711 MB  (-16%)
-#   BasicVSR++(64, 7)        6 x 128x128  fp32       1205 MB   1205 MB
+#   BasicVSR++(64, 7)       10 x 64x64    fp32        462 MB    521 MB  (-11%)
+#   BasicVSR++(64, 7)        6 x 128x128  fp32        693 MB    758 MB  (-9%)
 #   BasicVSR++(64, 7)        6 x 128x128  bf16       1205 MB   1155 MB
-#   BasicVSR++(64, 7)        2 x 180x320  fp32       2810 MB   2441 MB  (+15%)
-#   BasicVSR++(32, 3)       20 x 96x160   fp32       1067 MB   1142 MB  (-7%)
-#   BasicVSR++(16, 2)        2 x 180x320  fp32       1629 MB   1750 MB  (-7%)
-#   BasicVSR++(16, 2)        6 x 180x320  fp32       1735 MB   1614 MB  (+7%)
-#   BasicVSR++(16, 2)        2 x 360x640  fp32       5533 MB   5622 MB  (-2%)
+#   BasicVSR++(64, 7)        2 x 180x320  fp32       1174 MB   1231 MB  (-5%)
+#   BasicVSR++(32, 3)       20 x 96x160   fp32        770 MB    810 MB  (-5%)
+#   BasicVSR++(16, 2)        6 x 180x320  fp32       1126 MB   1058 MB  (+6%)
+#   BasicVSR++(16, 2)        2 x 360x640  fp32       3082 MB   2575 MB  (+20%)
 #   BasicVSR(64, 30)        10 x 128x128  fp32        692 MB    720 MB
 # On CUDA it is A + the parameters, not measured yet: it assumes the Triton DCN needs no sampling
 # buffers; the automatic settings keep 25% of the free GPU memory in reserve, and an out-of-memory
@@ -123,7 +124,9 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     )
     cpu = torch.device(device).type == "cpu"
     b = 4 if PRECISIONS[precision] is None or (maps == 5 and cpu) else 2
-    k = 3300 + 78 * net.mid_channels if maps == 5 and cpu else 3300
+    k = 3300
+    if maps == 5 and cpu:
+        k = 2200 if PRECISIONS[precision] is None else 3300 + 78 * net.mid_channels
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
         run = t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16
     else:  # K's upsampling scales with the output's area
@@ -136,17 +139,28 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
     return run + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def cpu_budget():
+    """Bytes the automatic settings may use on CPU: half the memory the system has available
+    (Linux /proc/meminfo), at least CPU_BUDGET."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return CPU_BUDGET
+    return max(CPU_BUDGET, available * 1024 // 2)
+
+
 def choose_settings(model, h, w, device, precision="fp32", chunk=None, overlap=4, tile=None):
     """Fill in chunk and tile for h x w frames; chunk None and tile None mean automatic, tile 0
     whole frames. Automatic: whole frames whenever one frame (or the given chunk) with its
     2 x overlap context frames fits the memory budget, with the longest chunk up to MAX_CHUNK that
     fits; else the largest tile, a multiple of 32, with which MIN_CHUNK frames (or the given
-    chunk) fit. Budget: 75% of the free GPU memory on CUDA, CPU_BUDGET elsewhere.
+    chunk) fit. Budget: 75% of the free GPU memory on CUDA, cpu_budget() elsewhere.
     Returns (chunk, tile or None, estimated peak bytes, budget bytes)."""
     if device.type == "cuda":
         budget = int(0.75 * torch.cuda.mem_get_info(device)[0])
     else:
-        budget = CPU_BUDGET
+        budget = cpu_budget()
     if tile is None:
         sizes = [None] + [
             s for s in range(max(h, w) // 32 * 32, min_tile(model) - 1, -32) if s < max(h, w)

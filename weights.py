@@ -413,6 +413,7 @@ SPYNET_FLOW_SCALE = 0.1
 OFFSET_RESIDUE_STD = 0.1
 
 
+@torch.no_grad()
 def realistic_init(net):
     """Random weights, but flows and offsets of the size trained networks produce, since the
     sampling kernels' memory traffic depends on where they read:

@@ -205,9 +205,9 @@ def test_frames_are_read_as_needed(bvsr):
 def test_automatic_settings_fit_the_budget(monkeypatch):
     model = BasicVSRPlusPlus()  # the published size, C = 64
     cpu = torch.device("cpu")
-    monkeypatch.setattr(ups, "CPU_BUDGET", 1 << 40)
+    monkeypatch.setattr(ups, "cpu_budget", lambda: 1 << 40)
     assert ups.choose_settings(model, 180, 320, cpu, overlap=2)[:2] == (ups.MAX_CHUNK, None)
-    monkeypatch.setattr(ups, "CPU_BUDGET", 2 << 30)
+    monkeypatch.setattr(ups, "cpu_budget", lambda: 2 << 30)
     chunk, tile, estimate, budget = ups.choose_settings(model, 480, 854, cpu, overlap=2)
     assert tile is not None and ups.MIN_TILE <= tile < 854 and tile % 32 == 0
     assert chunk >= ups.MIN_CHUNK and estimate <= budget
@@ -232,9 +232,9 @@ def test_whole_frames_with_a_short_chunk_rather_than_tiles(monkeypatch):
     assert type(chunk) is int and chunk >= 1 and estimate <= budget  # the default budget
     one = ups.estimate_memory(model, 1 + 2 * 4, 360, 640, device="cpu")
     five = ups.estimate_memory(model, 5 + 2 * 4, 360, 640, device="cpu")
-    monkeypatch.setattr(ups, "CPU_BUDGET", int(five + (five - one) / 8))  # 5.5 frames
+    monkeypatch.setattr(ups, "cpu_budget", lambda: int(five + (five - one) / 8))  # 5.5 frames
     assert ups.choose_settings(model, 360, 640, cpu)[:2] == (5, None)  # fewer than MIN_CHUNK
-    monkeypatch.setattr(ups, "CPU_BUDGET", int(one * 0.99))
+    monkeypatch.setattr(ups, "cpu_budget", lambda: int(one * 0.99))
     chunk, tile, estimate, budget = ups.choose_settings(model, 360, 640, cpu)
     assert type(chunk) is int and chunk >= ups.MIN_CHUNK and tile is not None and tile < 640
 
