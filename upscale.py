@@ -17,6 +17,7 @@ From Python: `upscale(model, frames_or_path, ...)` yields RGB uint8 frames.
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import itertools
 import math
@@ -73,27 +74,28 @@ def _precision_dtype(precision, device):
 #   A = t * h * w * (maps * C * b + 60)  +  h * w * K * b
 # maps * C * b: the features each frame keeps until its reconstruction (BasicVSR++: the spatial
 # map and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
-# (4 for fp32, 2 under autocast; 4 for BasicVSR++ on CPU, whose deformable convolution samples
-# in fp32); 60: flows, input and output frames. K: what one step needs on top, mostly the
-# 64-channel upsampling of one frame (K = 3300 at x4). For BasicVSR++ on CPU: in fp32 the
-# deformable convolution's CPU path (kernels.cpu) works a few output rows at a time, K = 2200;
-# other dtypes run the reference, whose sampling buffers grow with the input's 2C channels,
-# K = 3300 + 78 C.
+# (4 for fp32, 2 under autocast on CUDA; 4 on CPU, where the heap keeps what fp32 parts of the run
+# freed); 60: flows, input and output frames. K = 3300: what one step needs on top, mostly the
+# 64-channel upsampling of one frame at x4 (the deformable convolution's CPU path, kernels.cpu,
+# works a few output rows at a time and adds little).
 # On CPU the figure is the process's peak RSS: its resident memory now (the interpreter, torch,
 # the weights) + 1.25 A, the factor measured. Against the peak RSS (VmHWM) of a fresh process
-# running upscale() on random frames, one window, chunk t, whole frames (2 threads):
+# running upscale() on random frames, one window, chunk t, whole frames (2 threads; upscale()
+# keeps freed memory in the heap, keep_freed_memory):
 #   network                 frames       precision  estimate  measured
-#   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        598 MB    601 MB
-#   RealBasicVSR(64, 20)    10 x 180x320  fp32       1536 MB   1537 MB
-#   RealBasicVSR(64, 20)    10 x 180x320  bf16        969 MB   1016 MB
-#   BasicVSR++(64, 7)       10 x 64x64    fp32        462 MB    521 MB  (-11%)
-#   BasicVSR++(64, 7)        6 x 128x128  fp32        693 MB    758 MB  (-9%)
-#   BasicVSR++(64, 7)        6 x 128x128  bf16       1205 MB   1155 MB
-#   BasicVSR++(64, 7)        2 x 180x320  fp32       1174 MB   1231 MB  (-5%)
-#   BasicVSR++(32, 3)       20 x 96x160   fp32        770 MB    810 MB  (-5%)
-#   BasicVSR++(16, 2)        6 x 180x320  fp32       1126 MB   1058 MB  (+6%)
-#   BasicVSR++(16, 2)        2 x 360x640  fp32       3082 MB   2575 MB  (+20%)
-#   BasicVSR(64, 30)        10 x 128x128  fp32        692 MB    720 MB
+#   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        573 MB    637 MB  (-10%)
+#   RealBasicVSR(64, 20)    10 x 180x320  fp32       1469 MB   1748 MB  (-16%)
+#   RealBasicVSR(64, 20)    10 x 180x320  bf16       1469 MB   1284 MB  (+14%)
+#   BasicVSR++(64, 7)       10 x 64x64    fp32        478 MB    505 MB  (-5%)
+#   BasicVSR++(64, 7)        6 x 128x128  fp32        763 MB    874 MB  (-13%)
+#   BasicVSR++(64, 7)        6 x 128x128  bf16        763 MB    670 MB  (+14%)
+#   BasicVSR++(64, 7)        2 x 180x320  fp32       1439 MB   1649 MB  (-13%)
+#   BasicVSR++(32, 3)       20 x 96x160   fp32        830 MB    851 MB  (-3%)
+#   BasicVSR++(16, 2)        6 x 180x320  fp32       1391 MB   1630 MB  (-15%)
+#   BasicVSR++(16, 2)        2 x 360x640  fp32       4163 MB   3393 MB  (+23%)
+#   BasicVSR++(16, 2)        8 x 360x640  fp32       4793 MB   4105 MB  (+17%)
+#   BasicVSR(64, 30)        10 x 128x128  fp32        664 MB    765 MB  (-13%)
+# The heap's reuse varies from run to run: the 2 x 360x640 case measured 4349 MB in another run.
 # On CUDA it is A + the parameters, not measured yet: it assumes the Triton DCN needs no sampling
 # buffers; the automatic settings keep 25% of the free GPU memory in reserve, and an out-of-memory
 # error halves the window, then the tile (upscale_window). BasicVSR++'s host cache makes it an
@@ -123,10 +125,8 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
         else 1
     )
     cpu = torch.device(device).type == "cpu"
-    b = 4 if PRECISIONS[precision] is None or (maps == 5 and cpu) else 2
+    b = 4 if PRECISIONS[precision] is None or cpu else 2
     k = 3300
-    if maps == 5 and cpu:
-        k = 2200 if PRECISIONS[precision] is None else 3300 + 78 * net.mid_channels
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
         run = t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16
     else:  # K's upsampling scales with the output's area
@@ -453,6 +453,8 @@ def upscale(
         frames = read_video(frames)
     source = getattr(frames, "path", "frames")  # for messages
     device = _parse_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     dtype = _precision_dtype(precision, device)
     _check_arguments(model, chunk, overlap, tile, tile_overlap, max_frames, ensemble)
     total = getattr(frames, "num_frames", None)
@@ -950,6 +952,22 @@ def build_parser():
         "(default: generator_ema, else generator; BasicSR: params_ema, else params)",
     )
     return parser
+
+
+def keep_freed_memory():
+    """On CPU, glibc maps every large tensor (the x4 head's are about a GB each at 360p) afresh
+    and unmaps it when freed, so each frame faults its temporaries' pages in again: system time
+    was 44% of user time on 8 frames of 640x360 (16-channel BasicVSR++). Serving them from the heap,
+    and keeping what is freed there for the next frame, brought it to 5% and the frame from 9.3 s
+    to 5.6 s, for a higher peak RSS (5.2 GB against 3.4 GB). upscale() does it for a CPU run: it is
+    the process's allocator that changes, for the rest of the process. A no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX: no chunk from mmap, all from the heap
+    mallopt(-1, -1)  # M_TRIM_THRESHOLD: never give the heap's free top back to the system
 
 
 def run_upscale(args):
