@@ -153,6 +153,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description="Crop REDS train_sharp (and its bicubic LQ) into sub-image clips."
     )
+    ap.error = lambda message: ap.exit(2, f"error: {message}\n")  # one line
     ap.add_argument(
         "--data-root", required=True, help="REDS root holding train_sharp and train_sharp_bicubic"
     )

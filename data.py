@@ -548,6 +548,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description="Data tools: RealBasicVSR pipeline benchmark, BI/BD test-set preparation."
     )
+    ap.error = lambda message: ap.exit(2, f"error: {message}\n")  # one line
     g = ap.add_argument_group("benchmark")
     g.add_argument(
         "--bench-degradation",

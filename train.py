@@ -49,6 +49,7 @@ from recipes import (
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train or evaluate BasicVSR++ / RealBasicVSR.")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line
     p.add_argument("--model", required=True, choices=sorted(RECIPES), help="recipe (recipes.py)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="training data root; none: the built-in synthetic clips")
@@ -811,6 +812,9 @@ def load_resume(args):
 
 def check_run(cfg, args, device, ddp, rank):
     """Says what runs and raises on a mistake; returns the command that continues the run."""
+    for flag in ("data_root", "val_root"):
+        if cfg.get(flag) is not None and not os.path.isdir(cfg[flag]):
+            raise ValueError(f"train.py: --{flag.replace('_', '-')} {cfg[flag]}: no such folder")
     if cfg["data_root"] is None:
         print0(
             f"data: no --data-root, training on the built-in synthetic clips"

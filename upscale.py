@@ -795,6 +795,7 @@ def build_parser():
         "  python upscale.py --convert SRC.pth DST.safetensors [--prefix generator_ema]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line
     parser.add_argument(
         "input",
         nargs="?",
