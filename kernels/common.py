@@ -39,10 +39,7 @@ def use_triton(op, backend, x):
     tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend is None:
-        from . import get_backend  # the package is loaded by the time an op runs
-
-        backend = get_backend()
+    backend = _default_if_none(backend)
     if exporting():
         return True  # the custom ops: torch.export traces their fakes, ONNX export translates them
     triton_ = backend == "triton" or (backend is None and x.is_cuda)
@@ -58,11 +55,16 @@ def use_cpu_path(backend, x):
     """For an op that does not run its Triton kernel (use_triton is False): whether it takes its
     CPU path (kernels.cpu) rather than the PyTorch reference. The default does for CPU tensors
     (backend None, and kernels.use_backend's None); "torch" forces the reference."""
+    return _default_if_none(backend) is None and x.device.type == "cpu"
+
+
+def _default_if_none(backend):
+    """An op's `backend` argument, or kernels.use_backend's default where it is None."""
     if backend is None:
-        from . import get_backend
+        from . import get_backend  # the package is loaded by the time an op runs
 
         backend = get_backend()
-    return backend is None and x.device.type == "cpu"
+    return backend
 
 
 def autocast_inputs(x, low, fp32):
