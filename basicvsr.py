@@ -389,7 +389,12 @@ class SecondOrderDeformableAlignment(nn.Module):
         nn.init.zeros_(self.conv_offset[-1].bias)
 
     def forward(self, x, extra_feat, flow_1, flow_2):
-        out = self.conv_offset(torch.cat([extra_feat, flow_1, flow_2], dim=1))
+        flows = torch.cat([flow_1, flow_2], dim=1)
+        # The flows in the features' memory format: beside NCHW flows, channels-last features
+        # would make the concatenation NCHW (torch.cat's rule for mixed layouts), which the first
+        # convolution then copies back to channels-last.
+        flows_like_feat = flows.contiguous(memory_format=kernels.memory_format(extra_feat))
+        out = self.conv_offset(torch.cat([extra_feat, flows_like_feat], dim=1))
         # out holds, per group and tap, the (dy, dx) offset residues (groups 0-7 around flow_1,
         # 8-15 around flow_2), bounded by max_residue_magnitude * tanh, then the mask logits
         # (sigmoid). The kernel builds offsets and mask on the fly (kernels.flow_guided_offsets is
@@ -397,7 +402,7 @@ class SecondOrderDeformableAlignment(nn.Module):
         return kernels.flow_guided_deform_conv2d(
             x,
             out,
-            torch.cat([flow_1, flow_2], dim=1),
+            flows,
             self.weight,
             self.bias,
             self.max_residue_magnitude,

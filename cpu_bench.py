@@ -17,14 +17,18 @@ largest |difference| of its output from the reference path's.
 FLOPs per frame are counted by torch.utils.flop_counter.FlopCounterMode (convolutions and
 matrix products, the deformable convolutions' GEMMs included; bilinear sampling is not counted)
 on the default path's warm-up run of the whole clip, and the ceiling is the measured GFLOP/s
-of a 64->64 3x3 convolution at 180x320 on the same machine.
+of a 64->64 3x3 convolution at 180x320 on the same machine, in both memory formats.
 First, the deformable convolution alone at BasicVSR++'s layer (--dcn-reps): reference, default
 and torchvision, interleaved, with wall and CPU times.
+The process keeps freed memory in its heap (upscale.keep_freed_memory, as upscale.py does on
+CPU) for every path: unmapping and faulting in the GB-sized temporaries of the x4 head again for
+each frame otherwise costs the PyTorch paths 10-25% of their time.
 Timings on a machine shared with other work are noisy: compare paths within one run.
 """
 
 import argparse
 import copy
+import ctypes
 import importlib.util
 import os
 import resource
@@ -45,6 +49,7 @@ from kernels.bench import (
     torchvision_ops,
 )
 from realbasicvsr import RealBasicVSR
+from upscale import keep_freed_memory
 
 NETWORKS = {
     "basicvsrpp": lambda: BasicVSRPlusPlus(64, 7),
@@ -54,7 +59,13 @@ PATHS = ("reference", "default", "channels-last", "onnxruntime", "torchvision")
 
 
 def reset_peak_rss():
-    """Starts a new peak-RSS interval; False where the kernel does not allow it."""
+    """Starts a new peak-RSS interval; False where the kernel does not allow it. The heap's free
+    memory, which keep_freed_memory keeps, is given back first, so that a path's peak is its own
+    and not the largest of the paths before it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -75,10 +86,11 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def conv_ceiling_gflops(reps=5):
-    """GFLOP/s of a 64->64 3x3 convolution on (1, 64, 180, 320), fp32: the best of `reps`."""
-    x = torch.randn(1, 64, 180, 320)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+def conv_ceiling_gflops(memory_format, reps=5):
+    """GFLOP/s of a 64->64 3x3 convolution on (1, 64, 180, 320), fp32, in `memory_format`: the best
+    of `reps`."""
+    x = torch.randn(1, 64, 180, 320).contiguous(memory_format=memory_format)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=memory_format)
     flops = 2 * 64 * 64 * 9 * 180 * 320
     with torch.no_grad():
         conv(x)
@@ -245,12 +257,17 @@ def main(argv=None):
         print("onnxruntime path skipped: onnxruntime is not installed")
         paths.remove("onnxruntime")
 
+    keep_freed_memory()
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} threads, torchvision {TORCHVISION}")
     if not reset_peak_rss():
         print("peak RSS: the process's peak so far (this kernel does not reset VmHWM)")
-    print(f"ceiling: 64->64 3x3 conv at 180x320: {conv_ceiling_gflops():.1f} GFLOP/s")
+    print(
+        "ceiling: 64->64 3x3 conv at 180x320: "
+        f"{conv_ceiling_gflops(torch.contiguous_format):.1f} GFLOP/s NCHW, "
+        f"{conv_ceiling_gflops(torch.channels_last):.1f} GFLOP/s channels-last"
+    )
     if args.dcn_reps:
         bench_dcn(args.dcn_reps, "torchvision" in paths)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ reference's arithmetic a tile of output rows at a time.
     flow_warp(x, flow, padding_mode="zeros", backend=None) # flow (n, 2, h, w): dx, dy in pixels
     flow_guided_deform_conv2d(x, conv_offset, flows, weight, bias=None, max_residue_magnitude=10.0,
                               stride=1, padding=0, dilation=1, deform_groups=1, backend=None)
+    memory_format(x)  # torch.channels_last or torch.contiguous_format: the ops' output layout
 
 flow_guided_deform_conv2d is deform_conv2d with BasicVSR++'s offset/mask glue fused into the
 kernel. conv_offset (n, 3*G*K, ho, wo) is the raw output of the offset branch: offset logits
@@ -36,7 +37,7 @@ the forward call, so a backward pass follows its forward's backend wherever it r
 
 import contextlib
 
-from .common import BACKENDS
+from .common import BACKENDS, memory_format
 
 _default_backend = None
 
@@ -88,6 +89,7 @@ __all__ = [
     "flow_guided_offsets",
     "flow_warp",
     "flow_warp_reference",
+    "memory_format",
     "get_backend",
     "onnx_translations",
     "use_backend",

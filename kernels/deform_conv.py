@@ -32,7 +32,7 @@ from torch.nn.modules.utils import _pair
 
 from .common import INTERPRET as _INTERPRET
 from .common import autocast_inputs, memory_format, use_cpu_path, use_triton
-from .cpu import deform_conv2d_cpu
+from .cpu import deform_conv2d_by_rows, deform_conv2d_cpu
 
 
 def _conv_size(x, weight, bias, stride, padding, dilation, deform_groups, op):
@@ -1207,7 +1207,7 @@ def deform_conv2d(
     """Modulated deformable convolution; see the module docstring for layouts.
 
     backend: "triton", "torch", or None: the default of kernels.use_backend, which outside any
-    use_backend block is Triton for CUDA tensors and the reference otherwise.
+    use_backend block is Triton for CUDA tensors and the CPU path (cpu.py) for CPU tensors.
     Under torch.autocast, x, mask, weight and bias run in the autocast dtype and the offsets in
     fp32. Otherwise mask, weight and bias follow x's dtype.
     """
@@ -1260,9 +1260,19 @@ def flow_guided_deform_conv2d(
             return torch.ops.vsr.flow_guided_deform_conv2d(
                 x, conv_offset, flows, weight, bias, mag, stride, padding, dilation, deform_groups
             )
-        offset, mask = flow_guided_offsets(conv_offset, flows, mag, deform_groups, taps)
-        conv = deform_conv2d_cpu if use_cpu_path(backend, x) else deform_conv2d_reference
-        return conv(x, offset, mask, weight, bias, stride, padding, dilation, deform_groups)
+        conv = (weight, bias, stride, padding, dilation, deform_groups)
+        if not use_cpu_path(backend, x):
+            offset, mask = flow_guided_offsets(conv_offset, flows, mag, deform_groups, taps)
+            return deform_conv2d_reference(x, offset, mask, *conv)
+
+        def offset_and_mask(i, rows):  # flow_guided_offsets at these output rows only
+            # NCHW (a copy of a few hundred KB), like the positions it is combined with: from
+            # a channels-last conv_offset, each of those ops would stride across channels.
+            logits = conv_offset[i : i + 1, :, rows].contiguous()
+            _, offset, mask = _glue(logits, flows[i : i + 1, :, rows], mag, deform_groups, taps)
+            return offset[0], mask[0]
+
+        return deform_conv2d_by_rows(x, offset_and_mask, (ho, wo), *conv)
 
 
 # ----------------------------------------------------------------------------------------

@@ -179,3 +179,38 @@ def test_dispatch_takes_the_cpu_path_by_default():
         with kernels.use_backend("torch"):
             assert "aten::grid_sampler_2d" not in ops_run(lambda: op(*args, **kw))
         assert rel(default, forced) <= FP32_REL
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_flow_guided_matches_reference(dtype, layout, monkeypatch):
+    # flow_guided_deform_conv2d's CPU path makes the offsets and mask a tile of rows at a time
+    # (tiles of 2 rows here, so tiles and samples have boundaries); the reference makes them for
+    # the whole map (flow_guided_offsets), then runs deform_conv2d_reference. Two flows, each for
+    # half of the 4 groups, as in BasicVSR++; logits ~ N(0, 1.5), flows up to a few px.
+    n, c_in, c_out, h, w, G = 2, 8, 6, 7, 11, 4
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 2 * c_in * 9 * w)
+    gen = torch.Generator().manual_seed(5)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    inputs = [
+        torch.randn(n, c_in, h, w, **f64),  # x
+        torch.randn(n, 27 * G, h, w, **f64) * 1.5,  # conv_offset
+        torch.randn(n, 4, h, w, **f64) * 2,  # flows
+        torch.randn(c_out, c_in, 3, 3, **f64) / (c_in * 9) ** 0.5,  # weight
+        torch.randn(c_out, **f64),  # bias
+    ]
+    fmt = CL if layout == "channels-last" else torch.contiguous_format
+    conv = dict(max_residue_magnitude=3.0, padding=1, deform_groups=G)
+    results = []
+    for backend in ("torch", None):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        x, conv_offset = [t.contiguous(memory_format=fmt) for t in leaves[:2]]
+        out = kernels.flow_guided_deform_conv2d(x, conv_offset, *leaves[2:], backend=backend, **conv)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        results.append((out.detach(), torch.autograd.grad(out, leaves, grad_out.to(dtype))))
+    (ref, ref_grads), (got, grads) = results
+    tol = FP64_REL if dtype == torch.float64 else FP32_REL
+    assert got.dtype == dtype and is_cl(got) == (layout == "channels-last")
+    assert rel(got, ref) <= tol
+    for name, g, g_ref in zip(("x", "conv_offset", "flows", "weight", "bias"), grads, ref_grads):
+        assert rel(g, g_ref) <= tol, name
