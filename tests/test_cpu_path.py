@@ -205,7 +205,8 @@ def test_flow_guided_matches_reference(dtype, layout, monkeypatch):
     for backend in ("torch", None):
         leaves = [t.to(dtype).requires_grad_() for t in inputs]
         x, conv_offset = [t.contiguous(memory_format=fmt) for t in leaves[:2]]
-        out = kernels.flow_guided_deform_conv2d(x, conv_offset, *leaves[2:], backend=backend, **conv)
+        args = (x, conv_offset, *leaves[2:])
+        out = kernels.flow_guided_deform_conv2d(*args, backend=backend, **conv)
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         results.append((out.detach(), torch.autograd.grad(out, leaves, grad_out.to(dtype))))
     (ref, ref_grads), (got, grads) = results
