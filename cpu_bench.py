@@ -10,23 +10,26 @@ Paths, run interleaved (every path once per repetition, in turn) on the same cli
                  (the export time is printed)
   torchvision    torchvision.ops.deform_conv2d and plain grid_sample in place of kernels' ops
                  (kernels.bench.torchvision_ops), where torchvision imports
-Per path: frames/s (the best of --reps timed runs, after a warm-up), the process's CPU
-seconds per frame (all threads; less sensitive than wall time to other work), the peak resident
-set size during its runs (Linux: VmHWM, reset before each path), achieved GFLOP/s, and the
-largest |difference| of its output from the reference path's.
+Per path: frames/s (the best of --reps timed runs, after a warm-up run on the whole clip), the
+process's CPU seconds per frame (all threads; less sensitive than wall time to other work), the
+peak resident set size of its warm-up run (Linux: VmHWM, reset before it), achieved GFLOP/s, and
+the largest |difference| of its output from the reference path's.
 FLOPs per frame are counted by torch.utils.flop_counter.FlopCounterMode (convolutions and
 matrix products, the deformable convolutions' GEMMs included; bilinear sampling is not counted)
-on the default path's warm-up run of the whole clip, and the ceiling is the measured GFLOP/s
+on the default path's warm-up run, and the ceiling is the measured GFLOP/s
 of a 64->64 3x3 convolution at 180x320 on the same machine, in both memory formats.
 First, the deformable convolution alone at BasicVSR++'s layer (--dcn-reps): reference, default
 and torchvision, interleaved, with wall and CPU times.
 The process keeps freed memory in its heap (upscale.keep_freed_memory, as upscale.py does on
 CPU) for every path: unmapping and faulting in the GB-sized temporaries of the x4 head again for
-each frame otherwise costs the PyTorch paths 10-25% of their time.
+each frame otherwise costs the PyTorch paths 10-25% of their time. The timed runs come after
+every warm-up, so they find the heap (and onnxruntime its arena) already mapped, as the windows
+after the first of a long video do.
 Timings on a machine shared with other work are noisy: compare paths within one run.
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import importlib.util
@@ -177,23 +180,21 @@ def bench_network(name, size, frames, reps, paths, tmp):
     peaks = {p: 0.0 for p in paths}
     outputs = {}
     with torch.no_grad():
-        # Warm-ups, untimed: the default path's on the whole clip, with its FLOPs counted (the
-        # GEMMs are the same on every path that runs them through ATen); the others on 2 frames
-        # (the ONNX file's window is the whole clip).
-        with FlopCounterMode(display=False) as counter:
-            runners["default"](clip)
-        flops = counter.get_total_flops()
+        # Warm-ups, untimed, each measuring the path's peak RSS; the default path's counts the
+        # FLOPs (the GEMMs are the same on every path that runs them through ATen).
+        counter = FlopCounterMode(display=False)
         for p in paths:
-            if p != "default":
-                runners[p](clip if p == "onnxruntime" else clip[:, :2])
+            reset_peak_rss()
+            with counter if p == "default" else contextlib.nullcontext():
+                runners[p](clip)
+            peaks[p] = peak_rss_mib()
+        flops = counter.get_total_flops()
         for _ in range(reps):
             for p in paths:
-                reset_peak_rss()
                 cpu_start = time.process_time()
                 seconds, out = timed(lambda: runners[p](clip))
                 cpu_times[p].append(time.process_time() - cpu_start)
                 times[p].append(seconds)
-                peaks[p] = max(peaks[p], peak_rss_mib())
                 outputs[p] = out.float()
     print(f"{name} at {h}x{w}, {frames} frames: {flops / frames / 1e9:.2f} GFLOP/frame")
     print(

@@ -6,7 +6,8 @@ on the CPU:
   signature replaces torchvision, which CI does not have) and is undone after the block,
   rel <= 1e-5;
 - the clip; bench.py's dry run of a tiny GAN-stage iteration through train.py's Trainer, and its
-  PSNR of two clips (subprocesses); the target arithmetic;
+  PSNR of two clips (subprocesses); `bench.py --cpu` at a tiny size, every path within 1e-4 of
+  the reference; the target arithmetic;
 - --report: report.md and report.json with their sections from stubbed measurements (the real
   dry run takes minutes in the interpreter), a part that runs out of its time is stopped and
   recorded as skipped, and a bad flag gives one `error:` line.
@@ -165,6 +166,31 @@ print(bench.clip_psnr(a + 0.1, a), bench.clip_psnr(b, a), bench.clip_psnr(a + 2,
     assert off == pytest.approx(20.0)
     assert mixed == float("inf")
     assert clamped == float("inf")
+
+
+@pytest.mark.slow
+def test_cpu_bench_paths_agree_with_the_reference():
+    # python bench.py --cpu at a tiny size: every path's table row, with its output within 1e-4
+    # of the reference path's (the tolerance the CPU targets are stated with; the CPU path's
+    # sampling positions move by a few ulps, see tests/test_cpu_path.py).
+    proc = run_bench(
+        "--cpu",
+        *("--frames", "2", "--sizes", "64x64", "--networks", "basicvsrpp", "--dcn-reps", "1"),
+        *("--paths", "default", "channels-last"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("reference", "default", "channels-last"):
+            rows.setdefault(parts[0], []).append(parts)
+    # the DCN alone (reference, default), then the network (all three)
+    assert len(rows["reference"]) == len(rows["default"]) == 2, proc.stdout
+    for path in ("default", "channels-last"):
+        network_row = rows[path][-1]
+        assert float(network_row[1]) > 0  # frames/s
+        assert float(network_row[-1]) <= 1e-4, proc.stdout  # max|diff| from the reference
+    assert float(rows["default"][0][-1]) <= 1e-4  # the DCN alone
 
 
 # ----------------------------------------------------------------------------------------
