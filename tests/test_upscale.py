@@ -155,6 +155,23 @@ def test_chunked_output_is_close_to_the_whole_clip(bvsr):
     assert psnr(no_context, whole) < psnr(with_context, whole) - 5  # the context frames matter
 
 
+def test_cpu_run_is_channels_last_and_equals_the_nchw_network():
+    # On the CPU upscale() converts the network to channels-last; its frames equal the NCHW
+    # network's own output, rounded to uint8, to one grey level (the convolutions sum in another
+    # order, so a value at x.5 levels may round either way).
+    torch.manual_seed(0)
+    net = BasicVSR(8, 1).eval()
+    frames = clip(2, 3, 32)
+    with torch.no_grad():
+        lqs = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)[None].float() / 255
+        expected = net(lqs)[0].clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert not next(net.parameters()).is_contiguous(memory_format=torch.channels_last)
+    got = run(net, frames, chunk=3, overlap=0)
+    assert next(net.parameters()).is_contiguous(memory_format=torch.channels_last)
+    diff = np.abs(np.stack(got).astype(int) - expected.astype(int))
+    assert diff.max() <= 1
+
+
 def test_tiled_output_is_close_to_the_whole_frame(bvsr):
     frames = clip(2, 4, 64, 96)  # two tiles of 64 sharing 32 LR columns (both axes: the test above)
     whole = run(bvsr, frames, chunk=4)
