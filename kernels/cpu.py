@@ -8,7 +8,9 @@ clamps, masks, products, sums, each a fresh page-faulting buffer. Here everythin
 of output rows at a time: the sampling positions (G*K per pixel, c_in/G times fewer than the
 columns), one F.grid_sample (ATen's vectorised bilinear sampler, which reads zero outside the map
 like the reference) that gathers the tile's columns, a product with the mask and one addmm, so a
-tile's temporaries stay a few MB. Autograd runs through these ops. (The reference under
+tile's temporaries stay a few MB. Autograd runs through these ops. BasicVSR++'s flow-guided op
+also makes its offsets and mask (tanh, sigmoid, the flows added) tile by tile, through
+deform_conv2d_by_rows. (The reference under
 torch.compile, one fused C++ loop for the columns, measured ~2.7x slower than this on one thread
 at BasicVSR++'s layer, after ~25 s of compilation.)
 
