@@ -74,28 +74,29 @@ def _precision_dtype(precision, device):
 #   A = t * h * w * (maps * C * b + 60)  +  h * w * K * b
 # maps * C * b: the features each frame keeps until its reconstruction (BasicVSR++: the spatial
 # map and four branches, maps = 5; BasicVSR: the backward branch, maps = 1), b bytes per value
-# (4 for fp32, 2 under autocast on CUDA; 4 on CPU, where the heap keeps what fp32 parts of the run
-# freed); 60: flows, input and output frames. K = 3300: what one step needs on top, mostly the
+# (4 for fp32; under autocast 2 on CUDA, and 3 on CPU, where the heap keeps what the run's fp32
+# parts freed); 60: flows, input and output frames. K = 3300: what one step needs on top, mostly the
 # 64-channel upsampling of one frame at x4 (the deformable convolution's CPU path, kernels.cpu,
 # works a few output rows at a time and adds little).
 # On CPU the figure is the process's peak RSS: its resident memory now (the interpreter, torch,
 # the weights) + 1.25 A, the factor measured. Against the peak RSS (VmHWM) of a fresh process
 # running upscale() on random frames, one window, chunk t, whole frames (2 threads; upscale()
-# keeps freed memory in the heap, keep_freed_memory):
+# keeps freed memory in the heap, keep_freed_memory, and runs the network in channels-last):
 #   network                 frames       precision  estimate  measured
-#   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        573 MB    637 MB  (-10%)
-#   RealBasicVSR(64, 20)    10 x 180x320  fp32       1469 MB   1748 MB  (-16%)
-#   RealBasicVSR(64, 20)    10 x 180x320  bf16       1469 MB   1284 MB  (+14%)
-#   BasicVSR++(64, 7)       10 x 64x64    fp32        478 MB    505 MB  (-5%)
-#   BasicVSR++(64, 7)        6 x 128x128  fp32        763 MB    874 MB  (-13%)
-#   BasicVSR++(64, 7)        6 x 128x128  bf16        763 MB    670 MB  (+14%)
-#   BasicVSR++(64, 7)        2 x 180x320  fp32       1439 MB   1649 MB  (-13%)
-#   BasicVSR++(32, 3)       20 x 96x160   fp32        830 MB    851 MB  (-3%)
-#   BasicVSR++(16, 2)        6 x 180x320  fp32       1391 MB   1630 MB  (-15%)
-#   BasicVSR++(16, 2)        2 x 360x640  fp32       4163 MB   3393 MB  (+23%)
-#   BasicVSR++(16, 2)        8 x 360x640  fp32       4793 MB   4105 MB  (+17%)
-#   BasicVSR(64, 30)        10 x 128x128  fp32        664 MB    765 MB  (-13%)
-# The heap's reuse varies from run to run: the 2 x 360x640 case measured 4349 MB in another run.
+#   RealBasicVSR(16, 2, 2)  10 x 90x160   fp32        597 MB    682 MB  (-12%)
+#   RealBasicVSR(64, 20)    10 x 180x320  fp32       1536 MB   1837 MB  (-16%)
+#   RealBasicVSR(64, 20)    10 x 180x320  bf16       1252 MB   1065 MB  (+18%)
+#   BasicVSR++(64, 7)       10 x 64x64    fp32        497 MB    530 MB  (-6%)
+#   BasicVSR++(64, 7)        6 x 128x128  fp32        796 MB    760 MB  (+5%)
+#   BasicVSR++(64, 7)        6 x 128x128  bf16        689 MB    693 MB  (-1%)
+#   BasicVSR++(64, 7)        2 x 180x320  fp32       1504 MB   1209 MB  (+24%)
+#   BasicVSR++(32, 3)       20 x 96x160   fp32        865 MB    897 MB  (-4%)
+#   BasicVSR++(16, 2)        6 x 180x320  fp32       1454 MB   1595 MB  (-9%)
+#   BasicVSR++(16, 2)        2 x 360x640  fp32       4359 MB   5017 MB  (-13%)
+#   BasicVSR++(16, 2)        8 x 360x640  fp32       5021 MB   5315 MB  (-6%)
+#   BasicVSR(64, 30)        10 x 128x128  fp32        691 MB    774 MB  (-11%)
+# The heap's reuse varies from run to run: four runs of the RealBasicVSR bf16 case measured
+# 993 to 1159 MB (+8% to +26%).
 # On CUDA it is A + the parameters, not measured yet: it assumes the Triton DCN needs no sampling
 # buffers; the automatic settings keep 25% of the free GPU memory in reserve, and an out-of-memory
 # error halves the window, then the tile (upscale_window). BasicVSR++'s host cache makes it an
@@ -125,7 +126,7 @@ def estimate_memory(model, t, h, w, precision="fp32", device="cuda"):
         else 1
     )
     cpu = torch.device(device).type == "cpu"
-    b = 4 if PRECISIONS[precision] is None or cpu else 2
+    b = 4 if PRECISIONS[precision] is None else 3 if cpu else 2
     k = 3300
     if scale_of(model) == 1:  # features at a quarter of the size, input and output at full size
         run = t * h * w * (maps * net.mid_channels * b / 16 + 24) + h * w * k * b / 16
