@@ -876,7 +876,8 @@ def build_parser():
     run.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the per-frame modules (compile_network); the first window is slower",
+        help="torch.compile the per-frame modules (compile_network); the first window is slower, "
+        "and on the CPU every window (measured: docs/kernels.md)",
     )
     run.add_argument(
         "--channels-last",
