@@ -4,8 +4,9 @@ core. Run as `python bench.py --cpu` (flags below) or `python cpu_bench.py`.
 
 Paths, run interleaved (every path once per repetition, in turn) on the same clip:
   reference      kernels.use_backend("torch"): the PyTorch references of both ops
-  default        what a CPU run gets: kernels' default backend
-  channels-last  the default with the network and the clip in channels-last memory format
+  default        kernels' default backend (on CPU tensors, the DCN's CPU path), NCHW
+  channels-last  the default with the network in channels-last memory format (so are then its
+                 feature maps): what upscale.py runs on the CPU
   onnxruntime    the network exported by export.export_onnx, run by export.OnnxNetwork
                  (the export time is printed)
   torchvision    torchvision.ops.deform_conv2d and plain grid_sample in place of kernels' ops
