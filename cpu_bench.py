@@ -178,7 +178,7 @@ def bench_network(name, size, frames, reps, paths, tmp):
     runners = {p: make_runner(p, net, onnx_file) for p in paths}
     times = {p: [] for p in paths}
     cpu_times = {p: [] for p in paths}
-    peaks = {p: 0.0 for p in paths}
+    peaks = {}
     outputs = {}
     with torch.no_grad():
         # Warm-ups, untimed, each measuring the path's peak RSS; the default path's counts the

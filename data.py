@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 import torch
 
-from degradations import VIDEO, degrade_sequence, unsharp_mask
+from degradations import VIDEO, check_choice, degrade_sequence, unsharp_mask
 from files import IMG_EXTS, atomic_path, list_frames, read_image, write_image
 from synthetic import synthetic_clip
 from video import check_video_codec
@@ -153,13 +153,6 @@ def _list_clips(folder):
     if not clips:
         raise ValueError(f"no clip folders in: {folder}")
     return clips
-
-
-def _check_choice(what, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"unknown {what} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}"
-        )
 
 
 def _check_scale(gt_size, scale):
@@ -343,7 +336,7 @@ class REDS(_SampledDataset, _Clips):
 
     def __init__(self, root, split, num_frames=30, gt_size=256, scale=4, seed=0, rank=None):
         super().__init__(seed, rank)
-        _check_choice("REDS split", split, ("train", "official_train", "reds4", "redsval"))
+        check_choice("REDS split", split, ("train", "official_train", "reds4", "redsval"))
         _check_scale(gt_size, scale)
         self.gt_root = os.path.join(root, "train_sharp")
         self.lq_root = os.path.join(root, "train_sharp_bicubic", f"X{scale}")
@@ -399,8 +392,8 @@ class Vimeo90K(_SampledDataset, _Clips):
 
     def __init__(self, root, split, degradation="BI", gt_size=256, scale=4, seed=0, rank=None):
         super().__init__(seed, rank)
-        _check_choice("Vimeo90K split", split, ("train", "test"))
-        _check_choice("Vimeo90K degradation", degradation, ("BI", "BD"))
+        check_choice("Vimeo90K split", split, ("train", "test"))
+        check_choice("Vimeo90K degradation", degradation, ("BI", "BD"))
         meta = os.path.join(root, f"meta_info_Vimeo90K_{split}_GT.txt")
         if not os.path.isfile(meta):
             raise FileNotFoundError(f"Vimeo-90K annotation file not found: {meta}")
@@ -521,7 +514,7 @@ def prepare_test_set(src, dst, degradation="bi", scale=4):
     """Degrade every image under `src` (any depth, e.g. {clip}/*.png) into the same tree of PNGs
     under `dst` ("bi": bicubic_downsample, "bd": bd_downsample), which must not exist (atomic_path).
     Returns the number of images."""
-    _check_choice("degradation", degradation, ("bi", "bd"))
+    check_choice("degradation", degradation, ("bi", "bd"))
     fn = {"bi": bicubic_downsample, "bd": lambda img, s: bd_downsample(img, 1.6, s)}[degradation]
     _need_dirs(src)
     if os.path.exists(dst):

@@ -13,6 +13,7 @@ parameters per frame (_walk), the paper's stochastic degradation scheme:
 
 Public names, in file order:
     unsharp_mask(img)                           the sharpened GT the LQ is made from
+    check_choice(what, value, choices)          a named option's check (data.py's too)
     gaussian_kernel, generalized_gaussian_kernel, plateau_kernel, sinc_kernel, blur_kernel
     random_blur, random_resize, random_noise, random_jpeg, random_video_compression, quantize
     KERNEL_LIST ... FINAL_SINC                  the official recipe, one dict per transform
@@ -122,7 +123,8 @@ def blur_kernel(kind, k, sigma_x, sigma_y, theta, beta_gaussian, beta_plateau, o
 # The transforms, on a list of frames
 
 
-def _check_choice(what, value, choices):
+def check_choice(what, value, choices):
+    """ValueError naming `what` unless value is one of `choices`."""
     if value not in choices:
         raise ValueError(
             f"unknown {what} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}"
@@ -173,7 +175,7 @@ def random_resize(frames, rng, p):
     if _skip(rng, p):
         return frames
     opt = p["resize_opt"][rng.choice(len(p["resize_opt"]), p=p["resize_prob"])]
-    _check_choice("resize_opt", opt, tuple(_RESIZE_OPT))
+    check_choice("resize_opt", opt, tuple(_RESIZE_OPT))
     interp = _RESIZE_OPT[opt]
     if p.get("target_size") is not None:
         th, tw = p["target_size"]
@@ -204,7 +206,7 @@ def random_noise(frames, rng, p):
     if _skip(rng, p):
         return frames
     kind = p["noise_type"][rng.choice(len(p["noise_type"]), p=p["noise_prob"])]
-    _check_choice("noise_type", kind, ("gaussian", "poisson"))
+    check_choice("noise_type", kind, ("gaussian", "poisson"))
     name = "gaussian_sigma" if kind == "gaussian" else "poisson_scale"
     lo, hi = p[name]
     level = rng.uniform(lo, hi)  # drawn before gray
