@@ -13,8 +13,8 @@ parameters per frame (_walk), the paper's stochastic degradation scheme:
 
 Public names, in file order:
     unsharp_mask(img)                           the sharpened GT the LQ is made from
-    check_choice(what, value, choices)          a named option's check (data.py's too)
     gaussian_kernel, generalized_gaussian_kernel, plateau_kernel, sinc_kernel, blur_kernel
+    check_choice(what, value, choices)          a named option's check (data.py's too)
     random_blur, random_resize, random_noise, random_jpeg, random_video_compression, quantize
     KERNEL_LIST ... FINAL_SINC                  the official recipe, one dict per transform
     degrade_sequence(frames, rng, lq_size)      the whole pipeline: GT frames -> LQ frames
