@@ -11,6 +11,10 @@ Paths, run interleaved (every path once per repetition, in turn) on the same cli
                  (the export time is printed)
   torchvision    torchvision.ops.deform_conv2d and plain grid_sample in place of kernels' ops
                  (kernels.bench.torchvision_ops), where torchvision imports
+  dcn-floor      only with --paths: channels-last with each deformable convolution replaced by
+                 the plain convolution with its weights (kernels.bench.plain_conv_ops): the
+                 fastest any deformable-convolution implementation could make the network. Its
+                 output is not the network's, so it has no max|diff|.
 Per path: frames/s (the best of --reps timed runs, after a warm-up run on the whole clip), the
 process's CPU seconds per frame (all threads; less sensitive than wall time to other work), the
 peak resident set size of its warm-up run (Linux: VmHWM, reset before it), achieved GFLOP/s, and
@@ -49,6 +53,7 @@ from kernels.bench import (
     TORCHVISION,
     dcn_inputs,
     moving_clip,
+    plain_conv_ops,
     torchvision_deform_conv2d,
     torchvision_ops,
 )
@@ -60,6 +65,7 @@ NETWORKS = {
     "realbasicvsr": lambda: RealBasicVSR(),
 }
 PATHS = ("reference", "default", "channels-last", "onnxruntime", "torchvision")
+FLOOR = "dcn-floor"  # not a path of the network's function: asked for by name only
 
 
 def reset_peak_rss():
@@ -147,9 +153,17 @@ def make_runner(path, net, onnx_file):
 
         ort = OnnxNetwork(onnx_file)
         return lambda clip: ort(clip)
-    if path == "channels-last":
+    if path in ("channels-last", FLOOR):
         # channels-last weights make every convolution, and so every feature map, channels-last
-        return copy.deepcopy(net).to(memory_format=torch.channels_last)
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        if path == "channels-last":
+            return net_cl
+
+        def floor(clip):
+            with plain_conv_ops():
+                return net_cl(clip)
+
+        return floor
     backend = "torch" if path == "reference" else None
 
     def run(clip):
@@ -208,9 +222,9 @@ def bench_network(name, size, frames, reps, paths, tmp):
         print(
             f"  {p:<14} {frames / best:9.3f} {best / frames:8.2f} "
             f"{min(cpu_times[p]) / frames:12.2f} {flops / best / 1e9:8.1f} "
-            f"{peaks[p]:8.0f} MiB  {diff:.2e}"
+            f"{peaks[p]:8.0f} MiB  {'-' if p == FLOOR else f'{diff:.2e}'}"
         )
-    fastest = min(paths, key=lambda p: min(times[p]))
+    fastest = min((p for p in paths if p != FLOOR), key=lambda p: min(times[p]))
     print(f"  fastest: {fastest}, {min(times['reference']) / min(times[fastest]):.2f}x reference")
 
 
@@ -234,9 +248,9 @@ def main(argv=None):
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=PATHS,
+        choices=(*PATHS, FLOOR),
         default=list(PATHS),
-        help="reference and default always run",
+        help=f"reference and default always run; {FLOOR} only when named",
     )
     parser.add_argument("--reps", type=int, default=1, help="timed runs per path (default 1)")
     parser.add_argument(

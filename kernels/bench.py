@@ -25,9 +25,10 @@ compulsory bytes are every tensor the op must read or write, counted once:
   forward+backward   forward + (grad_out + inputs) read + (one gradient per input) written
 "% floor" = floor time / measured time; GB/s = compulsory bytes / measured time.
 
-The whole-model benchmark (bench.py) takes its inputs and its third path from here: moving_clip,
-and torchvision_ops, which puts torchvision's DCN and plain grid_sample where the networks call
-kernels.deform_conv2d, kernels.flow_guided_deform_conv2d and kernels.flow_warp.
+The whole-model benchmarks (bench.py, cpu_bench.py) take their inputs and two of their paths from
+here: moving_clip; torchvision_ops, which puts torchvision's DCN and plain grid_sample where the
+networks call kernels.deform_conv2d, kernels.flow_guided_deform_conv2d and kernels.flow_warp; and
+plain_conv_ops, which puts a plain convolution where they call the two deformable ones.
 """
 
 import argparse
@@ -271,6 +272,18 @@ def grid_sample_flow_warp(x, flow, padding_mode="zeros", backend=None):
 
 
 @contextlib.contextmanager
+def _patched(**ops):
+    """While the block runs, the package's names in `ops` are the given functions."""
+    saved = {name: getattr(PACKAGE, name) for name in ops}
+    for name, fn in ops.items():
+        setattr(PACKAGE, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(PACKAGE, name, fn)
+
+
 def torchvision_ops():
     """BENCHMARK-ONLY PATCH, not a fallback of the library: while the block runs, the names the
     networks call, kernels.deform_conv2d, kernels.flow_guided_deform_conv2d (its PyTorch glue,
@@ -279,19 +292,37 @@ def torchvision_ops():
     in the gradient at exactly -1, which does not matter for timing."""
     if tv_deform_conv2d is None:
         raise RuntimeError("the torchvision path needs torchvision")
-    saved = dict(
-        deform_conv2d=PACKAGE.deform_conv2d,
-        flow_guided_deform_conv2d=PACKAGE.flow_guided_deform_conv2d,
-        flow_warp=PACKAGE.flow_warp,
+    return _patched(
+        deform_conv2d=torchvision_deform_conv2d,
+        flow_guided_deform_conv2d=torchvision_flow_guided_deform_conv2d,
+        flow_warp=grid_sample_flow_warp,
     )
-    PACKAGE.deform_conv2d = torchvision_deform_conv2d
-    PACKAGE.flow_guided_deform_conv2d = torchvision_flow_guided_deform_conv2d
-    PACKAGE.flow_warp = grid_sample_flow_warp
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(PACKAGE, name, fn)
+
+
+def plain_conv_ops():
+    """BENCHMARK-ONLY PATCH: while the block runs, both deformable convolutions are the plain
+    convolution with their weights (F.conv2d: zero offsets, no mask, no sampling), i.e. their
+    matrix product at convolution speed and nothing else. A network timed so runs as fast as any
+    implementation of the deformable convolution could make it; its output is not the
+    network's."""
+
+    def conv(x, weight, bias, stride, padding, dilation):
+        return F.conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
+
+    def plain_deform_conv2d(
+        x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, **_
+    ):
+        return conv(x, weight, bias, stride, padding, dilation)
+
+    def plain_flow_guided_deform_conv2d(
+        x, conv_offset, flows, weight, bias=None, mag=10.0, stride=1, padding=0, dilation=1, **_
+    ):
+        return conv(x, weight, bias, stride, padding, dilation)
+
+    return _patched(
+        deform_conv2d=plain_deform_conv2d,
+        flow_guided_deform_conv2d=plain_flow_guided_deform_conv2d,
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ on the CPU:
   rel <= 1e-5;
 - the clip; bench.py's dry run of a tiny GAN-stage iteration through train.py's Trainer, and its
   PSNR of two clips (subprocesses); `bench.py --cpu` at a tiny size, every path within 1e-4 of
-  the reference; the target arithmetic;
+  the reference (the DCN-floor path timed, without a difference); the target arithmetic;
+- the plain-convolution patch: both deformable convolutions become the DCN at zero offsets;
 - --report: report.md and report.json with their sections from stubbed measurements (the real
   dry run takes minutes in the interpreter), a part that runs out of its time is stopped and
   recorded as skipped, and a bad flag gives one `error:` line.
@@ -112,6 +113,39 @@ def test_torchvision_patch_runs_the_same_network(monkeypatch):
     assert rel(patched, reference) <= 1e-5
 
 
+def test_plain_conv_patch_is_the_dcn_at_zero_offsets():
+    # Inside plain_conv_ops both deformable convolutions ignore their offsets and mask: they are
+    # then the DCN at zero offsets and mask 1, i.e. the reference with those inputs (fp32 sums in
+    # another order: 1e-5).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 9, 11, generator=gen)
+    weight = torch.randn(4, 8, 3, 3, generator=gen)
+    bias = torch.randn(4, generator=gen)
+    G = 2
+    still = kernels.deform_conv2d_reference(
+        x, torch.zeros(1, 2 * G * 9, 9, 11), torch.ones(1, G * 9, 9, 11), weight, bias, 1, 1, 1, G
+    )
+    offset = torch.randn(1, 2 * G * 9, 9, 11, generator=gen) * 3
+    mask = torch.rand(1, G * 9, 9, 11, generator=gen)
+    conv_offset = torch.randn(1, 3 * G * 9, 9, 11, generator=gen)
+    flows = torch.randn(1, 2, 9, 11, generator=gen) * 2
+    conv = dict(stride=1, padding=1, dilation=1, deform_groups=G)
+    original = kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp
+    moved = kernels.deform_conv2d(x, offset, mask, weight, bias, **conv)
+    assert rel(moved, still) > 0.1  # the offsets matter outside the block
+    with op_bench.plain_conv_ops():
+        assert kernels.flow_warp is original[2]  # the warp is left as it is
+        plain = kernels.deform_conv2d(x, offset, mask, weight, bias, **conv)
+        guided = kernels.flow_guided_deform_conv2d(
+            x, conv_offset, flows, weight, bias, 10.0, **conv
+        )
+    with pytest.raises(ZeroDivisionError):
+        with op_bench.plain_conv_ops():
+            1 / 0
+    assert (kernels.deform_conv2d, kernels.flow_guided_deform_conv2d, kernels.flow_warp) == original
+    assert rel(plain, still) <= 1e-5 and rel(guided, still) <= 1e-5
+
+
 def integer_shift(a, b, max_shift=4):
     """(dy, dx) with b[:, r, c] == a[:, r + dy, c + dx] wherever both exist, or None."""
     _, h, w = a.shape
@@ -176,14 +210,17 @@ def test_cpu_bench_paths_agree_with_the_reference():
     proc = run_bench(
         "--cpu",
         *("--frames", "2", "--sizes", "64x64", "--networks", "basicvsrpp", "--dcn-reps", "1"),
-        *("--paths", "default", "channels-last"),
+        *("--paths", "default", "channels-last", "dcn-floor"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
-        if parts and parts[0] in ("reference", "default", "channels-last"):
+        if parts and parts[0] in ("reference", "default", "channels-last", "dcn-floor"):
             rows.setdefault(parts[0], []).append(parts)
+    # the floor's output is not the network's: a time and no difference
+    (floor_row,) = rows["dcn-floor"]
+    assert float(floor_row[1]) > 0 and floor_row[-1] == "-", proc.stdout
     # the DCN alone (reference, default), then the network (all three)
     assert len(rows["reference"]) == len(rows["default"]) == 2, proc.stdout
     for path in ("default", "channels-last"):
