@@ -11,10 +11,14 @@ Paths, run interleaved (every path once per repetition, in turn) on the same cli
                  (the export time is printed)
   torchvision    torchvision.ops.deform_conv2d and plain grid_sample in place of kernels' ops
                  (kernels.bench.torchvision_ops), where torchvision imports
-  dcn-floor      only with --paths: channels-last with each deformable convolution replaced by
-                 the plain convolution with its weights (kernels.bench.plain_conv_ops): the
-                 fastest any deformable-convolution implementation could make the network. Its
-                 output is not the network's, so it has no max|diff|.
+Two more, run only when named in --paths, and left out of the "fastest" line:
+  bf16           channels-last under torch.autocast("cpu", bfloat16), i.e. `upscale.py
+                 --precision bf16` (fast where the CPU multiplies bf16 natively: AMX,
+                 AVX512-BF16); its max|diff| is bf16's, not within the fp32 paths' 1e-4
+  dcn-floor      channels-last with each deformable convolution replaced by the plain
+                 convolution with its weights (kernels.bench.plain_conv_ops): the fastest any
+                 deformable-convolution implementation could make the network. Its output is
+                 not the network's, so it has no max|diff|.
 Per path: frames/s (the best of --reps timed runs, after a warm-up run on the whole clip), the
 process's CPU seconds per frame (all threads; less sensitive than wall time to other work), the
 peak resident set size of its warm-up run (Linux: VmHWM, reset before it), achieved GFLOP/s, and
@@ -65,7 +69,8 @@ NETWORKS = {
     "realbasicvsr": lambda: RealBasicVSR(),
 }
 PATHS = ("reference", "default", "channels-last", "onnxruntime", "torchvision")
-FLOOR = "dcn-floor"  # not a path of the network's function: asked for by name only
+BF16 = "bf16"  # another precision: run only when named
+FLOOR = "dcn-floor"  # another function: run only when named
 
 
 def reset_peak_rss():
@@ -153,17 +158,20 @@ def make_runner(path, net, onnx_file):
 
         ort = OnnxNetwork(onnx_file)
         return lambda clip: ort(clip)
-    if path in ("channels-last", FLOOR):
+    if path in ("channels-last", BF16, FLOOR):
         # channels-last weights make every convolution, and so every feature map, channels-last
         net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
         if path == "channels-last":
             return net_cl
 
-        def floor(clip):
+        def variant(clip):
+            if path == BF16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return net_cl(clip)
             with plain_conv_ops():
                 return net_cl(clip)
 
-        return floor
+        return variant
     backend = "torch" if path == "reference" else None
 
     def run(clip):
@@ -224,7 +232,7 @@ def bench_network(name, size, frames, reps, paths, tmp):
             f"{min(cpu_times[p]) / frames:12.2f} {flops / best / 1e9:8.1f} "
             f"{peaks[p]:8.0f} MiB  {'-' if p == FLOOR else f'{diff:.2e}'}"
         )
-    fastest = min((p for p in paths if p != FLOOR), key=lambda p: min(times[p]))
+    fastest = min((p for p in paths if p in PATHS), key=lambda p: min(times[p]))
     print(f"  fastest: {fastest}, {min(times['reference']) / min(times[fastest]):.2f}x reference")
 
 
@@ -248,9 +256,9 @@ def main(argv=None):
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=(*PATHS, FLOOR),
+        choices=(*PATHS, BF16, FLOOR),
         default=list(PATHS),
-        help=f"reference and default always run; {FLOOR} only when named",
+        help=f"reference and default always run; {BF16} and {FLOOR} only when named",
     )
     parser.add_argument("--reps", type=int, default=1, help="timed runs per path (default 1)")
     parser.add_argument(

@@ -7,7 +7,8 @@ on the CPU:
   rel <= 1e-5;
 - the clip; bench.py's dry run of a tiny GAN-stage iteration through train.py's Trainer, and its
   PSNR of two clips (subprocesses); `bench.py --cpu` at a tiny size, every path within 1e-4 of
-  the reference (the DCN-floor path timed, without a difference); the target arithmetic;
+  the reference (the bf16 path within bf16's error, the DCN-floor path timed, without a
+  difference); the target arithmetic;
 - the plain-convolution patch: both deformable convolutions become the DCN at zero offsets;
 - --report: report.md and report.json with their sections from stubbed measurements (the real
   dry run takes minutes in the interpreter), a part that runs out of its time is stopped and
@@ -210,17 +211,21 @@ def test_cpu_bench_paths_agree_with_the_reference():
     proc = run_bench(
         "--cpu",
         *("--frames", "2", "--sizes", "64x64", "--networks", "basicvsrpp", "--dcn-reps", "1"),
-        *("--paths", "default", "channels-last", "dcn-floor"),
+        *("--paths", "default", "channels-last", "bf16", "dcn-floor"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
-        if parts and parts[0] in ("reference", "default", "channels-last", "dcn-floor"):
+        if parts and parts[0] in ("reference", "default", "channels-last", "bf16", "dcn-floor"):
             rows.setdefault(parts[0], []).append(parts)
     # the floor's output is not the network's: a time and no difference
     (floor_row,) = rows["dcn-floor"]
     assert float(floor_row[1]) > 0 and floor_row[-1] == "-", proc.stdout
+    # bf16 differs as bf16 does (8 bits of mantissa: far above fp32's rounding, far below 1e-2
+    # on these outputs), which also shows that autocast took effect
+    (bf16_row,) = rows["bf16"]
+    assert 1e-5 < float(bf16_row[-1]) < 1e-2, proc.stdout
     # the DCN alone (reference, default), then the network (all three)
     assert len(rows["reference"]) == len(rows["default"]) == 2, proc.stdout
     for path in ("default", "channels-last"):
