@@ -315,7 +315,16 @@ def plain_conv_ops():
         return conv(x, weight, bias, stride, padding, dilation)
 
     def plain_flow_guided_deform_conv2d(
-        x, conv_offset, flows, weight, bias=None, mag=10.0, stride=1, padding=0, dilation=1, **_
+        x,
+        conv_offset,
+        flows,
+        weight,
+        bias=None,
+        max_residue_magnitude=10.0,
+        stride=1,
+        padding=0,
+        dilation=1,
+        **_,
     ):
         return conv(x, weight, bias, stride, padding, dilation)
 
